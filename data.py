@@ -1,0 +1,397 @@
+"""
+Data: the embedded captioned-shapes generator, caption files and image folders from disk, and the
+image transforms (plain torch + Pillow, no torchvision).
+
+Read first: `sample_scene` and `caption_scene` (what a shapes example is), then `ShapesDataset`,
+then `CaptionDataset` (ALBEF/BLIP JSON, COCO captions JSON, CSV/TSV) and `ImageFolder`.
+
+The shapes data is deterministic from (seed, split, index) and needs no files. Each scene holds 1-3
+objects (a shape, a colour, a size, one cell of a 3x3 grid) on a textured background; it comes with
+five paraphrased captions, its structured attributes, and for every object the patches it covers:
+the ground truth for "did the reducer keep the tokens the caption talks about". Train and test are
+disjoint by construction: a scene belongs to the test split iff a hash of its attributes (not of
+its index) says so, so no test scene ever appears in training, whatever the texture or jitter.
+"""
+import csv
+import json
+import math
+import os
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 225),
+           "yellow": (235, 205, 25), "purple": (150, 45, 185), "orange": (245, 125, 15)}
+SIZES = {"small": 0.085, "medium": 0.125, "large": 0.17}  # radius as a fraction of the image side
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "center", "right")
+SPLITS = ("train", "test")
+TEST_SHARE = 10  # one scene in TEST_SHARE belongs to the test split
+
+
+class DataError(Exception):
+    """Bad input data: the message names the file (and line) to fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes: scenes, captions, rendering
+
+def cell_name(row: int, col: int, rng=None) -> str:
+    """Where a cell is, in words; `rng` picks a synonym for paraphrases."""
+    r, c = ROWS[row], COLS[col]
+    if rng is not None and rng.random() < 0.5:
+        r = {"top": "upper", "bottom": "lower"}.get(r, r)
+    if r == "middle" and c == "center":
+        return "in the center"
+    if r == "middle":
+        return f"on the {c}"
+    if c == "center":
+        return f"at the {r}" if r in ("top", "bottom") else f"in the {r} middle"
+    return f"in the {r} {c}"
+
+
+def scene_split(scene) -> str:
+    key = repr(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in scene))
+    return "test" if zlib.crc32(key.encode()) % TEST_SHARE == 0 else "train"
+
+
+def sample_scene(rng) -> list:
+    """1-3 objects in distinct cells of a 3x3 grid (more objects more often: fewer look-alikes)."""
+    n = rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4])
+    cells = rng.choice(9, size=n, replace=False)
+    return [dict(shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
+                 size=list(SIZES)[rng.integers(len(SIZES))], row=int(c) // 3, col=int(c) % 3,
+                 jitter=rng.uniform(-0.06, 0.06, size=2).tolist())
+            for c in cells]
+
+
+def caption_scene(scene, rng, n: int = 5) -> list:
+    """`n` paraphrases of the same content: every object's size, colour, shape and cell."""
+    openers = ["", "there is ", "an image of ", "a picture showing ", "a scene with "]
+    caps = []
+    for k in range(n):
+        order = list(range(len(scene))) if k % 2 == 0 else list(rng.permutation(len(scene)))
+        phrases = []
+        for i in order:
+            o = scene[i]
+            where = cell_name(o["row"], o["col"], rng)
+            if rng.random() < 0.5:
+                phrases.append(f"a {o['size']} {o['colour']} {o['shape']} {where}")
+            else:
+                article = "an" if o["colour"] == "orange" else "a"
+                phrases.append(f"{article} {o['colour']} {o['shape']} of {o['size']} size {where}")
+        body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        caps.append(openers[k % len(openers)] + body)
+    return caps
+
+
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Pixels inside a shape of radius r, given offsets from its centre (y grows downwards)."""
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.15 * r
+    if shape == "triangle":  # apex up
+        return (dy >= -r) & (dy <= 0.8 * r) & (np.abs(dx) <= 0.62 * (dy + r))
+    if shape == "cross":
+        arm = 0.36 * r
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_background(rng, size: int) -> np.ndarray:
+    """A low-saturation base colour with random stripes and pixel noise, (size, size, 3) float."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = rng.uniform(70, 170) + rng.uniform(-15, 15, size=3)
+    img = np.broadcast_to(base, (size, size, 3)).copy()
+    for _ in range(2):
+        angle, freq, amp = rng.uniform(0, math.pi), rng.uniform(2, 8), rng.uniform(6, 18)
+        wave = np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
+        img += amp * wave[..., None]
+    img += rng.normal(0, 6, size=(size, size, 3))
+    return img
+
+
+def object_pixels(scene, size: int) -> np.ndarray:
+    """(n_objects, size, size) bool: which pixels each object covers (later objects on top)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    masks = []
+    for o in scene:
+        cx = (o["col"] + 0.5 + o["jitter"][0]) * size / 3
+        cy = (o["row"] + 0.5 + o["jitter"][1]) * size / 3
+        masks.append(shape_mask(o["shape"], xx - cx, yy - cy, SIZES[o["size"]] * size))
+    return np.stack(masks)
+
+
+def render_scene(scene, background: np.ndarray) -> np.ndarray:
+    img = background.copy()
+    for o, m in zip(scene, object_pixels(scene, img.shape[0])):
+        img[m] = COLOURS[o["colour"]]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def patch_mask(pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    """(..., H, W) bool pixels -> (..., P) bool: a patch is covered if any of its pixels is."""
+    *lead, H, W = pixels.shape
+    g = pixels.reshape(*lead, H // patch_size, patch_size, W // patch_size, patch_size)
+    return g.any(axis=(-3, -1)).reshape(*lead, -1)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """`n` captioned shapes scenes of one split. Item i is a dict: image (3, S, S) normalised,
+    captions (5 str), attributes (list of object dicts), object_patches (n_obj, P) bool and
+    patch_mask (P,) bool (any object)."""
+
+    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, cache=False):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} (choose train or test)")
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")
+        self.split, self.n, self.image_size, self.patch_size, self.seed = split, n, image_size, patch_size, seed
+        self.cache = {} if cache else None  # rendered items: a training set is re-read every epoch
+
+    def __len__(self):
+        return self.n
+
+    def rng(self, i: int, attempt: int = 0):
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), i, attempt])
+
+    def scene(self, i: int):
+        """The scene of item i and the rng that goes on to draw its captions and texture."""
+        for attempt in range(1000):
+            rng = self.rng(i, attempt)
+            scene = sample_scene(rng)
+            if scene_split(scene) == self.split:
+                return scene, rng
+        raise RuntimeError("no scene of this split found")  # unreachable: ~1 in 10 scenes is test
+
+    def captions(self, i: int) -> list:
+        scene, rng = self.scene(i)
+        return caption_scene(scene, rng)
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        item = None if self.cache is None else self.cache.get(i)
+        if item is None:
+            item = self.render(i)
+            if self.cache is not None:
+                self.cache[i] = item
+        image, captions, scene, objects = item
+        return dict(image=to_tensor(image), captions=captions, attributes=scene,
+                    object_patches=torch.from_numpy(objects), patch_mask=torch.from_numpy(objects.any(0)))
+
+    def get(self, i, rng=None):
+        """Shapes take no augmentation: a crop or flip would move objects out of the cells their
+        captions name."""
+        return self[i]
+
+    def render(self, i):
+        scene, rng = self.scene(i)
+        captions = caption_scene(scene, rng)
+        image = render_scene(scene, render_background(rng, self.image_size))
+        objects = patch_mask(object_pixels(scene, self.image_size), self.patch_size)
+        return image, captions, scene, objects
+
+
+def zeroshot_label(scene) -> str:
+    """The zero-shot class of a one-object scene: '{colour} {shape}' (30 classes)."""
+    return f"{scene[0]['colour']} {scene[0]['shape']}"
+
+
+SHAPES_CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+SHAPES_TEMPLATES = ["a {}", "there is a {}", "an image of a {}", "a picture showing a {}"]
+FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms (Pillow in, normalised tensor out)
+
+def to_tensor(image) -> torch.Tensor:
+    """uint8 (H, W, 3) array or PIL image -> float (3, H, W), CLIP-normalised."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_tensor`'s normalisation, for drawing: (3, H, W) in [0, 1]."""
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bicubic), then the central size x size square: CLIP's eval transform."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(img: Image.Image, size: int, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """A random area share in `scale` and aspect ratio in `ratio`, resized to size x size
+    (the training transform of Inception/CLIP); falls back to the centre crop after 10 tries."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return img.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BICUBIC)
+    return resize_center_crop(img, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data from disk
+
+def load_image(path: str, where: str) -> Image.Image:
+    """Open an image as RGB, or stop with one sentence naming it and where it was listed."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path} ({where}) does not exist") from None
+    except Exception as e:
+        raise DataError(f"image {path} ({where}) cannot be read: {e}") from None
+
+
+def read_caption_file(path: str) -> list:
+    """Read captions as (image path, caption, where) rows. Formats, by content and extension:
+    ALBEF/BLIP JSON `[{"image": path, "caption": str or [str]}]`, COCO `captions_*.json`
+    (`images` + `annotations`), and CSV/TSV rows `image,caption` (an optional header row)."""
+    if not os.path.isfile(path):
+        raise DataError(f"caption file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json":
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"caption file {path} is not valid JSON: {e}") from None
+        if isinstance(obj, dict) and "annotations" in obj and "images" in obj:
+            return read_coco(path, obj)
+        if isinstance(obj, list):
+            return read_albef(path, obj)
+        raise DataError(f"caption file {path} is JSON but neither a list of {{image, caption}} "
+                        f"entries nor COCO captions (images + annotations)")
+    if ext in (".csv", ".tsv"):
+        return read_table(path, "\t" if ext == ".tsv" else ",")
+    raise DataError(f"caption file {path} has an unknown format (use .json, .csv or .tsv)")
+
+
+def read_albef(path, entries):
+    rows = []
+    for k, e in enumerate(entries):
+        where = f"{path} entry {k}"
+        if not isinstance(e, dict) or "image" not in e or "caption" not in e:
+            raise DataError(f"{where} needs the keys 'image' and 'caption'")
+        caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+        rows += [(e["image"], c, where) for c in caps]
+    return rows
+
+
+def read_coco(path, obj):
+    files = {im["id"]: im["file_name"] for im in obj["images"]}
+    rows = []
+    for k, a in enumerate(obj["annotations"]):
+        where = f"{path} annotation {k}"
+        if a.get("image_id") not in files:
+            raise DataError(f"{where} refers to image id {a.get('image_id')!r}, which is not in 'images'")
+        rows.append((files[a["image_id"]], a.get("caption"), where))
+    return rows
+
+
+def read_table(path, delimiter):
+    rows = []
+    with open(path, newline="") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+            if not row or (line_no == 1 and not row[0].lower().endswith(IMAGE_EXTS)):
+                continue  # blank line, or a header row such as "image,caption"
+            if len(row) < 2:
+                raise DataError(f"{path} line {line_no} has {len(row)} column(s); expected image{delimiter}caption")
+            rows.append((row[0], row[1], f"{path} line {line_no}"))
+    return rows
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Images with their captions from a caption file; item i is one image with all its captions
+    (several rows naming the same image are grouped, as COCO lists five captions per image)."""
+
+    def __init__(self, path, image_root="", image_size=224, skip_bad=False):
+        self.image_size, self.skip_bad = image_size, skip_bad
+        groups = {}
+        for image, caption, where in read_caption_file(path):
+            if not isinstance(caption, str) or not caption.strip():
+                raise DataError(f"{where} has an empty caption")
+            full = os.path.join(image_root, image)
+            groups.setdefault(full, dict(path=full, captions=[], where=where))["captions"].append(caption.strip())
+        self.items, self.missing = [], 0
+        for g in groups.values():
+            if os.path.isfile(g["path"]):
+                self.items.append(g)
+            elif skip_bad:
+                self.missing += 1
+            else:
+                raise DataError(f"image {g['path']} ({g['where']}) does not exist (pass --skip-bad to skip such samples)")
+        if not self.items:
+            raise DataError(f"caption file {path} lists no usable image")
+
+    def __len__(self):
+        return len(self.items)
+
+    def captions(self, i):
+        return self.items[i]["captions"]
+
+    def get(self, i, rng=None):
+        """Item i; with an rng, a random resized crop (training), else the centre crop (eval).
+        A corrupt image is found only when decoded: with skip_bad the next readable one stands
+        in (so batches keep their size under DDP) and `skipped` counts it."""
+        for k in range(len(self.items)):
+            g = self.items[(i + k) % len(self.items)]
+            try:
+                img = load_image(g["path"], g["where"])
+            except DataError:
+                if not self.skip_bad:
+                    raise
+                continue
+            img = random_resized_crop(img, self.image_size, rng) if rng is not None else resize_center_crop(img, self.image_size)
+            return dict(image=to_tensor(img), captions=g["captions"], skipped=k)
+        raise DataError("no image of the caption file could be read")
+
+    def __getitem__(self, i):
+        return self.get(i)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """A class-per-folder image tree (root/CLASS/xxx.jpg) for zero-shot classification; class
+    names are the folder names with underscores read as spaces."""
+
+    def __init__(self, root, image_size=224):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root} does not exist")
+        dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.classes = [d.replace("_", " ") for d in dirs]
+        self.items = [(os.path.join(root, d, f), c) for c, d in enumerate(dirs)
+                      for f in sorted(os.listdir(os.path.join(root, d))) if f.lower().endswith(IMAGE_EXTS)]
+        if not self.items:
+            raise DataError(f"image folder {root} holds no images in class sub-folders")
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        return to_tensor(resize_center_crop(load_image(path, f"class folder {self.classes[label]}"), self.image_size)), label

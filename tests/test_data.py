@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DataError
+
+
+def test_shapes_are_deterministic_from_seed_and_index():
+    a, b = data.ShapesDataset("train", 50, seed=3), data.ShapesDataset("train", 50, seed=3)
+    for i in (0, 7, 49):
+        torch.testing.assert_close(a[i]["image"], b[i]["image"])
+        assert a[i]["captions"] == b[i]["captions"]
+    c = data.ShapesDataset("train", 50, seed=4)
+    assert not torch.equal(a[0]["image"], c[0]["image"])
+    cached = data.ShapesDataset("train", 50, seed=3, cache=True)
+    for _ in range(2):  # first read renders, second comes from the cache
+        torch.testing.assert_close(cached[5]["image"], a[5]["image"])
+
+
+def scene_key(scene):
+    return tuple(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in scene))
+
+
+def test_splits_are_disjoint_by_scene():
+    train = {scene_key(data.ShapesDataset("train", 3000).scene(i)[0]) for i in range(3000)}
+    test = {scene_key(data.ShapesDataset("test", 600).scene(i)[0]) for i in range(600)}
+    assert train and test and not (train & test)
+
+
+def test_patch_masks_match_the_drawn_pixels():
+    ds = data.ShapesDataset("test", 40, image_size=64, patch_size=8)
+    for i in range(40):
+        scene, rng = ds.scene(i)
+        data.caption_scene(scene, rng)  # the rng goes on to draw the texture, as in render()
+        texture = data.render_background(rng, 64)
+        image = data.render_scene(scene, texture)
+        changed = (image != np.clip(texture, 0, 255).astype(np.uint8)).any(-1)  # pixels an object painted
+        blocks = changed.reshape(8, 8, 8, 8).any(axis=(1, 3)).reshape(-1)  # (64,) patches
+        item = ds[i]
+        torch.testing.assert_close(item["image"], data.to_tensor(image))
+        assert torch.equal(item["patch_mask"], torch.from_numpy(blocks)), i
+        assert item["object_patches"].shape == (len(scene), 64)
+        assert torch.equal(item["object_patches"].any(0), item["patch_mask"])
+
+
+def test_captions_name_every_object():
+    ds = data.ShapesDataset("train", 20)
+    for i in range(20):
+        scene, _ = ds.scene(i)
+        for cap in ds[i]["captions"]:
+            for o in scene:
+                assert o["shape"] in cap and o["colour"] in cap and o["size"] in cap
+        assert len(set(ds[i]["captions"])) > 1  # paraphrases, not copies
+
+
+def test_background_is_textured():
+    item = data.ShapesDataset("train", 1)[0]
+    patches = item["image"].unfold(1, 8, 8).unfold(2, 8, 8).reshape(3, 64, -1)[:, ~item["patch_mask"]]
+    assert patches.std(-1).min() > 0.01  # no flat background patch: merging it must not be trivial
+
+
+def test_transforms_sizes_and_normalisation_round_trip():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 80, 3), dtype=np.uint8))
+    assert data.resize_center_crop(img, 32).size == (32, 32)
+    assert data.random_resized_crop(img, 24, np.random.default_rng(1)).size == (24, 24)
+    x = data.to_tensor(img)
+    assert x.shape == (3, 50, 80)
+    back = (data.denormalize(x) * 255).round().permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(back, np.asarray(img), atol=1)
+
+
+def write_images(root, names):
+    for n in names:
+        Image.fromarray(np.full((20, 30, 3), 100, np.uint8)).save(root / n)
+
+
+def test_albef_coco_and_csv_caption_files(tmp_path):
+    write_images(tmp_path, ["a.png", "b.png"])
+    albef = tmp_path / "albef.json"
+    albef.write_text(json.dumps([{"image": "a.png", "caption": "a cat"}, {"image": "b.png", "caption": ["x", "y"]}]))
+    ds = data.CaptionDataset(str(albef), str(tmp_path), image_size=16)
+    assert len(ds) == 2 and ds.captions(1) == ["x", "y"] and ds[0]["image"].shape == (3, 16, 16)
+    coco = tmp_path / "captions_val.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": 1, "caption": "two"}]}))
+    assert data.CaptionDataset(str(coco), str(tmp_path)).captions(0) == ["one", "two"]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("image\tcaption\na.png\ta dog\nb.png\ta bird\n")
+    assert [data.CaptionDataset(str(tsv), str(tmp_path)).captions(i) for i in range(2)] == [["a dog"], ["a bird"]]
+
+
+def test_bad_caption_files_name_the_problem(tmp_path):
+    write_images(tmp_path, ["a.png"])
+    csv = tmp_path / "c.csv"
+    csv.write_text("a.png,fine\nmissing.png,gone\n")
+    with pytest.raises(DataError, match=r"missing\.png .*c\.csv line 2\) does not exist"):
+        data.CaptionDataset(str(csv), str(tmp_path))
+    ds = data.CaptionDataset(str(csv), str(tmp_path), skip_bad=True)
+    assert len(ds) == 1 and ds.missing == 1
+    empty = tmp_path / "e.csv"
+    empty.write_text("a.png,fine\na.png,  \n")
+    with pytest.raises(DataError, match=r"e\.csv line 2 has an empty caption"):
+        data.CaptionDataset(str(empty), str(tmp_path))
+    with pytest.raises(DataError, match="unknown format"):
+        (tmp_path / "x.yaml").write_text("a: b")
+        data.CaptionDataset(str(tmp_path / "x.yaml"))
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    write_images(tmp_path, ["good.png"])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    f = tmp_path / "c.csv"
+    f.write_text("bad.png,broken\ngood.png,fine\n")
+    with pytest.raises(DataError, match=r"bad\.png .*line 1\) cannot be read"):
+        data.CaptionDataset(str(f), str(tmp_path))[0]
+    item = data.CaptionDataset(str(f), str(tmp_path), skip_bad=True)[0]
+    assert item["captions"] == ["fine"] and item["skipped"] == 1
+
+
+def test_image_folder(tmp_path):
+    for c in ("red_car", "tree"):
+        (tmp_path / c).mkdir()
+        write_images(tmp_path / c, ["1.png", "2.jpg"])
+    ds = data.ImageFolder(str(tmp_path), image_size=16)
+    assert ds.classes == ["red car", "tree"] and len(ds) == 4
+    image, label = ds[3]
+    assert image.shape == (3, 16, 16) and label == 1

@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from train import EpochPermutations, TrainConfig, micro_batch_keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--width", "32", "--depth", "2", "--heads", "2", "--text-width", "32", "--text-depth", "1",
+        "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--log-every", "1"]
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_rank_slices_concatenate_to_the_single_process_batch():
+    stream = EpochPermutations(10, seed=0)
+    one = micro_batch_keys(stream, 1, 4, rank=0, world=1)
+    two = micro_batch_keys(stream, 1, 2, rank=0, world=2) + micro_batch_keys(stream, 1, 2, rank=1, world=2)
+    assert one == two and [pos for _, pos in one] == [4, 5, 6, 7]
+    epoch = [stream[p] for p in range(10)]
+    assert sorted(epoch) == list(range(10)) and epoch != [stream[p] for p in range(10, 20)]
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1)
+    assert train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(55, cfg) == pytest.approx(0.55)  # half-way through the cosine
+    assert train.lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    from model import CLIP
+    model = CLIP(train.model_config(TrainConfig(width=32, depth=1, heads=2, text_width=32, text_depth=1), 20))
+    decay, no_decay = train.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
+                                             if p.ndim == 2 and "embed" not in n and "token" not in n}
+    assert "visual.pos_embed" in {names[id(p)] for p in no_decay["params"]} and no_decay["weight_decay"] == 0
+
+
+def test_micro_run_end_to_end_and_eval_cli(tmp_path):
+    out = str(tmp_path / "run")
+    r = run([*TINY, "--steps", "4", "--batch-size", "8", "--out", out])
+    assert r.returncode == 0, r.stderr
+    assert "results: method none | step 4" in r.stdout and "image_to_text_R@1" in r.stdout
+    assert os.path.exists(os.path.join(out, "ckpt.pt")) and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert {"config", "model_config", "model", "optimizer", "scaler", "step", "tokenizer"} <= set(ckpt)
+    e = subprocess.run([sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--json", "--n-test", "20"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert e.returncode == 0, e.stderr
+    metrics = json.loads(e.stdout)
+    assert {"image_to_text_R@1", "text_to_image_R@5", "image_to_text_R@10", "zeroshot_top1"} <= set(metrics)
+    assert all(0 <= v <= 1 for v in metrics.values())
+
+
+def test_resume_continues_with_the_same_losses(tmp_path):
+    common = [*TINY, "--steps", "6", "--batch-size", "8", "--no-eval"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.train(train.parse_args([*common, "--out", full]))
+    train.train(train.parse_args([*common, "--out", part, "--stop-after", "3"]))
+    assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 3
+    train.train(train.parse_args([*common, "--out", part, "--resume"]))
+    a, b = losses(full), losses(part)
+    assert sorted(a) == list(range(1, 7)) and sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert a[step] == b[step], step  # bit-identical on CPU
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    common = [*TINY, "--steps", "3", "--no-eval", "--lr", "3e-3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = run([*common, "--batch-size", "8", "--out", one])
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "train.py", *common, "--batch-size", "4", "--out", two],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    p1 = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model"]
+    p2 = torch.load(os.path.join(two, "ckpt.pt"), weights_only=True)["model"]
+    start = train.CLIP(train.CLIPConfig.from_dict(torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model_config"]))
+    moved = max((p1[k] - v).abs().max().item() for k, v in start.state_dict().items())
+    assert moved > 1e-3  # training really changed the weights...
+    for k in p1:  # ...and both runs changed them the same way
+        torch.testing.assert_close(p1[k], p2[k], atol=2e-5, rtol=1e-4, msg=k)
+    l1, l2 = losses(one), losses(two)
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < 1e-4  # the logged loss is the global batch's
+
+
+def test_bad_flags_stop_with_one_sentence(tmp_path):
+    out = str(tmp_path / "run")
+    assert run([*TINY, "--steps", "1", "--batch-size", "4", "--out", out, "--no-eval"]).returncode == 0
+    r = run([*TINY, "--steps", "1", "--out", out])
+    assert r.returncode != 0 and "exists: pass --resume to continue it or --overwrite" in r.stderr
+    r = run([*TINY, "--steps", "2", "--out", out, "--resume", "--width", "48"])
+    assert r.returncode != 0 and "from another model config (vision.width: checkpoint 32, flags 48)" in r.stderr
+    r = run([*TINY, "--image-size", "60", "--out", str(tmp_path / "x")])
+    assert r.returncode != 0 and "image size 60 is not divisible by patch size 8" in r.stderr
+    r = run(["--method", "magic", "--out", str(tmp_path / "y")])
+    assert r.returncode != 0 and "--method magic is unknown" in r.stderr
+    r = run(["--data", str(tmp_path / "nope.json"), "--no-eval", "--out", str(tmp_path / "z")])
+    assert r.returncode != 0 and "nope.json does not exist" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,217 @@
+"""
+Text: the tokenizer, the bidirectional text encoder (CLIP's/BERT's role) and the small GPT-style
+causal language model (the frozen "LLM" of EVLGen).
+
+Read first: `Tokenizer` (how a caption becomes ids), then `TextEncoder`, then `CausalLM` and its
+`generate` (greedy and beam search).
+
+Why a word vocabulary and not bytes: captions here are short and drawn from a small vocabulary;
+one id per word keeps sequences ~5x shorter than bytes, so the text side costs little next to the
+vision tokens this project is about, and a model learns in CPU-minutes. The vocabulary is built
+from the training captions and saved inside every checkpoint, so a checkpoint always decodes with
+the vocabulary it was trained with. Words never seen in training map to [UNK].
+
+Both text models reuse `vit.Block` (one transformer block implementation in the project); the
+language model's parameter names follow nanoGPT's GPT-2 layout (transformer.wte, transformer.wpe,
+transformer.h.N, transformer.ln_f, lm_head), block internals named as in vit.py.
+"""
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vit import Block, init_weights
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))  # [CLS] doubles as BOS, [SEP] as EOS
+
+
+def normalize(text: str) -> list:
+    """Lower-case words; punctuation is dropped (captions are compared word by word)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class Tokenizer:
+    def __init__(self, words: list, context_length: int = 32):
+        self.itos = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.context_length = context_length
+
+    @classmethod
+    def build(cls, captions, context_length: int = 32, min_count: int = 1) -> "Tokenizer":
+        """A vocabulary of every word seen at least `min_count` times, most frequent first."""
+        counts = Counter(w for c in captions for w in normalize(c))
+        return cls([w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count],
+                   context_length)
+
+    def __len__(self):
+        return len(self.itos)
+
+    def state_dict(self) -> dict:
+        return dict(itos=self.itos, context_length=self.context_length)
+
+    @classmethod
+    def from_state_dict(cls, d) -> "Tokenizer":
+        return cls(d["itos"], d["context_length"])
+
+    def encode(self, text: str) -> list:
+        """[CLS] w1 ... wn [SEP], truncated to the context length with [SEP] kept last."""
+        ids = [self.stoi.get(w, UNK) for w in normalize(text)][: self.context_length - 2]
+        return [CLS] + ids + [SEP]
+
+    def __call__(self, texts, context_length: int = None) -> torch.Tensor:
+        """A batch of texts -> (B, L) ids, right-padded with [PAD] to the longest text (at most
+        the context length), or to exactly `context_length` when it is given."""
+        encoded = [self.encode(t) for t in texts]
+        L = context_length or min(self.context_length, max(len(e) for e in encoded))
+        out = torch.full((len(texts), L), PAD, dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            ids = ids[:L - 1] + [SEP] if len(ids) > L else ids
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids) -> str:
+        """Words up to the first [SEP], special tokens skipped."""
+        words = []
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            if i == SEP:
+                break
+            if i >= len(SPECIALS) and i < len(self.itos):
+                words.append(self.itos[i])
+        return " ".join(words)
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 64
+    context_length: int = 32
+    width: int = 128
+    depth: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    ln_eps: float = 1e-6
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+
+
+def padding_bias(ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(B, L) ids -> (B, 1, 1, L) additive bias: -inf on [PAD] keys, 0 elsewhere."""
+    bias = torch.zeros(ids.shape, dtype=dtype, device=ids.device).masked_fill(ids == PAD, float("-inf"))
+    return bias[:, None, None, :]
+
+
+class TextEncoder(nn.Module):
+    """Bidirectional transformer; the pooled output is the final [CLS] token (BERT/ALBEF style)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.01)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, cfg.dropout)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.apply(init_weights)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) contextual token features."""
+        x = self.token_embedding(ids) + self.pos_embed[:, : ids.shape[1]]
+        bias = padding_bias(ids, x.dtype)
+        for block in self.blocks:
+            x = block(x, attn_bias=bias)
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(ids)[:, 0]  # (B, D): the [CLS] output
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 64
+    context_length: int = 64
+    width: int = 128
+    depth: int = 2
+    heads: int = 2
+    act: str = "gelu_tanh"
+    ln_eps: float = 1e-5
+    dropout: float = 0.0
+
+
+class CausalLM(nn.Module):
+    """A small GPT: token + position embeddings, causal blocks, final norm, tied output head.
+    `prefix` embeddings (B, P, D), e.g. a visual soft prompt, may be prepended to the tokens."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.width),
+            wpe=nn.Embedding(cfg.context_length, cfg.width),
+            h=nn.ModuleList(Block(cfg.width, cfg.heads, 4.0, cfg.act, cfg.ln_eps, cfg.dropout)
+                            for _ in range(cfg.depth)),
+            ln_f=nn.LayerNorm(cfg.width, eps=cfg.ln_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.apply(init_weights)
+        nn.init.normal_(self.transformer.wte.weight, std=0.02)
+        nn.init.normal_(self.transformer.wpe.weight, std=0.01)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+
+    def forward(self, ids: torch.Tensor, prefix: torch.Tensor = None) -> torch.Tensor:
+        """(B, L) ids [and (B, P, D) prefix] -> (B, P+L, vocab) next-token logits."""
+        x = self.transformer.wte(ids)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], 1)
+        if x.shape[1] > self.cfg.context_length:
+            raise ValueError(f"sequence of {x.shape[1]} exceeds the LM context of {self.cfg.context_length}")
+        x = x + self.transformer.wpe(torch.arange(x.shape[1], device=x.device))
+        for block in self.transformer.h:
+            x = block(x, is_causal=True)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def loss(self, ids: torch.Tensor, prefix: torch.Tensor = None) -> torch.Tensor:
+        """Next-token cross-entropy on the text only ([PAD] targets and prefix positions ignored)."""
+        logits = self(ids, prefix)[:, -ids.shape[1]:-1]  # predictions for ids[:, 1:]
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -100)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, prefix: torch.Tensor = None, max_new_tokens: int = 20,
+                 num_beams: int = 1) -> list:
+        """Continue each prompt (B, L0) until [SEP] or `max_new_tokens`; returns B lists of new ids.
+        num_beams=1 is greedy decoding; beams keep the `num_beams` best sums of log-probabilities,
+        finished hypotheses compared by their mean log-probability (length-normalised)."""
+        return [self.beam_search(ids[b:b + 1], None if prefix is None else prefix[b:b + 1],
+                                 max_new_tokens, num_beams) for b in range(ids.shape[0])]
+
+    def beam_search(self, ids, prefix, max_new_tokens, k):
+        beams = ids  # (1, L0) to start, then (k', L0 + t)
+        scores = torch.zeros(1, device=ids.device)
+        finished = []  # (normalised score, new ids)
+        L0 = ids.shape[1]
+        for t in range(max_new_tokens):
+            p = None if prefix is None else prefix.expand(beams.shape[0], -1, -1)
+            logp = self(beams, p)[:, -1].float().log_softmax(-1)  # (k', V)
+            total = (scores[:, None] + logp).flatten()
+            top = total.topk(min(k, total.numel()))
+            V = logp.shape[1]
+            rows, toks = top.indices // V, top.indices % V
+            beams = torch.cat([beams[rows], toks[:, None]], 1)
+            scores = top.values
+            done = toks == SEP
+            for b in done.nonzero().flatten().tolist():
+                finished.append((scores[b].item() / (t + 1), beams[b, L0:].tolist()))
+            beams, scores = beams[~done], scores[~done]
+            if len(finished) >= k or beams.shape[0] == 0:
+                break
+        if not finished:  # nothing ended within the budget: the best open beam
+            finished = [(scores[0].item() / max_new_tokens, beams[0, L0:].tolist())]
+        return max(finished, key=lambda f: f[0])[1]

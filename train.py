@@ -1,0 +1,433 @@
+"""
+The one training loop: `python train.py` on a CPU or one GPU, `torchrun --nproc_per_node=N
+train.py` for DDP (NCCL on CUDA, gloo on CPU) — the same code.
+
+Read first: `TrainConfig` (every field is a command-line flag), then `micro_batch_keys` (the
+seeded, rank-aware data order that makes resumes and DDP runs reproducible), then `train`.
+
+What happens in a step: `accum` micro-batches of `batch_size` pairs per process; under DDP the
+contrastive loss of each micro-batch is computed over the global micro-batch (model.py), and
+gradients are averaged over processes (DDP) and summed over micro-batches (divided by `accum`);
+then gradient clipping, AdamW, and the warm-up + cosine learning rate of the next step.
+Note: with accum > 1 a micro-batch's contrastive negatives are its own global micro-batch only.
+
+Everything random derives from (seed, stream position) or (seed, step): the data order, the
+caption picked for an image, the crop. So a resumed run continues exactly where it stopped.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import eval as evaluation
+from data import DataError
+from model import CLIP, CLIPConfig
+from text import TextConfig, Tokenizer
+from vit import vit_config
+
+METHODS = ("none",)  # later issues add their reducers here, one line each
+
+
+@dataclass
+class TrainConfig:
+    method: str = "none"  # token reduction method; see METHODS
+    out: str = "out"  # folder for ckpt.pt and log.jsonl
+    overwrite: bool = False  # replace an existing checkpoint in --out
+    resume: bool = False  # continue from --out/ckpt.pt
+    # data: the embedded shapes by default, else a caption file (json / csv / tsv)
+    data: str = ""
+    image_root: str = ""
+    val_data: str = ""  # caption file for retrieval at the end (real data); shapes use their test split
+    zeroshot_dir: str = ""  # class-per-folder tree for zero-shot at the end
+    skip_bad: bool = False  # skip missing / unreadable images (and count them) instead of stopping
+    train_size: int = 20000  # shapes scenes in the training set
+    test_size: int = 1000  # images in the retrieval gallery
+    workers: int = 0  # DataLoader worker processes
+    # model
+    vit: str = "tiny64"  # preset: tiny64, vit_ti16, vit_s16, vit_b16
+    image_size: int = 0  # 0: the preset's
+    patch_size: int = 0
+    width: int = 0
+    depth: int = 0
+    heads: int = 0
+    text_width: int = 128
+    text_depth: int = 2
+    text_heads: int = 2
+    context_length: int = 40
+    embed_dim: int = 128
+    # optimisation
+    steps: int = 450
+    batch_size: int = 128  # per process and micro-batch (as open_clip and nanoGPT count it)
+    accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 50
+    weight_decay: float = 0.1
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # 0: off
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler), off
+    seed: int = 0
+    device: str = "auto"
+    # bookkeeping
+    ckpt_every: int = 0  # 0: only at the end
+    stop_after: int = 0  # end this run after N steps, as a job time limit would (the schedule still follows --steps)
+    log_every: int = 10
+    eval: bool = True  # evaluate at the end
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description="Train CLIP on the shapes data or your own captions.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=kind, default=f.default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def check_flags(cfg: TrainConfig):
+    """Flag combinations that make no sense stop here, before anything is built."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method {cfg.method} is unknown (choose from {', '.join(METHODS)})")
+    for name in ("steps", "batch_size", "accum", "train_size", "test_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"--amp {cfg.amp} is unknown (choose auto, bf16, fp16 or off)")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
+    if cfg.val_data and not cfg.data:
+        raise ValueError("--val-data is for real data: give the training captions with --data too")
+    if cfg.data and not cfg.val_data and not cfg.zeroshot_dir and cfg.eval:
+        raise ValueError("with --data, give --val-data and/or --zeroshot-dir to evaluate on, or pass --no-eval")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> CLIPConfig:
+    overrides = {k: getattr(cfg, k) for k in ("image_size", "patch_size", "width", "depth", "heads") if getattr(cfg, k)}
+    vision = vit_config(cfg.vit, **overrides)
+    text = TextConfig(vocab_size=vocab_size, context_length=cfg.context_length, width=cfg.text_width,
+                      depth=cfg.text_depth, heads=cfg.text_heads)
+    return CLIPConfig(vision=vision, text=text, embed_dim=cfg.embed_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup
+
+def setup_distributed(device_flag: str):
+    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python does not."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu") if device_flag == "auto" or cuda else torch.device(device_flag)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # share the cores instead of every process taking all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order
+
+class EpochPermutations:
+    """An endless stream of dataset indices: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.cache = n, seed, {}
+
+    def __getitem__(self, pos: int) -> int:
+        epoch = pos // self.n
+        if epoch not in self.cache:
+            self.cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return int(self.cache[epoch][pos % self.n])
+
+
+def micro_batch_keys(stream: EpochPermutations, micro: int, batch_size: int, rank: int, world: int) -> list:
+    """The (index, stream position) pairs this rank trains on at global micro-step `micro`.
+    The global micro-batch is a contiguous run of the stream and rank r takes its r-th slice, so
+    one process with the same global batch sees exactly the same pairs, in the same order."""
+    start = (micro * world + rank) * batch_size
+    return [(stream[p], p) for p in range(start, start + batch_size)]
+
+
+class MicroBatches(torch.utils.data.Sampler):
+    def __init__(self, stream, first_micro, last_micro, batch_size, rank, world):
+        self.args = stream, batch_size, rank, world
+        self.first, self.last = first_micro, last_micro
+
+    def __iter__(self):
+        stream, B, rank, world = self.args
+        return (micro_batch_keys(stream, m, B, rank, world) for m in range(self.first, self.last))
+
+    def __len__(self):
+        return self.last - self.first
+
+
+class Pairs(torch.utils.data.Dataset):
+    """(image, one caption) for a (dataset index, stream position) key; the caption choice and
+    any augmentation are seeded by the position, so they are the same on every rerun."""
+
+    def __init__(self, dataset, tokenizer, seed):
+        self.dataset, self.tokenizer, self.seed = dataset, tokenizer, seed
+
+    def __getitem__(self, key):
+        i, pos = key
+        rng = np.random.default_rng([self.seed, pos, 1])
+        item = self.dataset.get(i, rng)
+        caps = item["captions"]
+        return item["image"], caps[int(rng.integers(len(caps)))], item.get("skipped", 0)
+
+    def collate(self, batch):
+        images, captions, skipped = zip(*batch)
+        return torch.stack(images), self.tokenizer(list(captions)), sum(skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model, weight_decay: float) -> list:
+    """No weight decay on norms, biases, embeddings and the temperature (as open_clip/timm)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "embed" in name or "token" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def amp_settings(amp: str, device: torch.device):
+    """(autocast context factory, GradScaler or None)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return nullcontext, None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def global_mean(values: dict, world: int) -> dict:
+    """The mean over processes of each logged value: under DDP, rank 0 alone would log the loss
+    of its own rows only."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: a reader sees the old checkpoint or the new one, never a partial file."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str, device="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise DataError(f"checkpoint {path} cannot be read: {e}") from None
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """(model in eval mode, tokenizer, raw checkpoint) from a train.py checkpoint."""
+    ckpt = read_checkpoint(path, device)
+    if not {"model", "model_config", "tokenizer", "config"} <= set(ckpt):
+        raise DataError(f"checkpoint {path} was not written by train.py (keys: {', '.join(sorted(ckpt))})")
+    model = CLIP(CLIPConfig.from_dict(ckpt["model_config"])).to(device)
+    load_state(model, ckpt["model"], path)
+    return model.eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
+
+
+def load_state(model, state: dict, path: str):
+    """load_state_dict that stops with one sentence listing what does not fit."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise DataError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    model.load_state_dict(state)
+
+
+def config_differences(saved: dict, current: dict, prefix="") -> list:
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, prefix + k + ".")
+        elif a != b:
+            out.append(f"{prefix}{k}: checkpoint {a!r}, flags {b!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
+    if cfg.data:
+        return data.CaptionDataset(cfg.data, cfg.image_root, image_size, skip_bad=cfg.skip_bad)
+    return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.seed, cache=True)
+
+
+def prepare(cfg: TrainConfig, rank: int):
+    """Everything a user can get wrong is checked here, before training: flags, output folder,
+    data, checkpoint. Returns (dataset, tokenizer, model config, checkpoint or None)."""
+    check_flags(cfg)
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it or --overwrite to replace it")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        raise ValueError(f"--resume: there is no checkpoint at {ckpt_path}")
+    probe = model_config(cfg, vocab_size=1)  # validates the ViT flags before data is read
+    dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
+    ckpt = read_checkpoint(ckpt_path) if cfg.resume else None
+    if ckpt is not None:
+        tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    else:
+        captions = (c for i in range(len(dataset)) for c in dataset.captions(i))
+        tokenizer = Tokenizer.build(captions, cfg.context_length)
+    mcfg = model_config(cfg, len(tokenizer))
+    if ckpt is not None:
+        diffs = config_differences(ckpt["model_config"], mcfg.to_dict())
+        if diffs:
+            raise ValueError(f"{ckpt_path} is from another model config ({'; '.join(diffs)})")
+    return dataset, tokenizer, mcfg, ckpt
+
+
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    try:
+        dataset, tokenizer, mcfg, ckpt = prepare(cfg, rank)
+    except (DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    torch.manual_seed(cfg.seed)
+    model = CLIP(mcfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
+                                  fused=device.type == "cuda")
+    autocast, scaler = amp_settings(cfg.amp, device)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+    pairs = Pairs(dataset, tokenizer, cfg.seed)
+    sampler = MicroBatches(EpochPermutations(len(dataset), cfg.seed), step * cfg.accum, cfg.steps * cfg.accum,
+                           cfg.batch_size, rank, world)
+    loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=pairs.collate,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{n_params / 1e6:.2f}M parameters | {len(dataset)} training images | global batch "
+              f"{cfg.batch_size * world * cfg.accum} = {cfg.batch_size} x {world} process(es) x {cfg.accum} "
+              f"accumulation | {device} | amp {cfg.amp}", flush=True)
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w") if master else None
+
+    def checkpoint():
+        if master:
+            save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), dict(
+                config=asdict(cfg), model_config=mcfg.to_dict(), model=model.state_dict(),
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                step=step, tokenizer=tokenizer.state_dict()))
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    batches, skipped, t_start, t_log, n_log = iter(loader), 0, time.time(), time.time(), 0
+    model.train()
+    last = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < last:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses = {}
+        for micro in range(cfg.accum):
+            images, ids, bad = next(batches)
+            skipped += bad
+            images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+            sync = micro == cfg.accum - 1 or world == 1
+            with (nullcontext() if sync else ddp_model.no_sync()), autocast():
+                out = ddp_model(images, ids)
+            (scaler.scale(out["loss"] / cfg.accum) if scaler else out["loss"] / cfg.accum).backward()
+            for k, v in out.items():
+                losses[k] = losses.get(k, 0.0) + v.item() / cfg.accum
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        n_log += cfg.batch_size * cfg.accum * world
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == last:
+            losses = global_mean(losses, world)
+        if master and (step % cfg.log_every == 0 or step == last):
+            speed = n_log / (time.time() - t_log)
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", img_s=f"{speed:.0f}")
+            log.write(json.dumps(dict(step=step, lr=lr_at(step - 1, cfg), img_per_s=speed,
+                                      time=time.time() - t_start, **losses)) + "\n")
+            log.flush()
+            t_log, n_log = time.time(), 0
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < last:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    train_minutes = (time.time() - t_start) / 60
+    metrics = {}
+    if master and cfg.eval and step == cfg.steps:
+        v = mcfg.vision
+        metrics = evaluation.evaluate(model, tokenizer, device, image_size=v.image_size, patch_size=v.patch_size,
+                                      seed=cfg.seed, n_test=cfg.test_size, n_zeroshot=max(1, cfg.test_size // 2), val_data=cfg.val_data,
+                                      image_root=cfg.image_root, zeroshot_dir=cfg.zeroshot_dir)
+        log.write(json.dumps(dict(step=step, eval=metrics)) + "\n")
+    if master:
+        log.close()
+        shown = " | ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if k.endswith("@1") or k.endswith("top1"))
+        note = f" | {skipped} unreadable image(s) skipped" if skipped else ""
+        if step < cfg.steps:
+            note += f" | stopped before --steps {cfg.steps}: continue with --resume"
+        print(f"results: method {cfg.method} | step {step} | {train_minutes:.1f} min training | {shown}{note}", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    train(parse_args())

@@ -1,0 +1,268 @@
+"""
+The Vision Transformer, written from scratch, and the one seam where token reducers plug in.
+
+Paper: "An Image is Worth 16x16 Words" (Dosovitskiy et al., ICLR 2021). Parameter names follow
+timm's `VisionTransformer` (patch_embed.proj, cls_token, pos_embed, blocks.N.norm1, blocks.N.attn.qkv,
+blocks.N.attn.proj, blocks.N.mlp.fc1 ...) so pretrained checkpoints map on with a short rename table.
+
+Read first: `Attention` (SDPA with an additive bias, plus the [CLS] attention row on request), then
+`Block` (split into `attend` and `feed_forward` so a reducer can act between them), then
+`Tokens` and `Reducer` (the seam), then `ViT.forward_tokens`.
+
+The seam. A reducer sees the token sequence as `Tokens(x, size, source)`:
+  x      (B, N, D)    token values, [CLS] at index 0
+  size   (B, N)       how many original tokens each token stands for ([CLS] = 1)
+  source (B, N, 1+P)  optional 0/1 map: which original tokens ([CLS], then the P patches) it holds
+It may act at two hook points of every block i:
+  - `before_block(i, tokens, vit)`: before block i runs (ELIP, Patch Ranking prune here);
+  - `after_attn(i, tokens, stats)`: between attention and MLP of block i (ToMe, EViT act here),
+    where `stats` holds what the block measured on request (`wants(i)`): "cls_attn", the
+    head-averaged [CLS] attention row (B, N), and "keys", the keys averaged over heads (B, N, d).
+It may also add an attention bias (`attn_bias`, e.g. ToMe's proportional attention, log size).
+The ViT knows nothing of any method: a new reducer subclasses `Reducer`, never edits this file.
+"""
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"  # "gelu" (timm), "gelu_tanh" (GPT-2), "quick_gelu" (OpenAI CLIP)
+    ln_eps: float = 1e-6  # timm's ViT uses 1e-6; OpenAI CLIP and GPT-2 use 1e-5
+    pre_norm: bool = False  # OpenAI CLIP's extra LayerNorm after the embeddings ("ln_pre")
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+# The standard ViTs (timm's vit_*_patch16_224) and the small default that trains on a laptop CPU.
+PRESETS = {
+    "tiny64": dict(image_size=64, patch_size=8, width=128, depth=6, heads=4),
+    "vit_ti16": dict(image_size=224, patch_size=16, width=192, depth=12, heads=3),
+    "vit_s16": dict(image_size=224, patch_size=16, width=384, depth=12, heads=6),
+    "vit_b16": dict(image_size=224, patch_size=16, width=768, depth=12, heads=12),
+}
+
+
+def activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r} (choose gelu, gelu_tanh or quick_gelu)")
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = activation(act)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA. Extra logits come in as an additive bias so the
+    fused kernels stay in use; what a reducer wants to know is computed beside, not instead."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x, attn_bias=None, is_causal=False, want=()):
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        stats = {}
+        if "cls_attn" in want:
+            stats["cls_attn"] = self.cls_attention(q, k, attn_bias)
+        if "keys" in want:
+            stats["keys"] = k.mean(1)  # (B, N, d): ToMe's similarity metric
+        return out, stats
+
+    def cls_attention(self, q, k, attn_bias=None):
+        """Head-averaged attention probabilities of the [CLS] query over all N keys, (B, N).
+        One row of the attention matrix, recomputed (SDPA never returns probabilities): O(N d)."""
+        logits = (q[:, :, :1] @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, 1, N)
+        if attn_bias is not None:
+            logits = logits + attn_bias[..., :1, :]
+        return logits.float().softmax(-1).mean(1)[:, 0]  # (B, N)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `attend` and `feed_forward` are its two halves; a reducer's
+    `after_attn` hook runs between them."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, act="gelu", ln_eps=1e-6, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, dropout)
+
+    def attend(self, x, attn_bias=None, is_causal=False, want=()):
+        a, stats = self.attn(self.norm1(x), attn_bias, is_causal, want)
+        return x + a, stats
+
+    def feed_forward(self, x):
+        return x + self.mlp(self.norm2(x))
+
+    def forward(self, x, attn_bias=None, is_causal=False, return_cls_attn=False):
+        x, stats = self.attend(x, attn_bias, is_causal, ("cls_attn",) if return_cls_attn else ())
+        x = self.feed_forward(x)
+        return (x, stats["cls_attn"]) if return_cls_attn else x
+
+
+@dataclass
+class Tokens:
+    """The token sequence and what each token stands for; see the module docstring."""
+    x: torch.Tensor
+    size: torch.Tensor
+    source: Optional[torch.Tensor] = None
+
+    def replace(self, **kw) -> "Tokens":
+        return replace(self, **kw)
+
+    def gather(self, idx: torch.Tensor) -> "Tokens":
+        """Keep the tokens at `idx` (B, K), in that order."""
+        take = lambda t: t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+        return Tokens(take(self.x), take(self.size), None if self.source is None else take(self.source))
+
+
+class Reducer:
+    """The seam. Subclass and override what you need; the defaults change nothing."""
+
+    def wants(self, i: int) -> tuple:
+        """What block i's attention must report to `after_attn`: a subset of ("cls_attn", "keys")."""
+        return ()
+
+    def attn_bias(self, tokens: Tokens) -> Optional[torch.Tensor]:
+        """An additive attention bias broadcastable to (B, H, N, N), or None."""
+        return None
+
+    def before_block(self, i: int, tokens: Tokens, vit: "ViT") -> Tokens:
+        return tokens
+
+    def after_attn(self, i: int, tokens: Tokens, stats: dict) -> Tokens:
+        return tokens
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, width):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images):
+        x = self.proj(images)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2), x.shape[-2:]  # (B, P, D), grid
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.patch_embed = PatchEmbed(cfg.patch_size, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.num_patches, D) * 0.02)
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, cfg.dropout)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.apply(init_weights)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def position_embedding(self, grid) -> torch.Tensor:
+        """The learned position embeddings, bicubically resized when the patch grid differs."""
+        n = int(math.sqrt(self.cfg.num_patches))
+        if tuple(grid) == (n, n):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
+        patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], 1)
+
+    def embed(self, images: torch.Tensor, track_source: bool = False) -> Tokens:
+        x, grid = self.patch_embed(images)  # (B, P, D)
+        B, P, _ = x.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], 1) + self.position_embedding(grid)
+        x = self.norm_pre(x)
+        size = torch.ones(B, 1 + P, device=x.device, dtype=x.dtype)
+        source = torch.eye(1 + P, device=x.device, dtype=x.dtype).expand(B, -1, -1) if track_source else None
+        return Tokens(x, size, source)
+
+    def run_block(self, i: int, tokens: Tokens, reducer: Optional[Reducer] = None) -> Tokens:
+        """Block i with both hook points of the seam."""
+        if reducer is None:
+            return tokens.replace(x=self.blocks[i](tokens.x))
+        tokens = reducer.before_block(i, tokens, self)
+        block = self.blocks[i]
+        x, stats = block.attend(tokens.x, reducer.attn_bias(tokens), want=reducer.wants(i))
+        tokens = reducer.after_attn(i, tokens.replace(x=x), stats)
+        return tokens.replace(x=block.feed_forward(tokens.x))
+
+    def forward_tokens(self, images, reducer: Optional[Reducer] = None, track_source=False) -> Tokens:
+        """All output tokens after the final norm, with their sizes and sources."""
+        tokens = self.embed(images, track_source)
+        for i in range(len(self.blocks)):
+            tokens = self.run_block(i, tokens, reducer)
+        return tokens.replace(x=self.norm(tokens.x))
+
+    def forward(self, images, reducer: Optional[Reducer] = None) -> torch.Tensor:
+        """The pooled image feature: the [CLS] output, (B, D)."""
+        return self.forward_tokens(images, reducer).x[:, 0]
+
+
+def init_weights(m: nn.Module):
+    """timm's ViT init: truncated normal (std 0.02) for Linear weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def vit_config(preset: str = "tiny64", **overrides) -> ViTConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown ViT preset {preset!r} (choose from {', '.join(PRESETS)})")
+    return ViTConfig(**{**PRESETS[preset], **overrides})
