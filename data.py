@@ -210,7 +210,6 @@ def zeroshot_label(scene) -> str:
 
 SHAPES_CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 SHAPES_TEMPLATES = ["a {}", "there is a {}", "an image of a {}", "a picture showing a {}"]
-FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,9 +373,13 @@ class CaptionDataset(torch.utils.data.Dataset):
         return self.get(i)
 
 
+FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """A class-per-folder image tree (root/CLASS/xxx.jpg) for zero-shot classification; class
     names are the folder names with underscores read as spaces."""
+    templates = FOLDER_TEMPLATES
 
     def __init__(self, root, image_size=224):
         if not os.path.isdir(root):

@@ -82,51 +82,66 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device) -> torc
 
 
 def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
+    """Top-k accuracy for each k up to the number of classes (top-5 of 2 classes means nothing)."""
+    ks = [k for k in ks if k <= logits.shape[1]]
     top = logits.topk(max(ks), dim=1).indices  # (N, kmax)
     hit = top == labels[:, None]
     return {f"top{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
 
 
-def shapes_zeroshot_set(n, image_size=64, patch_size=8, seed=0):
-    """The first n one-object scenes of the shapes test split with their '{colour} {shape}' class."""
-    ds = data.ShapesDataset("test", 10 ** 9, image_size, patch_size, seed)
-    images, labels, i = [], [], 0
-    while len(images) < n:
-        scene, _ = ds.scene(i)
-        if len(scene) == 1:
-            images.append(ds[i]["image"])
-            labels.append(data.SHAPES_CLASSES.index(data.zeroshot_label(scene)))
-        i += 1
-    return torch.stack(images), torch.tensor(labels)
+class ShapesZeroShot(torch.utils.data.Dataset):
+    """The first n one-object scenes of the shapes test split, labelled '{colour} {shape}'."""
+    classes, templates = data.SHAPES_CLASSES, data.SHAPES_TEMPLATES
+
+    def __init__(self, n, image_size=64, patch_size=8, seed=0):
+        self.scenes = data.ShapesDataset("test", 10 ** 9, image_size, patch_size, seed)
+        self.index = []
+        i = 0
+        while len(self.index) < n:
+            if len(self.scenes.scene(i)[0]) == 1:
+                self.index.append(i)
+            i += 1
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        item = self.scenes[self.index[k]]
+        return item["image"], self.classes.index(data.zeroshot_label(item["attributes"]))
 
 
 @torch.no_grad()
-def zeroshot(model, tokenizer, images, labels, classnames, templates, device, reducer=None) -> dict:
-    classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device)
-    logits = encode_images(model, images, device, reducer=reducer) @ classifier.T
-    return {f"zeroshot_{k}": v for k, v in topk_accuracy(logits, labels.to(device)).items()}
+def zeroshot(model, tokenizer, dataset, device, reducer=None) -> dict:
+    """Top-1/top-5 of classifying `dataset`'s (image, label) pairs by prompts of its classes."""
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    classifier = zeroshot_classifier(model, tokenizer, dataset.classes, dataset.templates, device)
+    logits = encode_images(model, torch.stack(images), device, reducer=reducer) @ classifier.T
+    return {f"zeroshot_{k}": v for k, v in topk_accuracy(logits, torch.tensor(labels, device=device)).items()}
+
+
+def eval_sets(image_size, patch_size, seed=0, n_test=1000, val_data="", image_root="", zeroshot_dir="",
+              skip_bad=False):
+    """(retrieval gallery or None, zero-shot set or None): the shapes test split by default, else
+    the caption file / class folders given. Built before training, so a bad path stops early."""
+    if val_data or zeroshot_dir:
+        gallery = data.CaptionDataset(val_data, image_root, image_size, skip_bad=skip_bad) if val_data else None
+        folder = data.ImageFolder(zeroshot_dir, image_size) if zeroshot_dir else None
+        return gallery, folder
+    return (data.ShapesDataset("test", n_test, image_size, patch_size, seed),
+            ShapesZeroShot(max(1, n_test // 2), image_size, patch_size, seed))
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, device, *, image_size, patch_size, seed=0, n_test=1000, n_zeroshot=500,
-             val_data="", image_root="", zeroshot_dir="") -> dict:
-    """Retrieval on the shapes test split (or on `val_data`) and zero-shot classification on
-    one-object shapes (or on the class folders of `zeroshot_dir`)."""
+def evaluate(model, tokenizer, device, sets, n_test=None, reducer=None) -> dict:
+    """Retrieval on the gallery (its first n_test images) and zero-shot accuracy, in eval mode."""
+    gallery, zeroshot_set = sets
     was_training = model.training
     model.eval()
-    if val_data:
-        gallery = data.CaptionDataset(val_data, image_root, image_size)
-    else:
-        gallery = data.ShapesDataset("test", n_test, image_size, patch_size, seed)
-    metrics = retrieval(model, tokenizer, gallery, device, n_test)
-    if zeroshot_dir:
-        folder = data.ImageFolder(zeroshot_dir, image_size)
-        images, labels = zip(*(folder[i] for i in range(len(folder))))
-        metrics.update(zeroshot(model, tokenizer, torch.stack(images), torch.tensor(labels),
-                                folder.classes, data.FOLDER_TEMPLATES, device))
-    elif not val_data:
-        images, labels = shapes_zeroshot_set(n_zeroshot, image_size, patch_size, seed)
-        metrics.update(zeroshot(model, tokenizer, images, labels, data.SHAPES_CLASSES, data.SHAPES_TEMPLATES, device))
+    metrics = {}
+    if gallery is not None:
+        metrics.update(retrieval(model, tokenizer, gallery, device, n_test, reducer))
+    if zeroshot_set is not None:
+        metrics.update(zeroshot(model, tokenizer, zeroshot_set, device, reducer))
     model.train(was_training)
     return metrics
 
@@ -149,9 +164,9 @@ def main(argv=None):
     try:
         model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
         v = model.cfg.vision
-        metrics = evaluate(model, tokenizer, args.device, image_size=v.image_size, patch_size=v.patch_size,
-                           seed=ckpt["config"]["seed"], n_test=args.n_test, val_data=args.val_data,
-                           image_root=args.image_root, zeroshot_dir=args.zeroshot_dir)
+        sets = eval_sets(v.image_size, v.patch_size, ckpt["config"]["seed"], args.n_test, args.val_data,
+                         args.image_root, args.zeroshot_dir)
+        metrics = evaluate(model, tokenizer, args.device, sets, args.n_test)
     except (DataError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps(metrics) if args.json else format_table(metrics))

@@ -303,11 +303,14 @@ def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
 
 def prepare(cfg: TrainConfig, rank: int):
     """Everything a user can get wrong is checked here, before training: flags, output folder,
-    data, checkpoint. Returns (dataset, tokenizer, model config, checkpoint or None)."""
+    data, checkpoint, evaluation sets. Returns (dataset, tokenizer, model config, checkpoint or None,
+    evaluation sets or None)."""
     check_flags(cfg)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it or --overwrite to replace it")
+    for name in ("ckpt.pt", "log.jsonl"):
+        path = os.path.join(cfg.out, name)
+        if os.path.exists(path) and not (cfg.resume or cfg.overwrite):
+            raise ValueError(f"{path} exists: pass --resume to continue it or --overwrite to replace it")
     if cfg.resume and not os.path.exists(ckpt_path):
         raise ValueError(f"--resume: there is no checkpoint at {ckpt_path}")
     probe = model_config(cfg, vocab_size=1)  # validates the ViT flags before data is read
@@ -323,16 +326,20 @@ def prepare(cfg: TrainConfig, rank: int):
         diffs = config_differences(ckpt["model_config"], mcfg.to_dict())
         if diffs:
             raise ValueError(f"{ckpt_path} is from another model config ({'; '.join(diffs)})")
-    return dataset, tokenizer, mcfg, ckpt
+    sets = None
+    if cfg.eval and rank == 0:
+        sets = evaluation.eval_sets(mcfg.vision.image_size, mcfg.vision.patch_size, cfg.seed, cfg.test_size,
+                                    cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad)
+    return dataset, tokenizer, mcfg, ckpt, sets
 
 
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     try:
-        dataset, tokenizer, mcfg, ckpt = prepare(cfg, rank)
+        dataset, tokenizer, mcfg, ckpt, eval_sets = prepare(cfg, rank)
     except (DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if master else 2)  # every rank stops; one says why
     torch.manual_seed(cfg.seed)
     model = CLIP(mcfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
@@ -358,6 +365,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"{n_params / 1e6:.2f}M parameters | {len(dataset)} training images | global batch "
               f"{cfg.batch_size * world * cfg.accum} = {cfg.batch_size} x {world} process(es) x {cfg.accum} "
               f"accumulation | {device} | amp {cfg.amp}", flush=True)
+        if getattr(dataset, "missing", 0):
+            print(f"--skip-bad: {dataset.missing} image(s) listed in {cfg.data} do not exist and were skipped", flush=True)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w") if master else None
 
     def checkpoint():
@@ -411,10 +420,7 @@ def train(cfg: TrainConfig) -> dict:
     train_minutes = (time.time() - t_start) / 60
     metrics = {}
     if master and cfg.eval and step == cfg.steps:
-        v = mcfg.vision
-        metrics = evaluation.evaluate(model, tokenizer, device, image_size=v.image_size, patch_size=v.patch_size,
-                                      seed=cfg.seed, n_test=cfg.test_size, n_zeroshot=max(1, cfg.test_size // 2), val_data=cfg.val_data,
-                                      image_root=cfg.image_root, zeroshot_dir=cfg.zeroshot_dir)
+        metrics = evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size)
         log.write(json.dumps(dict(step=step, eval=metrics)) + "\n")
     if master:
         log.close()

@@ -34,5 +34,9 @@ def test_topk_accuracy_by_hand():
 
 
 def test_shapes_zeroshot_set_holds_one_object_scenes():
-    images, labels = evaluation.shapes_zeroshot_set(12)
-    assert images.shape == (12, 3, 64, 64) and labels.max() < 30
+    ds = evaluation.ShapesZeroShot(12)
+    for k in range(12):
+        image, label = ds[k]
+        scene = ds.scenes.scene(ds.index[k])[0]
+        assert image.shape == (3, 64, 64) and len(scene) == 1
+        assert ds.classes[label] == f"{scene[0]['colour']} {scene[0]['shape']}"

@@ -85,7 +85,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     r = run([*common, "--batch-size", "8", "--out", one])
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *common, "--batch-size", "4", "--out", two],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -115,3 +115,34 @@ def test_bad_flags_stop_with_one_sentence(tmp_path):
     r = run(["--data", str(tmp_path / "nope.json"), "--no-eval", "--out", str(tmp_path / "z")])
     assert r.returncode != 0 and "nope.json does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_own_data_with_augmentation_accumulation_and_amp(tmp_path):
+    """A caption CSV with a missing image (skipped and reported), class folders for zero-shot,
+    gradient accumulation, and the bf16 and fp16 (GradScaler) paths, on the CPU."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    lines = ["image,caption"]
+    for c, colour in enumerate(("red", "blue")):
+        (tmp_path / "classes" / colour).mkdir(parents=True)
+        for i in range(6):
+            img = Image.fromarray(np.clip(rng.normal(60 + 120 * c, 20, (40, 48, 3)), 0, 255).astype(np.uint8))
+            img.save(tmp_path / f"{colour}{i}.png")
+            img.save(tmp_path / "classes" / colour / f"{i}.png")
+            lines.append(f"{colour}{i}.png,a {colour} picture")
+    lines.append("gone.png,a lost picture")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    common = ["--width", "32", "--depth", "2", "--heads", "2", "--text-width", "32", "--text-depth", "1",
+              "--embed-dim", "16", "--image-size", "32", "--data", str(tmp_path / "train.csv"),
+              "--image-root", str(tmp_path), "--steps", "2", "--batch-size", "4", "--warmup", "1"]
+    r = run([*common, "--skip-bad", "--accum", "2", "--val-data", str(tmp_path / "train.csv"),
+             "--zeroshot-dir", str(tmp_path / "classes"), "--out", str(tmp_path / "a")])
+    assert r.returncode == 0, r.stderr
+    assert "1 image(s) listed in" in r.stdout and "zeroshot_top1" in r.stdout
+    for amp in ("bf16", "fp16"):
+        r = run([*common, "--skip-bad", "--amp", amp, "--no-eval", "--out", str(tmp_path / amp)])
+        assert r.returncode == 0, r.stderr
+        assert all(np.isfinite(v) for v in losses(str(tmp_path / amp)).values())
+    r = run([*common, "--no-eval", "--out", str(tmp_path / "c")])
+    assert r.returncode != 0 and "gone.png" in r.stderr and "line 14) does not exist" in r.stderr
