@@ -1,11 +1,15 @@
 """
-Composition: CLIP (ViT + text encoder + projections + temperature) and its contrastive loss.
+Composition: CLIP (ViT + text encoder + projections + temperature) with the ALBEF objectives.
 
-Paper: "Learning Transferable Visual Models From Natural Language Supervision" (Radford et al.,
-2021); the global-batch loss follows open_clip (Cherti et al., 2023; Ilharco et al., 2021).
+Papers: "Learning Transferable Visual Models From Natural Language Supervision" (CLIP, Radford et
+al., 2021); the global-batch loss follows open_clip. "Align before Fuse" (ALBEF, Li et al., 2021)
+for image-text matching (ITM) with hard negatives and masked language modelling (MLM) through a
+fusion encoder that cross-attends to the image tokens.
 
-Read first: `contrastive_loss` (what ITC computes, and why it is exact under DDP), then `CLIP`.
-This file composes what vit.py and text.py define; it holds no model internals of its own.
+Read first: `contrastive_loss` (what ITC computes, and why it is exact under DDP), then
+`CLIP.forward` (text first, then the image with the method's reducer, then the objectives).
+This file composes what vit.py and text.py define; a token-reduction method enters only as
+`reducer_fn(text_guidance) -> Reducer`, built by train.py.
 """
 import math
 from dataclasses import asdict, dataclass, field
@@ -15,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from text import TextConfig, TextEncoder
+from text import FusionEncoder, TextConfig, TextEncoder, mask_tokens
 from vit import ViT, ViTConfig
 
 
@@ -26,6 +30,14 @@ class CLIPConfig:
     embed_dim: int = 128
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) at 100
+    objectives: tuple = ("itc",)  # any of itc, itm, mlm
+    fusion_depth: int = 2  # layers of the fusion encoder (ITM and MLM)
+
+    def __post_init__(self):
+        self.objectives = tuple(self.objectives)
+        unknown = set(self.objectives) - {"itc", "itm", "mlm"}
+        if unknown or not self.objectives:
+            raise ValueError(f"objectives {','.join(self.objectives)} are not a non-empty subset of itc,itm,mlm")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +87,14 @@ def contrastive_loss(image_features, text_features, logit_scale) -> torch.Tensor
     return (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
 
 
+def sample_negatives(sim: torch.Tensor, generator=None) -> torch.Tensor:
+    """For each row, one column drawn with probability softmax(sim) over the OTHER columns:
+    ALBEF's hard negatives (similar but wrong). sim (B, B) -> (B,) column indices."""
+    eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    w = (sim.float().softmax(1) + 1e-9).masked_fill(eye, 0)  # +1e-9: never an all-zero row
+    return torch.multinomial(w.cpu(), 1, generator=generator).squeeze(1).to(sim.device)
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -84,6 +104,11 @@ class CLIP(nn.Module):
         self.visual_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        if {"itm", "mlm"} & set(cfg.objectives):
+            t = cfg.text
+            self.fusion = FusionEncoder(t.width, cfg.vision.width, t.heads, cfg.fusion_depth, t.ln_eps)
+            self.itm_head = nn.Linear(t.width, 2)
+            self.mlm_head = nn.Linear(t.width, t.vocab_size)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped as in CLIP so the temperature cannot collapse."""
@@ -95,7 +120,47 @@ class CLIP(nn.Module):
     def encode_text(self, ids) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(ids)), dim=-1)
 
-    def forward(self, images, ids) -> dict:
-        """The training objective; returns a dict of losses with the total under "loss"."""
-        itc = contrastive_loss(self.encode_image(images), self.encode_text(ids), self.scale())
-        return dict(loss=itc, itc=itc)
+    @torch.no_grad()
+    def text_guidance(self, text_cls: torch.Tensor) -> torch.Tensor:
+        """The text [CLS] in ViT width, detached, for ELIP: as is when the widths agree (ALBEF),
+        else through the text projection and the TRANSPOSE of the image projection (CLIP)."""
+        if self.cfg.text.width == self.cfg.vision.width:
+            return text_cls.detach()
+        return self.text_proj(text_cls) @ self.visual_proj.weight
+
+    def itm_logits(self, image_tokens, text_tokens, ids) -> torch.Tensor:
+        return self.itm_head(self.fusion(text_tokens, ids, image_tokens)[:, 0])  # (B, 2)
+
+    def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
+        """The training objectives; returns a dict of losses with their sum under "loss".
+        The text is encoded first, so that `reducer_fn` (ELIP) can see it."""
+        text_tokens = self.text.forward_tokens(ids)  # (B, L, Dt)
+        reducer = reducer_fn(self.text_guidance(text_tokens[:, 0])) if reducer_fn else None
+        image_tokens = self.visual.forward_tokens(images, reducer).x  # (B, N', Dv): pruned or not
+        image_feat = F.normalize(self.visual_proj(image_tokens[:, 0]), dim=-1)
+        text_feat = F.normalize(self.text_proj(text_tokens[:, 0]), dim=-1)
+        losses = {}
+        if "itc" in self.cfg.objectives:
+            losses["itc"] = contrastive_loss(image_feat, text_feat, self.scale())
+        if "itm" in self.cfg.objectives and len(ids) > 1:
+            losses["itm"] = self.itm_loss(image_tokens, text_tokens, ids, image_feat, text_feat, generator)
+        if "mlm" in self.cfg.objectives:
+            masked, labels = mask_tokens(ids, self.cfg.text.vocab_size, generator)
+            fused = self.fusion(self.text.forward_tokens(masked), masked, image_tokens)
+            logits = self.mlm_head(fused)  # (B, L, V)
+            losses["mlm"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def itm_loss(self, image_tokens, text_tokens, ids, image_feat, text_feat, generator=None):
+        """Binary matching on B positive pairs, B (image, hard negative text) pairs and B (hard
+        negative image, text) pairs; negatives from this process's batch."""
+        with torch.no_grad():
+            sim = self.scale() * image_feat @ text_feat.T  # (B, B)
+            neg_text = sample_negatives(sim, generator)
+            neg_image = sample_negatives(sim.T, generator)
+        images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])  # (3B, N', Dv)
+        texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
+        all_ids = torch.cat([ids, ids[neg_text], ids])
+        labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
+        return F.cross_entropy(self.itm_logits(images, texts, all_ids).float(), labels)

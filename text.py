@@ -215,3 +215,69 @@ class CausalLM(nn.Module):
         if not finished:  # nothing ended within the budget: the best open beam
             finished = [(scores[0].item() / max_new_tokens, beams[0, L0:].tolist())]
         return max(finished, key=lambda f: f[0])[1]
+
+
+class CrossAttention(nn.Module):
+    """Text queries attend to image tokens (ALBEF's fusion layers); through SDPA."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(kv_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        B, L, D = x.shape
+        q = self.q(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, d)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class FusionBlock(nn.Module):
+    """Self-attention over the text, cross-attention to the image tokens, MLP; pre-norm."""
+
+    def __init__(self, dim, image_dim, heads, ln_eps=1e-6):
+        super().__init__()
+        self.block = Block(dim, heads, ln_eps=ln_eps)  # self-attention and MLP halves
+        self.norm_cross = nn.LayerNorm(dim, eps=ln_eps)
+        self.cross_attn = CrossAttention(dim, image_dim, heads)
+
+    def forward(self, x, image_tokens, bias):
+        x, _ = self.block.attend(x, bias)
+        x = x + self.cross_attn(self.norm_cross(x), image_tokens)
+        return self.block.feed_forward(x)
+
+
+class FusionEncoder(nn.Module):
+    """ALBEF's multimodal encoder: a few text layers that also cross-attend to the image tokens.
+    Every image token it reads costs cross-attention compute: this is where pruning pays most."""
+
+    def __init__(self, dim, image_dim, heads, depth, ln_eps=1e-6):
+        super().__init__()
+        self.blocks = nn.ModuleList(FusionBlock(dim, image_dim, heads, ln_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.apply(init_weights)
+
+    def forward(self, text_tokens, ids, image_tokens):
+        """(B, L, D) text features of `ids`, (B, N, D_img) image tokens -> (B, L, D)."""
+        bias = padding_bias(ids, text_tokens.dtype)
+        x = text_tokens
+        for block in self.blocks:
+            x = block(x, image_tokens, bias)
+        return self.norm(x)
+
+
+def mask_tokens(ids: torch.Tensor, vocab_size: int, generator=None, p: float = 0.15):
+    """BERT's masking: p of the word positions are chosen; of those 80% become [MASK], 10% a
+    random word, 10% stay. Returns (masked ids, labels with -100 where nothing is predicted)."""
+    words = ids >= len(SPECIALS)
+    rand = lambda: torch.rand(ids.shape, generator=generator, device="cpu").to(ids.device)
+    chosen = words & (rand() < p)
+    labels = ids.masked_fill(~chosen, -100)
+    roll = rand()
+    masked = ids.masked_fill(chosen & (roll < 0.8), MASK)
+    random_words = torch.randint(len(SPECIALS), vocab_size, ids.shape, generator=generator, device="cpu").to(ids.device)
+    masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_words, masked)
+    return masked, labels

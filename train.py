@@ -32,16 +32,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import eval as evaluation
 from data import DataError
+from elip import ELIP, evit, scaled_schedule
 from model import CLIP, CLIPConfig
 from text import TextConfig, Tokenizer
 from vit import vit_config
 
-METHODS = ("none",)  # later issues add their reducers here, one line each
+METHODS = ("none", "elip", "evit")
 
 
 @dataclass
 class TrainConfig:
     method: str = "none"  # token reduction method; see METHODS
+    objectives: str = "auto"  # comma-separated itc,itm,mlm; auto: itc for none, all three otherwise
+    elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
+    lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
+    keep_warmup: float = 0.1  # EViT: share of the steps over which the keep rate falls from 1 to its target
+    eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
     out: str = "out"  # folder for ckpt.pt and log.jsonl
     overwrite: bool = False  # replace an existing checkpoint in --out
     resume: bool = False  # continue from --out/ckpt.pt
@@ -108,6 +114,10 @@ def check_flags(cfg: TrainConfig):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"--amp {cfg.amp} is unknown (choose auto, bf16, fp16 or off)")
+    if cfg.method == "none" and cfg.eval_prune:
+        raise ValueError("--eval-prune needs a pruning --method (elip or evit)")
+    if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead):
+        raise ValueError("--elip-lambda and --no-lookahead apply to --method elip only")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if cfg.val_data and not cfg.data:
@@ -121,7 +131,27 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> CLIPConfig:
     vision = vit_config(cfg.vit, **overrides)
     text = TextConfig(vocab_size=vocab_size, context_length=cfg.context_length, width=cfg.text_width,
                       depth=cfg.text_depth, heads=cfg.text_heads)
-    return CLIPConfig(vision=vision, text=text, embed_dim=cfg.embed_dim)
+    return CLIPConfig(vision=vision, text=text, embed_dim=cfg.embed_dim, objectives=objectives(cfg))
+
+
+def objectives(cfg: TrainConfig) -> tuple:
+    if cfg.objectives == "auto":
+        return ("itc",) if cfg.method == "none" else ("itc", "itm", "mlm")
+    return tuple(o.strip() for o in cfg.objectives.split(",") if o.strip())
+
+
+def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
+    """The method's reducer for one step, as a function of the text guidance (None: no text).
+    This is the whole dispatch: a new method adds one branch."""
+    P, depth = vision.num_patches, vision.depth
+    if cfg.method == "elip":
+        schedule = scaled_schedule(depth)
+        return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead)
+    if cfg.method == "evit":
+        warm = cfg.keep_warmup * cfg.steps
+        keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
+        return lambda text: evit(depth, P, keep_scale=keep_scale)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +317,7 @@ def config_differences(saved: dict, current: dict, prefix="") -> list:
         a, b = saved.get(k), current.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, prefix + k + ".")
-        elif a != b:
+        elif json.dumps(a) != json.dumps(b):  # tuples and lists alike
             out.append(f"{prefix}{k}: checkpoint {a!r}, flags {b!r}")
     return out
 
@@ -313,7 +343,11 @@ def prepare(cfg: TrainConfig, rank: int):
             raise ValueError(f"{path} exists: pass --resume to continue it or --overwrite to replace it")
     if cfg.resume and not os.path.exists(ckpt_path):
         raise ValueError(f"--resume: there is no checkpoint at {ckpt_path}")
-    probe = model_config(cfg, vocab_size=1)  # validates the ViT flags before data is read
+    probe = model_config(cfg, vocab_size=1)  # validates the ViT flags and objectives before data is read
+    if cfg.method == "elip":
+        scaled_schedule(probe.vision.depth).validate(probe.vision.depth, probe.vision.num_patches)
+        if not cfg.lookahead and scaled_schedule(probe.vision.depth).begin_layers[0] < 1:
+            raise ValueError("--no-lookahead needs the first pruning stage at block 1 or later")
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
     ckpt = read_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None:
@@ -390,8 +424,10 @@ def train(cfg: TrainConfig) -> dict:
             skipped += bad
             images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
             sync = micro == cfg.accum - 1 or world == 1
+            # MLM masks and ITM negatives: seeded by (seed, micro-step, rank), so resumes replay them
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.accum + micro) * world + rank)
             with (nullcontext() if sync else ddp_model.no_sync()), autocast():
-                out = ddp_model(images, ids)
+                out = ddp_model(images, ids, reducer_fn(cfg, mcfg.vision, step), generator)
             (scaler.scale(out["loss"] / cfg.accum) if scaler else out["loss"] / cfg.accum).backward()
             for k, v in out.items():
                 losses[k] = losses.get(k, 0.0) + v.item() / cfg.accum
@@ -420,7 +456,8 @@ def train(cfg: TrainConfig) -> dict:
     train_minutes = (time.time() - t_start) / 60
     metrics = {}
     if master and cfg.eval and step == cfg.steps:
-        metrics = evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size)
+        make = reducer_fn(cfg, mcfg.vision, step, training=False) if cfg.eval_prune else None
+        metrics = evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size, make(None) if make else None)
         log.write(json.dumps(dict(step=step, eval=metrics)) + "\n")
     if master:
         log.close()

@@ -1,0 +1,120 @@
+import re
+
+import pytest
+import torch
+
+from elip import ELIP, Schedule, evit, evit_schedule, prune_and_fuse, scaled_schedule
+from test_vit import plain_attention
+from vit import Tokens, ViT, ViTConfig
+
+torch.manual_seed(0)
+
+
+def small_vit(depth=6):
+    return ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=depth, heads=4)).eval()
+
+
+def kept_patches(tokens):
+    """Per image, the sorted original patches (0-based) held by the kept, un-fused tokens."""
+    src = tokens.source[:, 1:, 1:]  # (B, N-1, P)
+    single = src.sum(-1) == 1
+    return [sorted(src[b][single[b]].nonzero()[:, 1].tolist()) for b in range(src.shape[0])]
+
+
+def test_schedule_token_counts():
+    authors = scaled_schedule(12)
+    assert (authors.begin_layers, authors.num_layers) == ((2, 4, 10), (2, 6, 2))
+    assert authors.keep_counts(196) == [176, 127, 78]
+    per_layer = [196] * 2 + [177] * 2 + [128] * 6 + [79] * 2  # kept + the fused token
+    assert 0.28 < 1 - sum(per_layer) / (196 * 12) < 0.30  # METHODS.md: ~29% removed on average
+    six = scaled_schedule(6)
+    assert (six.begin_layers, six.num_layers) == ((1, 2, 5), (1, 3, 1))
+    assert evit_schedule(12).begin_layers == (4, 7, 10)
+    for depth in (4, 6, 8, 12, 24):
+        scaled_schedule(depth).validate(depth, 64)
+
+
+@pytest.mark.parametrize("schedule, message", [
+    (Schedule((1, 2), (2, 1), (0.9, 0.5)), "stage 1 (begin 2) overlaps stage 0"),
+    (Schedule((1, 5), (1, 3), (0.9, 0.5)), "blocks 5..7 run past the depth 6"),
+    (Schedule((1,), (1,), (1.5,)), "keep ratio 1.5 must be in"),
+    (Schedule((1, 2), (1, 1), (0.5,)), "lists differ in length"),
+])
+def test_bad_schedules_name_the_entry(schedule, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schedule.validate(6, 64)
+
+
+def test_prune_and_fuse_weights_sum_to_one_and_carry_no_gradient():
+    x = torch.randn(2, 7, 4, requires_grad=True)
+    scores = torch.rand(2, 6, requires_grad=True)
+    tokens = Tokens(x, torch.ones(2, 7), torch.eye(7).expand(2, -1, -1))
+    out = prune_and_fuse(tokens, scores, keep=3)
+    assert out.x.shape == (2, 1 + 3 + 1, 4)
+    top = scores.detach().topk(3, dim=1).indices.sort(1).values
+    assert torch.equal(out.source[:, 1:4, 1:].argmax(-1), top)  # top-K, original order
+    out.x[:, -1].sum().backward()  # the fused token alone
+    w = x.grad[:, 1:, 0]  # d fused / d x_j = the weight of token j
+    assert scores.grad is None  # the weights are detached...
+    assert w.abs().sum() > 0  # ...the token values are not
+    torch.testing.assert_close(w.sum(1), torch.ones(2), atol=1e-5, rtol=0)
+    assert (w.gather(1, top) == 0).all()  # kept tokens do not leak into the fused one
+    torch.testing.assert_close(out.size.sum(1), torch.full((2,), 7.0))  # sizes add up
+    torch.testing.assert_close(out.source[:, -1, 1:].sum(1), torch.full((2,), 3.0))
+
+
+def test_lookahead_scores_equal_a_hand_written_lookahead():
+    vit = small_vit()
+    images, text = torch.randn(3, 3, 32, 32), torch.randn(3, 32)
+    schedule = scaled_schedule(6)  # stage 0: before block 1, one block; stage 1: blocks 2..4
+    elip = ELIP(schedule, 16, text=text, lam=0.8)
+    out = vit.forward_tokens(images, elip, track_source=True)
+    # by hand, stage 1: run to block 2 with stage 0's pruning, then look ahead through blocks 2..4
+    tokens = vit.embed(images, track_source=True)
+    tokens = tokens.replace(x=vit.blocks[0](tokens.x))
+    tokens = prune_and_fuse(tokens, elip.scores[1], 14)
+    tokens = tokens.replace(x=vit.blocks[1](tokens.x))
+    x = tokens.x.clone()
+    x[:, 0] = 0.8 * x[:, 0] + 0.2 * text
+    for j in (2, 3):
+        x = vit.blocks[j](x)
+    _, probs = plain_attention(vit.blocks[4].attn, vit.blocks[4].norm1(x))
+    torch.testing.assert_close(elip.scores[2], probs[:, :, 0, 1:].mean(1), atol=1e-5, rtol=1e-4)
+    assert out.x.shape[1] == 1 + 6 + 1  # 16 patches: keep 14, 10, then 6 (+ the fused token)
+    torch.testing.assert_close(out.size.sum(1), torch.full((3,), 17.0))
+
+
+def test_text_changes_the_choice_and_no_text_means_lambda_one():
+    vit = small_vit()
+    images = torch.randn(4, 3, 32, 32)
+    schedule = scaled_schedule(6)
+    plain = vit.forward_tokens(images, ELIP(schedule, 16, text=None), track_source=True)
+    guided = vit.forward_tokens(images, ELIP(schedule, 16, text=30 * torch.randn(4, 32), lam=0.0), track_source=True)
+    assert kept_patches(plain) != kept_patches(guided)
+
+
+def test_lambda_one_without_lookahead_equals_evit_selection():
+    vit = small_vit(depth=12)
+    images = torch.randn(2, 3, 32, 32)
+    out = vit.forward_tokens(images, evit(12, 16), track_source=True)
+    # EViT by hand: inside layers 3, 6, 9, keep the top 70% of the patches there by [CLS] attention
+    tokens = vit.embed(images, track_source=True)
+    for i, block in enumerate(vit.blocks):
+        x, stats = block.attend(tokens.x, want=("cls_attn",))
+        tokens = tokens.replace(x=x)
+        if i in (3, 6, 9):
+            keep = {3: 11, 6: 7, 9: 5}[i]  # int(16 * 0.7 ** k)
+            tokens = prune_and_fuse(tokens, stats["cls_attn"][:, 1:], keep)
+        tokens = tokens.replace(x=block.feed_forward(tokens.x))
+    assert kept_patches(out) == kept_patches(tokens)
+    torch.testing.assert_close(out.x[:, 0], vit.norm(tokens.x)[:, 0])
+    same = ELIP(evit_schedule(12), 16, text=torch.randn(2, 32), lam=1.0, lookahead=False)
+    assert kept_patches(vit.forward_tokens(images, same, track_source=True)) == kept_patches(out)
+
+
+def test_keep_scale_warms_up_from_no_pruning():
+    vit = small_vit()
+    images = torch.randn(2, 3, 32, 32)
+    none = vit.forward_tokens(images)
+    warm = vit.forward_tokens(images, evit(6, 16, keep_scale=0.0))
+    torch.testing.assert_close(warm.x, none.x)
