@@ -168,3 +168,14 @@ class ELIP(Reducer):
 def evit(depth: int, num_patches: int, keep_rate: float = EVIT_KEEP, keep_scale: float = 1.0) -> ELIP:
     """EViT = ELIP with no text (lambda = 1), no look-ahead, and EViT's schedule."""
     return ELIP(evit_schedule(depth, keep_rate), num_patches, text=None, lookahead=False, keep_scale=keep_scale)
+
+
+class RandomPrune(ELIP):
+    """The control for token relevance: ELIP's schedule and fusion, random scores."""
+
+    def __init__(self, schedule: Schedule, num_patches: int, generator: Optional[torch.Generator] = None):
+        super().__init__(schedule, num_patches, text=None)
+        self.generator = generator
+
+    def score_lookahead(self, vit, begin, n, x):
+        return torch.rand(x.shape[0], x.shape[1] - 1, generator=self.generator).to(x.device)

@@ -5,6 +5,11 @@ Read first: `retrieval_metrics` (the standard definitions, on a similarity matri
 `zeroshot_classifier`, then `evaluate`, which `train.py` calls at the end and `python eval.py`
 calls on a checkpoint.
 
+Token relevance (`token_relevance`): for any reducer, after each stage that changes the token
+count, the share of the patches covered by the captioned objects that are still held by kept
+(un-fused, size-1) tokens. Random pruning keeps that share equal to the share of patches kept;
+a reducer that keeps what the caption talks about does better.
+
 Definitions (as in CLIP, ALBEF and open_clip's benchmark): with several captions per image,
 image->text R@k is the share of images with ANY of their captions among the k most similar texts;
 text->image R@k is the share of captions whose own image is among the k most similar images.
@@ -19,21 +24,30 @@ import torch.nn.functional as F
 
 import data
 from data import DataError
+from elip import ELIP, RandomPrune, scaled_schedule
+from vit import Reducer
 
 
 @torch.no_grad()
 def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10)) -> dict:
     """image_features (N, E), text_features (M, E), text_to_image (M,) the image of each text."""
     sim = image_features.float() @ text_features.float().T  # (N, M)
-    N, M = sim.shape
-    positive = torch.zeros(N, M, dtype=torch.bool, device=sim.device)
-    positive[text_to_image, torch.arange(M, device=sim.device)] = True
+    return recall_at_k(sim, sim, text_to_image, ks)
+
+
+def recall_at_k(i2t_scores, t2i_scores, text_to_image, ks=(1, 5, 10)) -> dict:
+    """R@k both ways from (N, M) image-text score matrices (one per direction, so a reranker may
+    rescore each direction's candidates)."""
+    N, M = i2t_scores.shape
+    cols = torch.arange(M, device=i2t_scores.device)
+    positive = torch.zeros(N, M, dtype=torch.bool, device=i2t_scores.device)
+    positive[text_to_image, cols] = True
     # image -> text: rank of the best-scored correct caption = texts scored strictly higher
-    best_correct = sim.masked_fill(~positive, float("-inf")).max(1).values  # (N,)
-    i2t_rank = (sim > best_correct[:, None]).sum(1)
+    best_correct = i2t_scores.masked_fill(~positive, float("-inf")).max(1).values  # (N,)
+    i2t_rank = (i2t_scores > best_correct[:, None]).sum(1)
     # text -> image: images scored strictly higher than the text's own image
-    own = sim[text_to_image, torch.arange(M, device=sim.device)]  # (M,)
-    t2i_rank = (sim > own[None, :]).sum(0)
+    own = t2i_scores[text_to_image, cols]  # (M,)
+    t2i_rank = (t2i_scores > own[None, :]).sum(0)
     out = {}
     for k in ks:
         out[f"image_to_text_R@{k}"] = (i2t_rank < k).float().mean().item()
@@ -87,6 +101,35 @@ def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
     top = logits.topk(max(ks), dim=1).indices  # (N, kmax)
     hit = top == labels[:, None]
     return {f"top{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+@torch.no_grad()
+def itm_rerank(model, tokenizer, dataset, device, n=None, k=16, chunk=64) -> dict:
+    """ALBEF's retrieval: the top-k candidates by ITC similarity are rescored by the ITM head's
+    match probability (all image tokens: inference does not prune); the rest keep -inf."""
+    images, captions, owner = load_gallery(dataset, n)
+    image_tokens = torch.cat([model.visual.forward_tokens(images[i:i + 256].to(device)).x
+                              for i in range(0, len(images), 256)])  # (N, 1+P, Dv)
+    ids = tokenizer(captions).to(device)
+    text_tokens = torch.cat([model.text.forward_tokens(ids[i:i + 256]) for i in range(0, len(ids), 256)])
+    img = F.normalize(model.visual_proj(image_tokens[:, 0]), dim=-1)
+    txt = F.normalize(model.text_proj(text_tokens[:, 0]), dim=-1)
+    sim = img @ txt.T  # (N, M)
+
+    def rescore(scores, rows_are_images):
+        out = torch.full_like(scores, float("-inf"))
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (R, k)
+        for r in range(0, len(scores), chunk):
+            rows = torch.arange(r, min(r + chunk, len(scores)), device=scores.device)
+            a, b = rows[:, None].expand(-1, top.shape[1]).flatten(), top[rows].flatten()
+            im, tx = (a, b) if rows_are_images else (b, a)
+            p = model.itm_logits(image_tokens[im], text_tokens[tx], ids[tx]).float().softmax(-1)[:, 1]
+            out[a, b] = p
+        return out
+
+    i2t = rescore(sim, True)
+    t2i = rescore(sim.T.contiguous(), False).T
+    return {f"itm_{key}": v for key, v in recall_at_k(i2t, t2i, owner.to(device)).items()}
 
 
 class ShapesZeroShot(torch.utils.data.Dataset):
@@ -146,8 +189,79 @@ def evaluate(model, tokenizer, device, sets, n_test=None, reducer=None) -> dict:
     return metrics
 
 
+class StageRecorder(Reducer):
+    """Wraps a reducer and records (sizes, sources) each time it changes the token count."""
+
+    def __init__(self, inner: Reducer):
+        self.inner, self.stages = inner, []
+
+    def wants(self, i):
+        return self.inner.wants(i)
+
+    def attn_bias(self, tokens):
+        return self.inner.attn_bias(tokens)
+
+    def before_block(self, i, tokens, vit):
+        return self.note(tokens, self.inner.before_block(i, tokens, vit))
+
+    def after_attn(self, i, tokens, stats):
+        return self.note(tokens, self.inner.after_attn(i, tokens, stats))
+
+    def note(self, before, after):
+        if after.x.shape[1] != before.x.shape[1]:
+            self.stages.append((after.size, after.source))
+        return after
+
+
+def object_coverage(size, source, patch_mask) -> torch.Tensor:
+    """(B,) share of object patches held by un-fused tokens. size (B, N), source (B, N, 1+P),
+    patch_mask (B, P) bool."""
+    held = (source[:, :, 1:] * (size == 1)[..., None]).sum(1) > 0  # (B, P)
+    return (held & patch_mask).sum(1) / patch_mask.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batch_size=100) -> dict:
+    """Mean object coverage after each stage, guided by each image's first caption.
+    make_reducer(text_guidance) -> Reducer. Returns {"coverage": [...], "kept": [...]} per stage,
+    "kept" being the share of patches held by un-fused tokens (what random pruning would cover)."""
+    model.eval()
+    coverage, kept = [], []
+    for start in range(0, min(n, len(dataset)), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, n, len(dataset)))]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        masks = torch.stack([it["patch_mask"] for it in items]).to(device)
+        ids = tokenizer([it["captions"][0] for it in items]).to(device)
+        recorder = StageRecorder(make_reducer(model.text_guidance(model.text(ids))))
+        model.visual.forward_tokens(images, recorder, track_source=True)
+        coverage.append(torch.stack([object_coverage(s, src, masks) for s, src in recorder.stages], 1))
+        everything = torch.ones_like(masks)
+        kept.append(torch.stack([object_coverage(s, src, everything) for s, src in recorder.stages], 1))
+    return dict(coverage=torch.cat(coverage).mean(0).tolist(), kept=torch.cat(kept).mean(0).tolist())
+
+
+def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8) -> dict:
+    """Token relevance at ELIP's schedule for this model's depth: ELIP, ELIP without look-ahead,
+    EViT's scoring (no text, previous block's [CLS] attention) and random scores."""
+    v = model.cfg.vision
+    schedule, P = scaled_schedule(v.depth), v.num_patches
+    generator = torch.Generator().manual_seed(0)
+    reducers = {
+        "elip": lambda t: ELIP(schedule, P, t, lam),
+        "elip_no_lookahead": lambda t: ELIP(schedule, P, t, lam, lookahead=False),
+        "evit_scoring": lambda t: ELIP(schedule, P, None, lookahead=False),
+        "random": lambda t: RandomPrune(schedule, P, generator),
+    }
+    return {name: token_relevance(model, tokenizer, dataset, device, make, n) for name, make in reducers.items()}
+
+
 def format_table(metrics: dict) -> str:
-    return "\n".join(f"{k:<24} {100 * v:6.2f}" for k, v in metrics.items())
+    lines = [f"{k:<24} {100 * v:6.2f}" for k, v in metrics.items() if not isinstance(v, dict)]
+    for name, r in metrics.get("token_relevance", {}).items():
+        stages = " ".join(f"{100 * c:5.1f}" for c in r["coverage"])
+        kept = " ".join(f"{100 * k:5.1f}" for k in r["kept"])
+        lines.append(f"relevance {name:<18} object patches kept per stage: {stages}   (patches kept: {kept})")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -159,6 +273,10 @@ def main(argv=None):
     p.add_argument("--image-root", default="", help="folder the caption file's image paths are relative to")
     p.add_argument("--zeroshot-dir", default="", help="class-per-folder image tree for zero-shot classification")
     p.add_argument("--n-test", type=int, default=1000, help="gallery size (images)")
+    p.add_argument("--relevance", action="store_true",
+                   help="token relevance on the shapes test split at ELIP's schedule, for ELIP, EViT scoring and random")
+    p.add_argument("--itm-rerank", type=int, default=0, metavar="K",
+                   help="also rerank the top K retrieval candidates with the ITM head (models trained with itm)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
@@ -167,8 +285,18 @@ def main(argv=None):
         sets = eval_sets(v.image_size, v.patch_size, ckpt["config"]["seed"], args.n_test, args.val_data,
                          args.image_root, args.zeroshot_dir)
         metrics = evaluate(model, tokenizer, args.device, sets, args.n_test)
+        if args.itm_rerank:
+            if "itm" not in model.cfg.objectives:
+                raise ValueError(f"--itm-rerank: {args.ckpt} was trained without the itm objective")
+            metrics.update(itm_rerank(model, tokenizer, sets[0], args.device, args.n_test, args.itm_rerank))
+        if args.relevance:
+            shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, ckpt["config"]["seed"])
+            relevance = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
+                                        ckpt["config"].get("elip_lambda", 0.8))
     except (DataError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.relevance:
+        metrics["token_relevance"] = relevance
     print(json.dumps(metrics) if args.json else format_table(metrics))
 
 

@@ -40,3 +40,57 @@ def test_shapes_zeroshot_set_holds_one_object_scenes():
         scene = ds.scenes.scene(ds.index[k])[0]
         assert image.shape == (3, 64, 64) and len(scene) == 1
         assert ds.classes[label] == f"{scene[0]['colour']} {scene[0]['shape']}"
+
+
+def test_object_coverage_by_hand():
+    # 4 patches; tokens: [CLS], patch 0 alone, patch 2 alone, a fused token holding patches 1 and 3
+    source = torch.tensor([[[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 0, 1]]]).float()
+    size = source.sum(-1)
+    mask = torch.tensor([[True, True, False, False]])  # the object covers patches 0 and 1
+    assert evaluation.object_coverage(size, source, mask).tolist() == [0.5]  # patch 1 was fused away
+
+
+def test_token_relevance_records_every_stage():
+    import data
+    from elip import ELIP, scaled_schedule
+    from model import CLIP, CLIPConfig
+    from text import TextConfig, Tokenizer
+    from vit import ViTConfig
+    ds = data.ShapesDataset("test", 8)
+    tok = Tokenizer.build([c for i in range(8) for c in ds.captions(i)])
+    model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=6, heads=2),
+                            text=TextConfig(vocab_size=len(tok), width=32, depth=1, heads=2), embed_dim=16))
+    r = evaluation.token_relevance(model, tok, ds, "cpu", lambda t: ELIP(scaled_schedule(6), 64, t), n=8, batch_size=4)
+    assert len(r["coverage"]) == 3 and r["kept"][0] == pytest.approx(57 / 64)
+    assert all(0 <= c <= 1 for c in r["coverage"])
+
+
+def test_itm_rerank_reorders_only_the_top_k():
+    import data
+    from model import CLIP, CLIPConfig
+    from text import TextConfig, Tokenizer
+    from vit import ViTConfig
+    ds = data.ShapesDataset("test", 6)
+    tok = Tokenizer.build([c for i in range(6) for c in ds.captions(i)])
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=2, heads=2), objectives=("itc", "itm"),
+                            text=TextConfig(vocab_size=len(tok), width=32, depth=1, heads=2), embed_dim=16)).eval()
+    images, captions, owner = evaluation.load_gallery(ds)
+    with torch.no_grad():
+        img_cls = model.visual.forward_tokens(images).x[:, 0]
+        txt_cls = model.text.forward_tokens(tok(captions))[:, 0]
+    calls = []
+
+    def oracle_itm(image_tokens, text_tokens, ids):
+        """An ITM head that knows the truth: it identifies each pair by its [CLS] tokens."""
+        i = (image_tokens[:, 0, None] == img_cls[None]).all(-1).float().argmax(1)
+        j = (text_tokens[:, 0, None] == txt_cls[None]).all(-1).float().argmax(1)
+        calls.append(len(i))
+        return torch.stack([torch.zeros(len(i)), 10.0 * (owner[j] == i).float()], 1)
+
+    model.itm_logits = oracle_itm
+    m = evaluation.itm_rerank(model, tok, ds, "cpu", k=30)
+    assert m["itm_image_to_text_R@1"] == 1.0 and m["itm_text_to_image_R@1"] == 1.0
+    assert sum(calls) == 6 * 30 + 30 * 6  # every image's 30 texts, every text's 6 images
+    m = evaluation.itm_rerank(model, tok, ds, "cpu", k=1)  # top-1 only: ITC's R@1 stands
+    assert m["itm_image_to_text_R@1"] == evaluation.retrieval(model, tok, ds, "cpu")["image_to_text_R@1"]

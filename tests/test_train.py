@@ -66,8 +66,20 @@ def test_micro_run_end_to_end_and_eval_cli(tmp_path):
     assert all(0 <= v <= 1 for v in metrics.values())
 
 
+def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
+    for method in ("elip", "evit"):
+        r = run([*TINY[:2], "--depth", "6", *TINY[4:], "--method", method, "--steps", "3", "--batch-size", "8",
+                 "--eval-prune", "--out", str(tmp_path / method)])
+        assert r.returncode == 0, r.stderr
+        assert f"results: method {method} | step 3" in r.stdout
+        assert set(losses(str(tmp_path / method))) == {1, 2, 3}
+    r = run([*TINY, "--method", "evit", "--no-lookahead", "--out", str(tmp_path / "x")])
+    assert r.returncode != 0 and "apply to --method elip only" in r.stderr
+
+
 def test_resume_continues_with_the_same_losses(tmp_path):
-    common = [*TINY, "--steps", "6", "--batch-size", "8", "--no-eval"]
+    # ELIP with ITC+ITM+MLM: the MLM masks and ITM negatives must replay too
+    common = [*TINY[:2], "--depth", "6", *TINY[4:], "--method", "elip", "--steps", "6", "--batch-size", "8", "--no-eval"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train.train(train.parse_args([*common, "--out", full]))
     train.train(train.parse_args([*common, "--out", part, "--stop-after", "3"]))

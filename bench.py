@@ -1,0 +1,197 @@
+"""
+Benchmarks: the cost of a training step for every token-reduction method, side by side.
+
+Read first: `count_tokens` (how many tokens each block's attention and MLP see, measured through
+the seam), then `forward_flops` (the analytic count), then `bench_model`.
+
+For each method and model it reports, relative to `none` measured in the same run:
+- the measured time of one training step (forward, backward, AdamW), median over repeats;
+- the FLOPs of the step counted analytically: 3x the forward of everything that gets gradients
+  (backward ~ 2x forward) plus 1x ELIP's look-ahead (forward only, under no_grad); the speed
+  ratio the FLOP count allows is printed beside the measured one;
+- the activation memory of the step: the bytes of all tensors autograd saves for backward
+  (device-independent; on CUDA the allocator's peak is printed too);
+- the largest batch whose activations, parameters, gradients and AdamW state fit `--mem-budget-gb`.
+
+    python bench.py                 # default model and ViT-B/16 at 224, ITC+ITM+MLM
+    python bench.py --models tiny64 --batch-size 64
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import train
+from elip import scaled_schedule
+from model import CLIP
+from train import TrainConfig
+from vit import Reducer
+
+VARIANTS = {  # name -> TrainConfig overrides
+    "none": dict(method="none"),
+    "evit": dict(method="evit"),
+    "elip": dict(method="elip"),
+    "elip_no_lookahead": dict(method="elip", lookahead=False),
+}
+
+
+class TokenCounter(Reducer):
+    """Wraps a reducer and records, per block, the token count its attention and its MLP see."""
+
+    def __init__(self, inner):
+        self.inner, self.attn, self.mlp = inner, {}, {}
+
+    def wants(self, i):
+        return self.inner.wants(i) if self.inner else ()
+
+    def attn_bias(self, tokens):
+        return self.inner.attn_bias(tokens) if self.inner else None
+
+    def before_block(self, i, tokens, vit):
+        tokens = self.inner.before_block(i, tokens, vit) if self.inner else tokens
+        self.attn[i] = tokens.x.shape[1]
+        return tokens
+
+    def after_attn(self, i, tokens, stats):
+        tokens = self.inner.after_attn(i, tokens, stats) if self.inner else tokens
+        self.mlp[i] = tokens.x.shape[1]
+        return tokens
+
+
+def block_flops(n_attn, n_mlp, d, mlp_ratio=4.0, context=0, d_context=0) -> float:
+    """Forward FLOPs (2 per multiply-add) of one pre-norm block: qkv, scores, weighted sum and
+    projection at n_attn tokens, MLP at n_mlp; with `context` tokens, a cross-attention too."""
+    f = 2 * n_attn * d * 3 * d + 2 * 2 * n_attn * n_attn * d + 2 * n_attn * d * d
+    f += 2 * 2 * n_mlp * d * int(mlp_ratio * d)
+    if context:
+        f += 2 * n_attn * d * d + 2 * context * d_context * 2 * d + 2 * 2 * n_attn * context * d + 2 * n_attn * d * d
+    return f
+
+
+def count_tokens(model, cfg: TrainConfig, images, ids):
+    """(per-block attention and MLP token counts, tokens leaving the ViT) of one guided forward."""
+    make = train.reducer_fn(cfg, model.cfg.vision, step=cfg.steps)  # past any warm-up
+    text = model.text_guidance(model.text(ids))
+    counter = TokenCounter(make(text) if make else None)
+    with torch.no_grad():
+        out = model.visual.forward_tokens(images, counter)
+    return counter, out.x.shape[1]
+
+
+def forward_flops(model, cfg: TrainConfig, counter, n_out, text_len) -> dict:
+    """Per-sample forward FLOPs of a training step, by part."""
+    v, t = model.cfg.vision, model.cfg.text
+    P = v.num_patches
+    vit = 2 * P * 3 * v.patch_size ** 2 * v.width
+    vit += sum(block_flops(counter.attn[i], counter.mlp[i], v.width, v.mlp_ratio) for i in range(v.depth))
+    lookahead = 0.0
+    if cfg.method == "elip" and cfg.lookahead:
+        s = scaled_schedule(v.depth)
+        for b, n in zip(s.begin_layers, s.num_layers):
+            before = counter.mlp[b - 1] if b else 1 + P  # the sequence entering block b, unpruned
+            lookahead += n * block_flops(before, before, v.width, v.mlp_ratio)
+    text = t.depth * block_flops(text_len, text_len, t.width, t.mlp_ratio)
+    objectives = model.cfg.objectives
+    fusion_one = model.cfg.fusion_depth * block_flops(text_len, text_len, t.width, 4.0, n_out, v.width)
+    fusion = (3 if "itm" in objectives else 0) * fusion_one + (1 if "mlm" in objectives else 0) * fusion_one
+    text *= 2 if "mlm" in objectives else 1  # the masked text is encoded again
+    return dict(vit=vit, lookahead=lookahead, text=text, fusion=fusion)
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `fn` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def bench_model(preset, batch_size, objectives, repeats, budget_gb, device):
+    rows = {}
+    for name, overrides in VARIANTS.items():
+        cfg = TrainConfig(vit=preset, objectives=objectives, **overrides,
+                          **({} if preset == "tiny64" else dict(text_width=768, text_heads=12, embed_dim=512)))
+        torch.manual_seed(0)
+        model = CLIP(train.model_config(cfg, vocab_size=100)).to(device)
+        v = model.cfg.vision
+        images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
+        ids = torch.randint(5, 100, (batch_size, 24), device=device)
+        ids[:, 0], ids[:, -1] = 2, 3
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        make = train.reducer_fn(cfg, v, step=cfg.steps)
+
+        def step():
+            out = model(images, ids, make, torch.Generator().manual_seed(0))
+            return out["loss"]
+
+        times = []
+        for r in range(repeats + 1):  # the first is a warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            loss, act = saved_activation_bytes(step) if r == 0 else (step(), None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r == 0:
+                activation = act
+            else:
+                times.append(time.perf_counter() - t0)
+        counter, n_out = count_tokens(model, cfg, images[:2], ids[:2])
+        f = forward_flops(model, cfg, counter, n_out, ids.shape[1])
+        train_flops = 3 * (f["vit"] + f["text"] + f["fusion"]) + f["lookahead"]
+        state = 4 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, grads, 2 Adam moments
+        rows[name] = dict(step_s=statistics.median(times), train_gflops=train_flops / 1e9,
+                          lookahead_share=f["lookahead"] / train_flops, activation_mb=activation / 2 ** 20,
+                          tokens_out=n_out, largest_batch=int((budget_gb * 2 ** 30 - state) / (activation / batch_size)),
+                          cuda_peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None)
+    return rows
+
+
+def markdown(preset, batch_size, rows, budget_gb) -> str:
+    base = rows["none"]
+    lines = [f"**{preset}**, batch {batch_size}:", "",
+             "| method | step (s) | measured speed-up | FLOP-allowed speed-up | train GFLOPs/img | look-ahead share "
+             f"| activations (MB) | largest batch in {budget_gb:g} GB | tokens out |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.2f}x | "
+                     f"{base['train_gflops'] / r['train_gflops']:.2f}x | {r['train_gflops']:.2f} | "
+                     f"{100 * r['lookahead_share']:.0f}% | {r['activation_mb']:.0f} "
+                     f"({r['activation_mb'] / base['activation_mb']:.2f}x) | {r['largest_batch']} | {r['tokens_out']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Training-step cost of none / evit / elip / elip without look-ahead.")
+    p.add_argument("--models", default="tiny64,vit_b16", help="comma-separated ViT presets")
+    p.add_argument("--batch-size", type=int, default=0, help="0: 64 for tiny64, 8 for the 224-px presets")
+    p.add_argument("--objectives", default="itc,itm,mlm")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mem-budget-gb", type=float, default=16.0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="", help="also write the Markdown tables to this file")
+    args = p.parse_args(argv)
+    tables = []
+    for preset in args.models.split(","):
+        B = args.batch_size or (64 if preset == "tiny64" else 8)
+        rows = bench_model(preset, B, args.objectives, args.repeats, args.mem_budget_gb, torch.device(args.device))
+        tables.append(markdown(preset, B, rows, args.mem_budget_gb))
+        print(tables[-1] + "\n", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"objectives {args.objectives}, device {args.device}, {args.repeats} timed repeats\n\n")
+            f.write("\n\n".join(tables) + "\n")
+
+
+if __name__ == "__main__":
+    main()

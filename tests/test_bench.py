@@ -1,0 +1,40 @@
+import torch
+
+import bench
+import train
+from model import CLIP
+from train import TrainConfig
+
+
+def tiny(method, **kw):
+    cfg = TrainConfig(method=method, width=32, heads=2, text_width=32, text_depth=1, embed_dim=16, **kw)
+    return cfg, CLIP(train.model_config(cfg, vocab_size=20))
+
+
+def test_token_counts_follow_the_schedules():
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 20, (2, 10))
+    cfg, model = tiny("elip")
+    counter, n_out = bench.count_tokens(model, cfg, images, ids)
+    # depth 6: prune before blocks 1, 2, 5 to 57, 41, 25 patches (+ [CLS] + the fused token)
+    assert [counter.attn[i] for i in range(6)] == [65, 59, 43, 43, 43, 27] and n_out == 27
+    assert counter.attn == counter.mlp
+    cfg, model = tiny("evit")
+    counter, _ = bench.count_tokens(model, cfg, images, ids)
+    # EViT prunes inside blocks 2, 3, 4 (its layers 3, 6, 9 of 12 scaled to 6): MLP sees fewer
+    assert [counter.attn[i] for i in range(6)] == [65, 65, 65, 46, 33, 23]
+    assert [counter.mlp[i] for i in range(6)] == [65, 65, 46, 33, 23, 23]
+
+
+def test_flop_count_by_hand():
+    # one block, 5 tokens, width 8, MLP 32: qkv 2*5*8*24, scores+sum 2*2*25*8, proj 2*5*64, MLP 2*2*5*8*32
+    assert bench.block_flops(5, 5, 8) == 2 * 5 * 8 * 24 + 4 * 25 * 8 + 2 * 5 * 64 + 4 * 5 * 8 * 32
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 20, (2, 10))
+    cfg, model = tiny("none")
+    counter, n = bench.count_tokens(model, cfg, images, ids)
+    f = bench.forward_flops(model, cfg, counter, n, 10)
+    assert f["vit"] == 2 * 64 * 3 * 64 * 32 + 6 * bench.block_flops(65, 65, 32) and f["lookahead"] == 0
+    cfg, model = tiny("elip")
+    counter, n = bench.count_tokens(model, cfg, images, ids)
+    f = bench.forward_flops(model, cfg, counter, n, 10)
+    # look-ahead: stage 0 one block on 65 tokens, stage 1 three blocks on 59, stage 2 one on 43
+    assert f["lookahead"] == bench.block_flops(65, 65, 32) + 3 * bench.block_flops(59, 59, 32) + bench.block_flops(43, 43, 32)
