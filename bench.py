@@ -89,8 +89,9 @@ def forward_flops(model, cfg: TrainConfig, counter, n_out, text_len) -> dict:
     if cfg.method == "elip" and cfg.lookahead:
         s = scaled_schedule(v.depth)
         for b, n in zip(s.begin_layers, s.num_layers):
-            before = counter.mlp[b - 1] if b else 1 + P  # the sequence entering block b, unpruned
-            lookahead += n * block_flops(before, before, v.width, v.mlp_ratio)
+            N = counter.mlp[b - 1] if b else 1 + P  # the sequence entering block b, unpruned
+            # n - 1 whole blocks, then the last block's qkv projection and one row of logits
+            lookahead += (n - 1) * block_flops(N, N, v.width, v.mlp_ratio) + 2 * N * v.width * 3 * v.width + 2 * N * v.width
     text = t.depth * block_flops(text_len, text_len, t.width, t.mlp_ratio)
     objectives = model.cfg.objectives
     fusion_one = model.cfg.fusion_depth * block_flops(text_len, text_len, t.width, 4.0, n_out, v.width)

@@ -148,8 +148,7 @@ class ELIP(Reducer):
             x[:, 0] = self.lam * x[:, 0] + (1 - self.lam) * self.text.to(x.dtype)
         for j in range(begin, begin + n - 1):
             x = vit.blocks[j](x)
-        _, cls_attn = vit.blocks[begin + n - 1](x, return_cls_attn=True)
-        return cls_attn[:, 1:]
+        return vit.blocks[begin + n - 1].cls_attention(x)[:, 1:]  # the last block: its [CLS] row only
 
     # without look-ahead: prune between attention and MLP of the block before the stage
     def wants(self, i):

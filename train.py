@@ -261,6 +261,18 @@ def amp_settings(amp: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
+def open_log(path: str, step: int):
+    """The JSONL log, for appending after `step`: lines a crashed run wrote past its last
+    checkpoint are dropped, so a resumed log has each step once."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    log = open(path, "w")
+    log.writelines(kept)
+    return log
+
+
 def global_mean(values: dict, world: int) -> dict:
     """The mean over processes of each logged value: under DDP, rank 0 alone would log the loss
     of its own rows only."""
@@ -367,6 +379,37 @@ def prepare(cfg: TrainConfig, rank: int):
     return dataset, tokenizer, mcfg, ckpt, sets
 
 
+def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device, rank, world, make_reducer):
+    """One optimizer step over `accum` micro-batches; returns (mean losses, images skipped)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    losses, skipped = {}, 0
+    for micro in range(cfg.accum):
+        images, ids, bad = next(batches)
+        skipped += bad
+        images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+        # MLM masks and ITM negatives: seeded by (seed, micro-step, rank), so resumes replay them
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.accum + micro) * world + rank)
+        sync = micro == cfg.accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
+        with (nullcontext() if sync else ddp_model.no_sync()), autocast():
+            out = ddp_model(images, ids, make_reducer, generator)
+        loss = out["loss"] / cfg.accum
+        (scaler.scale(loss) if scaler else loss).backward()
+        for k, v in out.items():
+            losses[k] = losses.get(k, 0.0) + v.item() / cfg.accum
+    if scaler:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses, skipped
+
+
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
@@ -401,7 +444,7 @@ def train(cfg: TrainConfig) -> dict:
               f"accumulation | {device} | amp {cfg.amp}", flush=True)
         if getattr(dataset, "missing", 0):
             print(f"--skip-bad: {dataset.missing} image(s) listed in {cfg.data} do not exist and were skipped", flush=True)
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w") if master else None
+    log = open_log(os.path.join(cfg.out, "log.jsonl"), step) if master else None
 
     def checkpoint():
         if master:
@@ -416,38 +459,20 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     last = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < last:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        losses = {}
-        for micro in range(cfg.accum):
-            images, ids, bad = next(batches)
-            skipped += bad
-            images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-            sync = micro == cfg.accum - 1 or world == 1
-            # MLM masks and ITM negatives: seeded by (seed, micro-step, rank), so resumes replay them
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.accum + micro) * world + rank)
-            with (nullcontext() if sync else ddp_model.no_sync()), autocast():
-                out = ddp_model(images, ids, reducer_fn(cfg, mcfg.vision, step), generator)
-            (scaler.scale(out["loss"] / cfg.accum) if scaler else out["loss"] / cfg.accum).backward()
-            for k, v in out.items():
-                losses[k] = losses.get(k, 0.0) + v.item() / cfg.accum
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses, bad = train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device,
+                                 rank, world, reducer_fn(cfg, mcfg.vision, step))
+        skipped += bad
         step += 1
         n_log += cfg.batch_size * cfg.accum * world
         bar.update(1)
         if step % cfg.log_every == 0 or step == last:
-            losses = global_mean(losses, world)
-        if master and (step % cfg.log_every == 0 or step == last):
-            speed = n_log / (time.time() - t_log)
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", img_s=f"{speed:.0f}")
-            log.write(json.dumps(dict(step=step, lr=lr_at(step - 1, cfg), img_per_s=speed,
-                                      time=time.time() - t_start, **losses)) + "\n")
-            log.flush()
+            losses = global_mean(losses, world)  # a collective: every rank takes part
+            if master:
+                speed = n_log / (time.time() - t_log)
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", img_s=f"{speed:.0f}")
+                log.write(json.dumps(dict(step=step, lr=lr_at(step - 1, cfg), img_per_s=speed,
+                                          time=time.time() - t_start, **losses)) + "\n")
+                log.flush()
             t_log, n_log = time.time(), 0
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < last:
             checkpoint()

@@ -145,6 +145,14 @@ class Block(nn.Module):
     def feed_forward(self, x):
         return x + self.mlp(self.norm2(x))
 
+    def cls_attention(self, x, attn_bias=None) -> torch.Tensor:
+        """Only the head-averaged [CLS] attention row this block would compute on x, (B, N):
+        the qkv projection and one row of logits, no attention output, no MLP."""
+        B, N, D = x.shape
+        a = self.attn
+        q, k, _ = a.qkv(self.norm1(x)).view(B, N, 3, a.heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return a.cls_attention(q, k, None if attn_bias is None else attn_bias.to(q.dtype))
+
     def forward(self, x, attn_bias=None, is_causal=False, return_cls_attn=False):
         x, stats = self.attend(x, attn_bias, is_causal, ("cls_attn",) if return_cls_attn else ())
         x = self.feed_forward(x)

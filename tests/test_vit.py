@@ -48,6 +48,7 @@ def test_cls_attention_is_head_averaged_first_row():
     torch.testing.assert_close(cls_attn, probs[:, :, 0].mean(1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(cls_attn.sum(-1), torch.ones(3))
     torch.testing.assert_close(out, block(x, attn_bias=bias))
+    torch.testing.assert_close(block.cls_attention(x, bias), cls_attn)
 
 
 class DropEveryOther(Reducer):
