@@ -100,12 +100,16 @@ def forward_flops(model, cfg: TrainConfig, counter, n_out, text_len) -> dict:
     return dict(vit=vit, lookahead=lookahead, text=text, fusion=fusion)
 
 
-def saved_activation_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while `fn` runs."""
+def saved_activation_bytes(fn, model) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `fn` runs, the model's
+    own parameters (which Linear layers save too) excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
     def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -137,7 +141,7 @@ def bench_model(preset, batch_size, objectives, repeats, budget_gb, device):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            loss, act = saved_activation_bytes(step) if r == 0 else (step(), None)
+            loss, act = saved_activation_bytes(step, model) if r == 0 else (step(), None)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -275,6 +275,8 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=1000, help="gallery size (images)")
     p.add_argument("--relevance", action="store_true",
                    help="token relevance on the shapes test split at ELIP's schedule, for ELIP, EViT scoring and random")
+    p.add_argument("--prune", action="store_true",
+                   help="evaluate with the checkpoint's pruning method applied without text (default: all tokens)")
     p.add_argument("--itm-rerank", type=int, default=0, metavar="K",
                    help="also rerank the top K retrieval candidates with the ITM head (models trained with itm)")
     p.add_argument("--device", default="cpu")
@@ -284,7 +286,15 @@ def main(argv=None):
         v = model.cfg.vision
         sets = eval_sets(v.image_size, v.patch_size, ckpt["config"]["seed"], args.n_test, args.val_data,
                          args.image_root, args.zeroshot_dir)
-        metrics = evaluate(model, tokenizer, args.device, sets, args.n_test)
+        reducer = None
+        if args.prune:
+            from train import TrainConfig, reducer_fn
+            saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+            make = reducer_fn(TrainConfig(**saved), v, ckpt["step"], training=False)
+            if make is None:
+                raise ValueError(f"--prune: {args.ckpt} was trained with --method none, which prunes nothing")
+            reducer = make(None)
+        metrics = evaluate(model, tokenizer, args.device, sets, args.n_test, reducer)
         if args.itm_rerank:
             if "itm" not in model.cfg.objectives:
                 raise ValueError(f"--itm-rerank: {args.ckpt} was trained without the itm objective")

@@ -46,7 +46,7 @@ class TrainConfig:
     objectives: str = "auto"  # comma-separated itc,itm,mlm; auto: itc for none, all three otherwise
     elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
     lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
-    keep_warmup: float = 0.1  # EViT: share of the steps over which the keep rate falls from 1 to its target
+    keep_warmup: float = 0.1  # share of the steps over which the pruned share grows from 0 to the schedule's
     eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
     out: str = "out"  # folder for ckpt.pt and log.jsonl
     overwrite: bool = False  # replace an existing checkpoint in --out
@@ -144,12 +144,12 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     """The method's reducer for one step, as a function of the text guidance (None: no text).
     This is the whole dispatch: a new method adds one branch."""
     P, depth = vision.num_patches, vision.depth
+    warm = cfg.keep_warmup * cfg.steps
+    keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
     if cfg.method == "elip":
         schedule = scaled_schedule(depth)
-        return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead)
+        return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead, keep_scale)
     if cfg.method == "evit":
-        warm = cfg.keep_warmup * cfg.steps
-        keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
         return lambda text: evit(depth, P, keep_scale=keep_scale)
     return None
 

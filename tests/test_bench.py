@@ -40,3 +40,13 @@ def test_flop_count_by_hand():
     # each stage costs its qkv projection and one row of attention logits
     last = lambda n: 2 * n * 32 * 96 + 2 * n * 32
     assert f["lookahead"] == last(65) + 2 * bench.block_flops(59, 59, 32) + last(59) + last(43)
+
+
+def test_saved_activation_bytes_counts_inputs_not_parameters():
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(32, 16)
+    out, nbytes = bench.saved_activation_bytes(lambda: lin(x).relu().sum(), lin)
+    # Linear saves its input (32 x 16 floats) and weight (a parameter: not counted); relu saves its
+    # output (32 x 8 floats)
+    assert nbytes == 32 * 16 * 4 + 32 * 8 * 4
+    assert out.ndim == 0
