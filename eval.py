@@ -264,11 +264,42 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_checkpoint(path, args) -> dict:
+    """Every metric the flags ask for, for one checkpoint."""
+    from train import TrainConfig, load_checkpoint, reducer_fn  # the one reader of checkpoints
+    model, tokenizer, ckpt = load_checkpoint(path, args.device)
+    v, seed = model.cfg.vision, ckpt["config"]["seed"]
+    sets = eval_sets(v.image_size, v.patch_size, seed, args.n_test, args.val_data, args.image_root, args.zeroshot_dir)
+    reducer = None
+    if args.prune:
+        saved = {k: val for k, val in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+        make = reducer_fn(TrainConfig(**saved), v, ckpt["step"], training=False)
+        if make is None:
+            raise ValueError(f"--prune: {path} was trained with --method none, which prunes nothing")
+        reducer = make(None)
+    metrics = evaluate(model, tokenizer, args.device, sets, args.n_test, reducer)
+    if args.itm_rerank:
+        if "itm" not in model.cfg.objectives:
+            raise ValueError(f"--itm-rerank: {path} was trained without the itm objective")
+        metrics.update(itm_rerank(model, tokenizer, sets[0], args.device, args.n_test, args.itm_rerank))
+    if args.relevance:
+        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, seed)
+        metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
+                                                     ckpt["config"].get("elip_lambda", 0.8))
+    return metrics
+
+
+def mean_over_runs(runs: list) -> dict:
+    """Per metric, the mean and the standard deviation over runs (e.g. seeds), and their count."""
+    t = {k: torch.tensor([r[k] for r in runs]) for k in runs[0] if not isinstance(runs[0][k], dict)}
+    return {k: dict(mean=v.mean().item(), std=v.std().item() if len(v) > 1 else 0.0, n=len(v)) for k, v in t.items()}
+
+
 def main(argv=None):
-    from train import load_checkpoint  # the one reader of checkpoints
-    p = argparse.ArgumentParser(description="Evaluate a CLIP checkpoint: retrieval and zero-shot classification.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--json", action="store_true", help="print one JSON object (open_clip key names, fractions)")
+    p = argparse.ArgumentParser(description="Evaluate CLIP checkpoints: retrieval, zero-shot classification, "
+                                            "token relevance. Several checkpoints (e.g. seeds) are also averaged.")
+    p.add_argument("--ckpt", required=True, nargs="+", help="checkpoint(s) written by train.py")
+    p.add_argument("--json", action="store_true", help="print JSON (open_clip key names, fractions)")
     p.add_argument("--val-data", default="", help="caption file for retrieval (default: the shapes test split)")
     p.add_argument("--image-root", default="", help="folder the caption file's image paths are relative to")
     p.add_argument("--zeroshot-dir", default="", help="class-per-folder image tree for zero-shot classification")
@@ -282,32 +313,21 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
-        model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
-        v = model.cfg.vision
-        sets = eval_sets(v.image_size, v.patch_size, ckpt["config"]["seed"], args.n_test, args.val_data,
-                         args.image_root, args.zeroshot_dir)
-        reducer = None
-        if args.prune:
-            from train import TrainConfig, reducer_fn
-            saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-            make = reducer_fn(TrainConfig(**saved), v, ckpt["step"], training=False)
-            if make is None:
-                raise ValueError(f"--prune: {args.ckpt} was trained with --method none, which prunes nothing")
-            reducer = make(None)
-        metrics = evaluate(model, tokenizer, args.device, sets, args.n_test, reducer)
-        if args.itm_rerank:
-            if "itm" not in model.cfg.objectives:
-                raise ValueError(f"--itm-rerank: {args.ckpt} was trained without the itm objective")
-            metrics.update(itm_rerank(model, tokenizer, sets[0], args.device, args.n_test, args.itm_rerank))
-        if args.relevance:
-            shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, ckpt["config"]["seed"])
-            relevance = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
-                                        ckpt["config"].get("elip_lambda", 0.8))
+        runs = [evaluate_checkpoint(path, args) for path in args.ckpt]
     except (DataError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.relevance:
-        metrics["token_relevance"] = relevance
-    print(json.dumps(metrics) if args.json else format_table(metrics))
+    if len(runs) == 1:
+        print(json.dumps(runs[0]) if args.json else format_table(runs[0]))
+        return
+    summary = mean_over_runs(runs)
+    if args.json:
+        print(json.dumps(dict(mean=summary, runs=runs)))
+        return
+    for k, s in summary.items():
+        print(f"{k:<24} {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f}  (mean +- std over {s['n']} checkpoints)")
+    for path, r in zip(args.ckpt, runs):
+        for name, rel in r.get("token_relevance", {}).items():
+            print(f"{path}: relevance {name:<18} " + " ".join(f"{100 * c:5.1f}" for c in rel["coverage"]))
 
 
 if __name__ == "__main__":

@@ -94,3 +94,10 @@ def test_itm_rerank_reorders_only_the_top_k():
     assert sum(calls) == 6 * 30 + 30 * 6  # every image's 30 texts, every text's 6 images
     m = evaluation.itm_rerank(model, tok, ds, "cpu", k=1)  # top-1 only: ITC's R@1 stands
     assert m["itm_image_to_text_R@1"] == evaluation.retrieval(model, tok, ds, "cpu")["image_to_text_R@1"]
+
+
+def test_mean_over_runs_by_hand():
+    runs = [{"a": 0.1, "rel": {}}, {"a": 0.3, "rel": {}}]
+    s = evaluation.mean_over_runs(runs)
+    assert s["a"]["mean"] == pytest.approx(0.2) and s["a"]["std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert s["a"]["n"] == 2 and "rel" not in s
