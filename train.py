@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import eval as evaluation
 from data import DataError
-from elip import ELIP, evit, scaled_schedule
+from elip import ELIP, Schedule, evit, scaled_schedule
 from model import CLIP, CLIPConfig
 from text import TextConfig, Tokenizer
 from vit import vit_config
@@ -47,6 +47,9 @@ class TrainConfig:
     elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
     lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
     keep_warmup: float = 0.1  # share of the steps over which the pruned share grows from 0 to the schedule's
+    begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
+    num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
+    keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
     eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
     out: str = "out"  # folder for ckpt.pt and log.jsonl
     overwrite: bool = False  # replace an existing checkpoint in --out
@@ -140,6 +143,22 @@ def objectives(cfg: TrainConfig) -> tuple:
     return tuple(o.strip() for o in cfg.objectives.split(",") if o.strip())
 
 
+def elip_schedule(cfg: TrainConfig, depth: int) -> Schedule:
+    """The schedule the flags give, or the authors' scaled to `depth`."""
+    lists = (cfg.begin_layers, cfg.num_layers, cfg.keep_ratios)
+    if not any(lists):
+        return scaled_schedule(depth)
+    if not all(lists):
+        raise ValueError("give all three of --begin-layers, --num-layers and --keep-ratios, or none")
+    try:
+        b, n = (tuple(int(v) for v in s.split(",")) for s in lists[:2])
+        r = tuple(float(v) for v in cfg.keep_ratios.split(","))
+    except ValueError:
+        raise ValueError("--begin-layers and --num-layers take whole numbers, --keep-ratios fractions, "
+                         "comma-separated (e.g. 2,4,10 / 2,6,2 / 0.9,0.65,0.4)") from None
+    return Schedule(b, n, r)
+
+
 def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     """The method's reducer for one step, as a function of the text guidance (None: no text).
     This is the whole dispatch: a new method adds one branch."""
@@ -147,7 +166,7 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     warm = cfg.keep_warmup * cfg.steps
     keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
     if cfg.method == "elip":
-        schedule = scaled_schedule(depth)
+        schedule = elip_schedule(cfg, depth)
         return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead, keep_scale)
     if cfg.method == "evit":
         return lambda text: evit(depth, P, keep_scale=keep_scale)
@@ -357,9 +376,12 @@ def prepare(cfg: TrainConfig, rank: int):
         raise ValueError(f"--resume: there is no checkpoint at {ckpt_path}")
     probe = model_config(cfg, vocab_size=1)  # validates the ViT flags and objectives before data is read
     if cfg.method == "elip":
-        scaled_schedule(probe.vision.depth).validate(probe.vision.depth, probe.vision.num_patches)
-        if not cfg.lookahead and scaled_schedule(probe.vision.depth).begin_layers[0] < 1:
+        schedule = elip_schedule(cfg, probe.vision.depth)
+        schedule.validate(probe.vision.depth, probe.vision.num_patches)
+        if not cfg.lookahead and schedule.begin_layers[0] < 1:
             raise ValueError("--no-lookahead needs the first pruning stage at block 1 or later")
+    elif cfg.begin_layers or cfg.num_layers or cfg.keep_ratios:
+        raise ValueError("--begin-layers, --num-layers and --keep-ratios apply to --method elip only")
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
     ckpt = read_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None:
@@ -482,6 +504,9 @@ def train(cfg: TrainConfig) -> dict:
     metrics = {}
     if master and cfg.eval and step == cfg.steps:
         make = reducer_fn(cfg, mcfg.vision, step, training=False) if cfg.eval_prune else None
+        if cfg.method != "none" and not cfg.eval_prune:
+            print(f"evaluating with all tokens (the authors' protocol); --eval-prune evaluates with {cfg.method}'s "
+                  f"pruning, scored without text", flush=True)
         metrics = evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size, make(None) if make else None)
         log.write(json.dumps(dict(step=step, eval=metrics)) + "\n")
     if master:

@@ -81,6 +81,16 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
     assert len(metrics["token_relevance"]["elip"]["coverage"]) == 3 and "itm_image_to_text_R@1" in metrics
     r = run([*TINY, "--method", "evit", "--no-lookahead", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "apply to --method elip only" in r.stderr
+    six = [*TINY[:2], "--depth", "6", *TINY[4:], "--method", "elip", "--out", str(tmp_path / "y")]
+    r = run([*six, "--begin-layers", "1,2", "--num-layers", "2,1", "--keep-ratios", "0.9,0.5"])
+    assert r.returncode != 0 and "schedule stage 1 (begin 2) overlaps stage 0 (blocks 1..2)" in r.stderr
+    r = run([*six, "--begin-layers", "1", "--num-layers", "9", "--keep-ratios", "0.5"])
+    assert r.returncode != 0 and "schedule stage 0: blocks 1..9 run past the depth 6" in r.stderr
+    r = run([*six, "--begin-layers", "1,3", "--num-layers", "1,1", "--keep-ratios", "0.1,0.5"])
+    assert r.returncode != 0 and "schedule stage 1: keeps 32 tokens but only 7 exist there" in r.stderr
+    r = run([*six, "--begin-layers", "1,3", "--num-layers", "1,1", "--keep-ratios", "0.9,0.5",
+             "--steps", "2", "--batch-size", "4", "--no-eval"])
+    assert r.returncode == 0, r.stderr
 
 
 def test_resume_continues_with_the_same_losses(tmp_path):
