@@ -1,9 +1,10 @@
 """
-Evaluation: image-text retrieval (R@1/5/10 both ways) and zero-shot classification.
+Evaluation: image-text retrieval (R@1/5/10 both ways, also ITM-reranked as in ALBEF), zero-shot
+classification, and token relevance (does a reducer keep the patches the caption talks about?).
 
-Read first: `retrieval_metrics` (the standard definitions, on a similarity matrix), then
-`zeroshot_classifier`, then `evaluate`, which `train.py` calls at the end and `python eval.py`
-calls on a checkpoint.
+Read first: `recall_at_k` (the standard definitions, on score matrices), then
+`zeroshot_classifier`, then `evaluate`, which `train.py` calls at the end; then `token_relevance`.
+`python eval.py --ckpt A [B C ...]` evaluates checkpoints and averages several (e.g. seeds).
 
 Token relevance (`token_relevance`): for any reducer, after each stage that changes the token
 count, the share of the patches covered by the captioned objects that are still held by kept
