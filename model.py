@@ -148,7 +148,10 @@ class CLIP(nn.Module):
             masked, labels = mask_tokens(ids, self.cfg.text.vocab_size, generator)
             fused = self.fusion(self.text.forward_tokens(masked), masked, image_tokens)
             logits = self.mlm_head(fused)  # (B, L, V)
-            losses["mlm"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            if (labels != -100).any():  # a tiny batch of short captions may draw no position at all
+                losses["mlm"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            else:
+                losses["mlm"] = 0.0 * logits.sum()
         losses["loss"] = sum(losses.values())
         return losses
 
