@@ -242,13 +242,14 @@ def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batc
 
 
 def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8) -> dict:
-    """Token relevance at ELIP's schedule for this model's depth: ELIP, ELIP without look-ahead,
-    EViT's scoring (no text, previous block's [CLS] attention) and random scores."""
+    """Token relevance at ELIP's schedule for this model's depth: ELIP, ELIP without its text,
+    ELIP without look-ahead, EViT's scoring (no text, previous block's [CLS] attention) and random scores."""
     v = model.cfg.vision
     schedule, P = scaled_schedule(v.depth), v.num_patches
     generator = torch.Generator().manual_seed(0)
     reducers = {
         "elip": lambda t: ELIP(schedule, P, t, lam),
+        "elip_no_text": lambda t: ELIP(schedule, P, None),  # lambda = 1: the look-ahead alone
         "elip_no_lookahead": lambda t: ELIP(schedule, P, t, lam, lookahead=False),
         "evit_scoring": lambda t: ELIP(schedule, P, None, lookahead=False),
         "random": lambda t: RandomPrune(schedule, P, generator),

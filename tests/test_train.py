@@ -77,7 +77,7 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
                         "--relevance", "--itm-rerank", "4", "--n-test", "20"], cwd=ROOT, capture_output=True, text=True)
     assert e.returncode == 0, e.stderr
     metrics = json.loads(e.stdout)
-    assert set(metrics["token_relevance"]) == {"elip", "elip_no_lookahead", "evit_scoring", "random"}
+    assert set(metrics["token_relevance"]) == {"elip", "elip_no_text", "elip_no_lookahead", "evit_scoring", "random"}
     assert len(metrics["token_relevance"]["elip"]["coverage"]) == 3 and "itm_image_to_text_R@1" in metrics
     r = run([*TINY, "--method", "evit", "--no-lookahead", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "apply to --method elip only" in r.stderr
