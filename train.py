@@ -54,6 +54,7 @@ class TrainConfig:
     out: str = "out"  # folder for ckpt.pt and log.jsonl
     overwrite: bool = False  # replace an existing checkpoint in --out
     resume: bool = False  # continue from --out/ckpt.pt
+    init: str = ""  # start from the weights (and vocabulary) of this train.py checkpoint; fresh optimizer and step 0
     # data: the embedded shapes by default, else a caption file (json / csv / tsv)
     data: str = ""
     image_root: str = ""
@@ -121,6 +122,8 @@ def check_flags(cfg: TrainConfig):
         raise ValueError("--eval-prune needs a pruning --method (elip or evit)")
     if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead):
         raise ValueError("--elip-lambda and --no-lookahead apply to --method elip only")
+    if cfg.init and cfg.resume:
+        raise ValueError("--init starts a new run from a checkpoint's weights; --resume continues one: choose one")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if cfg.val_data and not cfg.data:
@@ -383,7 +386,8 @@ def prepare(cfg: TrainConfig, rank: int):
     elif cfg.begin_layers or cfg.num_layers or cfg.keep_ratios:
         raise ValueError("--begin-layers, --num-layers and --keep-ratios apply to --method elip only")
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
-    ckpt = read_checkpoint(ckpt_path) if cfg.resume else None
+    source = ckpt_path if cfg.resume else cfg.init
+    ckpt = read_checkpoint(source) if source else None
     if ckpt is not None:
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
     else:
@@ -393,7 +397,7 @@ def prepare(cfg: TrainConfig, rank: int):
     if ckpt is not None:
         diffs = config_differences(ckpt["model_config"], mcfg.to_dict())
         if diffs:
-            raise ValueError(f"{ckpt_path} is from another model config ({'; '.join(diffs)})")
+            raise ValueError(f"{source} is from another model config ({'; '.join(diffs)})")
     sets = None
     if cfg.eval and rank == 0:
         sets = evaluation.eval_sets(mcfg.vision.image_size, mcfg.vision.patch_size, cfg.seed, cfg.test_size,
@@ -447,6 +451,7 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    if ckpt is not None and cfg.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])

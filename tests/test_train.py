@@ -93,6 +93,22 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_init_starts_from_a_checkpoints_weights(tmp_path):
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    common = [*TINY[:2], "--depth", "6", *TINY[4:], "--batch-size", "8", "--no-eval"]
+    assert run([*common, "--steps", "3", "--out", first]).returncode == 0
+    r = run([*common, "--steps", "2", "--method", "elip", "--objectives", "itc", "--init", f"{first}/ckpt.pt",
+             "--out", second, "--stop-after", "1"])
+    assert r.returncode == 0, r.stderr
+    a = torch.load(f"{first}/ckpt.pt", weights_only=True)
+    b = torch.load(f"{second}/ckpt.pt", weights_only=True)
+    assert b["step"] == 1 and b["tokenizer"] == a["tokenizer"]
+    moved = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert moved and all((a["model"][k] - b["model"][k]).abs().max() < 0.05 for k in moved)  # one small step away
+    r = run([*common, "--steps", "2", "--method", "elip", "--init", f"{first}/ckpt.pt", "--out", str(tmp_path / "c")])
+    assert r.returncode != 0 and "is from another model config (objectives" in r.stderr
+
+
 def test_resume_continues_with_the_same_losses(tmp_path):
     # ELIP with ITC+ITM+MLM: the MLM masks and ITM negatives must replay too
     common = [*TINY[:2], "--depth", "6", *TINY[4:], "--method", "elip", "--steps", "6", "--batch-size", "8", "--no-eval"]
