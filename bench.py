@@ -23,10 +23,9 @@ import time
 import torch
 
 import train
-from elip import scaled_schedule
 from model import CLIP
 from train import TrainConfig
-from vit import Reducer
+from vit import Observed
 
 VARIANTS = {  # name -> TrainConfig overrides
     "none": dict(method="none"),
@@ -36,27 +35,15 @@ VARIANTS = {  # name -> TrainConfig overrides
 }
 
 
-class TokenCounter(Reducer):
-    """Wraps a reducer and records, per block, the token count its attention and its MLP see."""
+class TokenCounter(Observed):
+    """Records, per block, the token count its attention and its MLP see under the wrapped reducer."""
 
-    def __init__(self, inner):
-        self.inner, self.attn, self.mlp = inner, {}, {}
+    def __init__(self, inner=None):
+        super().__init__(inner)
+        self.attn, self.mlp = {}, {}
 
-    def wants(self, i):
-        return self.inner.wants(i) if self.inner else ()
-
-    def attn_bias(self, tokens):
-        return self.inner.attn_bias(tokens) if self.inner else None
-
-    def before_block(self, i, tokens, vit):
-        tokens = self.inner.before_block(i, tokens, vit) if self.inner else tokens
-        self.attn[i] = tokens.x.shape[1]
-        return tokens
-
-    def after_attn(self, i, tokens, stats):
-        tokens = self.inner.after_attn(i, tokens, stats) if self.inner else tokens
-        self.mlp[i] = tokens.x.shape[1]
-        return tokens
+    def observe(self, i, hook, before, after):
+        (self.attn if hook == "before_block" else self.mlp)[i] = after.x.shape[1]
 
 
 def block_flops(n_attn, n_mlp, d, mlp_ratio=4.0, context=0, d_context=0) -> float:
@@ -87,7 +74,7 @@ def forward_flops(model, cfg: TrainConfig, counter, n_out, text_len) -> dict:
     vit += sum(block_flops(counter.attn[i], counter.mlp[i], v.width, v.mlp_ratio) for i in range(v.depth))
     lookahead = 0.0
     if cfg.method == "elip" and cfg.lookahead:
-        s = scaled_schedule(v.depth)
+        s = train.elip_schedule(cfg, v.depth)
         for b, n in zip(s.begin_layers, s.num_layers):
             N = counter.mlp[b - 1] if b else 1 + P  # the sequence entering block b, unpruned
             # n - 1 whole blocks, then the last block's qkv projection and one row of logits

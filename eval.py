@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import data
 from data import DataError
 from elip import ELIP, RandomPrune, scaled_schedule
-from vit import Reducer
+from vit import Observed, Reducer
 
 
 @torch.no_grad()
@@ -190,28 +190,16 @@ def evaluate(model, tokenizer, device, sets, n_test=None, reducer=None) -> dict:
     return metrics
 
 
-class StageRecorder(Reducer):
-    """Wraps a reducer and records (sizes, sources) each time it changes the token count."""
+class StageRecorder(Observed):
+    """Records (sizes, sources) each time the wrapped reducer changes the token count."""
 
     def __init__(self, inner: Reducer):
-        self.inner, self.stages = inner, []
+        super().__init__(inner)
+        self.stages = []
 
-    def wants(self, i):
-        return self.inner.wants(i)
-
-    def attn_bias(self, tokens):
-        return self.inner.attn_bias(tokens)
-
-    def before_block(self, i, tokens, vit):
-        return self.note(tokens, self.inner.before_block(i, tokens, vit))
-
-    def after_attn(self, i, tokens, stats):
-        return self.note(tokens, self.inner.after_attn(i, tokens, stats))
-
-    def note(self, before, after):
+    def observe(self, i, hook, before, after):
         if after.x.shape[1] != before.x.shape[1]:
             self.stages.append((after.size, after.source))
-        return after
 
 
 def object_coverage(size, source, patch_mask) -> torch.Tensor:
@@ -241,11 +229,12 @@ def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batc
     return dict(coverage=torch.cat(coverage).mean(0).tolist(), kept=torch.cat(kept).mean(0).tolist())
 
 
-def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8) -> dict:
-    """Token relevance at ELIP's schedule for this model's depth: ELIP, ELIP without its text,
-    ELIP without look-ahead, EViT's scoring (no text, previous block's [CLS] attention) and random scores."""
+def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None) -> dict:
+    """Token relevance at one ELIP schedule (default: the authors' scaled to the model's depth) for
+    ELIP, ELIP without its text, ELIP without look-ahead, EViT's scoring (no text, previous
+    block's [CLS] attention) and random scores."""
     v = model.cfg.vision
-    schedule, P = scaled_schedule(v.depth), v.num_patches
+    schedule, P = schedule or scaled_schedule(v.depth), v.num_patches
     generator = torch.Generator().manual_seed(0)
     reducers = {
         "elip": lambda t: ELIP(schedule, P, t, lam),
@@ -268,14 +257,15 @@ def format_table(metrics: dict) -> str:
 
 def evaluate_checkpoint(path, args) -> dict:
     """Every metric the flags ask for, for one checkpoint."""
-    from train import TrainConfig, load_checkpoint, reducer_fn  # the one reader of checkpoints
+    from train import TrainConfig, elip_schedule, load_checkpoint, reducer_fn  # the one reader of checkpoints
     model, tokenizer, ckpt = load_checkpoint(path, args.device)
-    v, seed = model.cfg.vision, ckpt["config"]["seed"]
-    sets = eval_sets(v.image_size, v.patch_size, seed, args.n_test, args.val_data, args.image_root, args.zeroshot_dir)
+    cfg = TrainConfig(**{k: val for k, val in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    v = model.cfg.vision
+    sets = eval_sets(v.image_size, v.patch_size, cfg.seed, args.n_test, args.val_data, args.image_root,
+                     args.zeroshot_dir)
     reducer = None
     if args.prune:
-        saved = {k: val for k, val in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-        make = reducer_fn(TrainConfig(**saved), v, ckpt["step"], training=False)
+        make = reducer_fn(cfg, v, ckpt["step"], training=False)
         if make is None:
             raise ValueError(f"--prune: {path} was trained with --method none, which prunes nothing")
         reducer = make(None)
@@ -285,9 +275,10 @@ def evaluate_checkpoint(path, args) -> dict:
             raise ValueError(f"--itm-rerank: {path} was trained without the itm objective")
         metrics.update(itm_rerank(model, tokenizer, sets[0], args.device, args.n_test, args.itm_rerank))
     if args.relevance:
-        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, seed)
+        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, cfg.seed)
+        schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
         metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
-                                                     ckpt["config"].get("elip_lambda", 0.8))
+                                                     cfg.elip_lambda, schedule)
     return metrics
 
 

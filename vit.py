@@ -20,6 +20,7 @@ It may act at two hook points of every block i:
     head-averaged [CLS] attention row (B, N), and "keys", the keys averaged over heads (B, N, d).
 It may also add an attention bias (`attn_bias`, e.g. ToMe's proportional attention, log size).
 The ViT knows nothing of any method: a new reducer subclasses `Reducer`, never edits this file.
+`Observed` wraps any reducer to measure what it does (eval.py's stages, bench.py's token counts).
 """
 import math
 from dataclasses import dataclass, replace
@@ -102,10 +103,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
+    def qkv_heads(self, x):
+        """(B, N, D) -> q, k, v, each (B, H, N, d)."""
+        B, N, _ = x.shape
+        return self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x, attn_bias=None, is_causal=False, want=()):
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        q, k, v = self.qkv_heads(x)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal,
@@ -148,10 +153,8 @@ class Block(nn.Module):
     def cls_attention(self, x, attn_bias=None) -> torch.Tensor:
         """Only the head-averaged [CLS] attention row this block would compute on x, (B, N):
         the qkv projection and one row of logits, no attention output, no MLP."""
-        B, N, D = x.shape
-        a = self.attn
-        q, k, _ = a.qkv(self.norm1(x)).view(B, N, 3, a.heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return a.cls_attention(q, k, None if attn_bias is None else attn_bias.to(q.dtype))
+        q, k, _ = self.attn.qkv_heads(self.norm1(x))
+        return self.attn.cls_attention(q, k, None if attn_bias is None else attn_bias.to(q.dtype))
 
     def forward(self, x, attn_bias=None, is_causal=False, return_cls_attn=False):
         x, stats = self.attend(x, attn_bias, is_causal, ("cls_attn",) if return_cls_attn else ())
@@ -191,6 +194,33 @@ class Reducer:
 
     def after_attn(self, i: int, tokens: Tokens, stats: dict) -> Tokens:
         return tokens
+
+
+class Observed(Reducer):
+    """Wraps a reducer (or none) and reports every hook's input and output to `observe`: a way to
+    measure what any method does (token counts, stages) without touching it."""
+
+    def __init__(self, inner: Optional[Reducer] = None):
+        self.inner = inner if inner is not None else Reducer()
+
+    def wants(self, i):
+        return self.inner.wants(i)
+
+    def attn_bias(self, tokens):
+        return self.inner.attn_bias(tokens)
+
+    def before_block(self, i, tokens, vit):
+        out = self.inner.before_block(i, tokens, vit)
+        self.observe(i, "before_block", tokens, out)
+        return out
+
+    def after_attn(self, i, tokens, stats):
+        out = self.inner.after_attn(i, tokens, stats)
+        self.observe(i, "after_attn", tokens, out)
+        return out
+
+    def observe(self, i: int, hook: str, before: Tokens, after: Tokens):
+        pass
 
 
 class PatchEmbed(nn.Module):
