@@ -1,0 +1,147 @@
+"""
+Token merging: ToMe's bipartite soft matching, ToMe as a ViT reducer, and the EVLGen bridge that
+merges visual tokens on their way into a frozen language model.
+
+Papers: "Token Merging: Your ViT but Faster" (ToMe, Bolya et al., ICLR 2023); "Expedited Training
+of Visual Conditioned Language Generation via Redundancy Reduction" (EVLGen, Jian et al., ACL 2024).
+The algorithms, precisely: ../shared/METHODS.md sections 3 and 4.
+
+Read first: `bipartite_soft_matching` (which tokens merge), then `merge_tokens` (how values, sizes
+and sources combine), then `ToMe` (the reducer: merge r tokens between attention and MLP of every
+block) and `MergingBridge` (the same inside EVLGen's bridge).
+
+Matching in one paragraph. Split the tokens alternately into A (even positions: [CLS], 2, 4 ...)
+and B (odd). Score every A-B pair by the cosine of their metric (the attention keys averaged
+over heads: tokens that the block already treats alike). Each A token picks its most similar B
+token; the r A tokens with the best picks merge into them. The [CLS] (in A) never merges. The
+output is [the A tokens that did not merge, in their original order ([CLS] first), then B].
+Merged values are size-weighted means (sizes add up), and proportional attention adds log(size)
+to every key's logits so a token that stands for s patches weighs as much as s copies of itself.
+
+Ties are broken towards the earlier token: among equal best matches an A token picks the first
+B token, and among equally good A tokens the earlier one merges first.
+"""
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from vit import Block, Reducer, Tokens
+
+MERGE_MODES = ("wavg", "mean")  # ToMe's size-weighted average; EVLGen's plain average
+
+
+def identity(x, mode="sum"):
+    return x
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True):
+    """metric (B, N, C) -> (merge, unmerge) for removing r tokens, r capped at what A can give.
+    merge(x (B, N, ...), mode) -> (B, N - r, ...) combines the sources into their destination by
+    `mode` ("sum", "mean" or "amax", as scatter_reduce with the destination included);
+    unmerge(y (B, N - r, ...)) -> (B, N, ...) copies each output back onto every input it holds."""
+    N = metric.shape[1]
+    r = min(r, (N - int(class_token)) // 2)
+    if r <= 0:
+        return identity, identity
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, C), (B, Nb, C)
+        scores = a @ b.transpose(-1, -2)  # (B, Na, Nb): cosine similarities
+        if class_token:
+            scores[:, 0] = -math.inf
+        best, best_b = scores.max(dim=-1)  # (B, Na): each A token's best B partner
+        order = best.argsort(dim=-1, descending=True, stable=True)  # (B, Na)
+        src = order[:, :r]  # A tokens that merge
+        kept_a = order[:, r:].sort(dim=-1).values  # A tokens that stay, original order ([CLS] first)
+        dst = best_b.gather(1, src)  # (B, r): their B destinations
+
+    def expand(idx, x):
+        return idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        xa, xb = x[:, ::2], x[:, 1::2]
+        stay = xa.gather(1, expand(kept_a, xa))
+        moving = xa.gather(1, expand(src, xa))
+        xb = xb.scatter_reduce(1, expand(dst, moving), moving, reduce=mode, include_self=True)
+        return torch.cat([stay, xb], 1)
+
+    def unmerge(y: torch.Tensor) -> torch.Tensor:
+        n_stay = kept_a.shape[1]
+        stay, yb = y[:, :n_stay], y[:, n_stay:]
+        out = y.new_zeros(y.shape[0], N, *y.shape[2:])
+        ya = y.new_zeros(y.shape[0], (N + 1) // 2, *y.shape[2:])
+        ya = ya.scatter(1, expand(kept_a, stay), stay)
+        ya = ya.scatter(1, expand(src, stay), yb.gather(1, expand(dst, yb)))
+        out[:, ::2], out[:, 1::2] = ya, yb
+        return out
+
+    return merge, unmerge
+
+
+def merge_tokens(merge: Callable, tokens: Tokens, mode: str = "wavg") -> Tokens:
+    """Apply a matching to values, sizes and sources. "wavg": size-weighted mean (ToMe);
+    "mean": the plain mean of the merged tokens (EVLGen). Sizes and sources always add up."""
+    size = merge(tokens.size, "sum")
+    if mode == "wavg":
+        x = merge(tokens.x * tokens.size[..., None], "sum") / size[..., None]
+    elif mode == "mean":
+        x = merge(tokens.x, "mean")
+    else:
+        raise ValueError(f"merge mode {mode!r} is unknown (choose {' or '.join(MERGE_MODES)})")
+    source = None if tokens.source is None else merge(tokens.source, "sum")
+    return Tokens(x, size, source)
+
+
+def merge_schedule(r: Union[int, Sequence[int]], depth: int, num_tokens: int, decreasing: bool = False,
+                   class_token: bool = True):
+    """Tokens merged in each of `depth` layers, each capped at what its layer can merge.
+    r: a constant, or one value per layer; `decreasing`: ToMe's linear schedule from 2r down to 0
+    (the same total). Returns (the capped list, a note on the caps or "")."""
+    if isinstance(r, int):
+        asked = [round(2 * r * (1 - i / (depth - 1))) if decreasing and depth > 1 else r for i in range(depth)]
+    else:
+        asked = list(r)
+        if len(asked) != depth:
+            raise ValueError(f"a per-layer r needs {depth} values (one per layer), got {len(asked)}")
+    if any(v < 0 for v in asked):
+        raise ValueError(f"r must not be negative, got {asked}")
+    n, out, capped = num_tokens, [], []
+    for i, v in enumerate(asked):
+        allowed = (n - int(class_token)) // 2
+        out.append(min(v, allowed))
+        if v > allowed:
+            capped.append(f"layer {i}: {v} -> {allowed}")
+        n -= out[-1]
+    note = f"r capped at what the tokens allow ({'; '.join(capped)})" if capped else ""
+    return out, note
+
+
+def size_bias(size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention: (B, N) sizes -> (B, 1, 1, N) additive logits log(size)."""
+    return size.log()[:, None, None, :]
+
+
+class ToMe(Reducer):
+    """Merge r[i] tokens between attention and MLP of block i (ToMe). Parameter-free, so it runs
+    off the shelf on any trained ViT as well as during training."""
+
+    def __init__(self, r: Sequence[int], prop_attn: bool = True, mode: str = "wavg"):
+        self.r, self.prop_attn, self.mode = list(r), prop_attn, mode
+
+    def wants(self, i):
+        return ("keys",) if self.r[i] > 0 else ()
+
+    def attn_bias(self, tokens):
+        return size_bias(tokens.size) if self.prop_attn else None
+
+    def after_attn(self, i, tokens, stats):
+        if self.r[i] <= 0:
+            return tokens
+        merge, _ = bipartite_soft_matching(stats["keys"], self.r[i], class_token=True)
+        return merge_tokens(merge, tokens, self.mode)
+
+
+def tome(depth: int, num_patches: int, r: Union[int, Sequence[int]] = 13, decreasing=False, **kw) -> ToMe:
+    return ToMe(merge_schedule(r, depth, 1 + num_patches, decreasing)[0], **kw)

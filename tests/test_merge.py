@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+
+from merge import ToMe, bipartite_soft_matching, merge_schedule, merge_tokens, size_bias, tome
+from vit import Tokens, ViT, ViTConfig
+
+
+def matching_by_hand(metric, r, class_token=True):
+    """METHODS.md §4 for one sample, with Python loops: a list of output groups (input indices)."""
+    N = len(metric)
+    r = min(r, (N - int(class_token)) // 2)
+    A, Bs = list(range(0, N, 2)), list(range(1, N, 2))
+    unit = [m / m.norm() for m in metric]
+    best = {}
+    for a in A:
+        sims = [-math.inf if (class_token and a == 0) else float(unit[a] @ unit[b]) for b in Bs]
+        j = max(range(len(Bs)), key=lambda j: (sims[j], -j))  # first of equal best
+        best[a] = (sims[j], Bs[j])
+    ranked = sorted(A, key=lambda a: (-best[a][0], a))  # earlier first among ties
+    merging = set(ranked[:r])
+    groups = [[a] for a in A if a not in merging]
+    for b in Bs:
+        groups.append([b] + sorted(a for a in merging if best[a][1] == b))
+    return groups
+
+
+def groups_from_source(source):
+    return [sorted(torch.nonzero(row).flatten().tolist()) for row in source]
+
+
+@pytest.mark.parametrize("N,r", [(9, 2), (9, 4), (9, 10), (10, 3), (2, 1), (17, 0)])
+def test_matching_equals_the_definition(N, r):
+    torch.manual_seed(N * 10 + r)
+    metric = torch.randn(3, N, 5)
+    merge, _ = bipartite_soft_matching(metric, r)
+    tokens = Tokens(torch.randn(3, N, 4), torch.ones(3, N), torch.eye(N).expand(3, -1, -1))
+    out = merge_tokens(merge, tokens)
+    for b in range(3):
+        expected = matching_by_hand(metric[b], r)
+        got = groups_from_source(out.source[b])
+        assert sorted(map(sorted, got)) == sorted(map(sorted, expected))
+        assert got[0] == [0]  # [CLS] first and alone
+        for g, row in zip(got, range(len(got))):  # value = mean of the group (sizes all 1)
+            torch.testing.assert_close(out.x[b, row], tokens.x[b, g].mean(0))
+    assert out.x.shape[1] == N - min(r, (N - 1) // 2)
+
+
+def test_ties_go_to_the_earlier_token():
+    # every token identical: all scores tie; A tokens 2 and 4 (the earliest non-CLS) merge into B token 1
+    metric = torch.ones(1, 7, 3)
+    merge, _ = bipartite_soft_matching(metric, 2)
+    out = merge_tokens(merge, Tokens(torch.arange(7.)[None, :, None], torch.ones(1, 7), torch.eye(7)[None]))
+    assert groups_from_source(out.source[0]) == [[0], [6], [1, 2, 4], [3], [5]]
+    torch.testing.assert_close(out.x[0, :, 0], torch.tensor([0, 6, 7 / 3, 3, 5]))
+
+
+def test_hand_checked_case():
+    # 5 tokens: A = 0 (CLS), 2, 4; B = 1, 3. Token 4 is parallel to 3, token 2 close to 1.
+    metric = torch.tensor([[[1., 0, 0], [0, 1, 0], [0, 1, .5], [0, 0, 1], [0, 0, 2]]])
+    merge, unmerge = bipartite_soft_matching(metric, 1)
+    x = torch.tensor([[[10.], [1.], [2.], [3.], [4.]]])
+    size = torch.tensor([[1., 1., 1., 3., 1.]])
+    out = merge_tokens(merge, Tokens(x, size))
+    # 4 merges into 3 (cosine 1 beats 2's 0.89): size-weighted (3*3 + 4*1) / 4
+    assert out.x[0, :, 0].tolist() == [10, 2, 1, 13 / 4]
+    assert out.size[0].tolist() == [1, 1, 1, 4]
+    mean = merge_tokens(merge, Tokens(x, size), mode="mean")  # EVLGen's plain mean
+    assert mean.x[0, -1, 0].item() == 3.5
+    assert unmerge(out.x)[0, :, 0].tolist() == [10, 1, 2, 13 / 4, 13 / 4]
+
+
+def test_sizes_add_up_and_unmerge_inverts_on_groups():
+    torch.manual_seed(0)
+    metric, x = torch.randn(2, 33, 8), torch.randn(2, 33, 6)
+    merge, unmerge = bipartite_soft_matching(metric, 9)
+    out = merge_tokens(merge, Tokens(x, torch.ones(2, 33), torch.eye(33).expand(2, -1, -1)))
+    assert out.size.sum(1).tolist() == [33, 33]
+    assert torch.equal(out.source.sum(-1), out.size)
+    back = unmerge(out.x)  # every input gets its group's value
+    for b in range(2):
+        for row, g in enumerate(groups_from_source(out.source[b])):
+            torch.testing.assert_close(back[b, g], out.x[b, row].expand(len(g), -1))
+
+
+def test_schedule_constant_list_decreasing_and_cap():
+    assert merge_schedule(13, 12, 197)[0] == [13] * 12
+    dec, _ = merge_schedule(4, 5, 1000, decreasing=True)
+    assert dec == [8, 6, 4, 2, 0] and sum(dec) == 4 * 5
+    capped, note = merge_schedule(30, 4, 65)
+    assert capped == [30, 17, 8, 4] and "layer 1: 30 -> 17" in note  # 65 -> 35 -> 18 -> 10 -> 6
+    assert merge_schedule([1, 2], 2, 65) == ([1, 2], "")
+    with pytest.raises(ValueError, match="2 values"):
+        merge_schedule([1, 2, 3], 2, 65)
+
+
+def test_proportional_attention_counts_a_merged_token_as_its_copies():
+    """Attention over [a, b] with b of size 3 equals attention over [a, b, b, b]."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)
+    F = torch.nn.functional
+    got = F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(torch.tensor([[1., 3.]])))
+    k4, v4 = k[:, :, [0, 1, 1, 1]], v[:, :, [0, 1, 1, 1]]
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k4, v4))
+
+
+def test_tome_reducer_in_the_vit():
+    cfg = ViTConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2)
+    vit = ViT(cfg).eval()
+    images = torch.randn(2, 3, 32, 32)
+    out = vit.forward_tokens(images, tome(cfg.depth, cfg.num_patches, 3), track_source=True)
+    assert out.x.shape == (2, 17 - 9, 32)
+    assert out.size.sum(1).tolist() == [17, 17] and out.source[:, 0, 0].tolist() == [1, 1]
+    zero = vit(images, ToMe([0, 0, 0]))  # r = 0 everywhere: exactly the plain ViT
+    torch.testing.assert_close(zero, vit(images))
