@@ -92,6 +92,23 @@ def caption_scene(scene, rng, n: int = 5) -> list:
     return caps
 
 
+def scene_questions(scene) -> list:
+    """(question, one-word answer) pairs a scene answers without ambiguity: the colour of a shape
+    and the shape of a colour that occur once, and how many objects there are."""
+    shapes = [o["shape"] for o in scene]
+    colours = [o["colour"] for o in scene]
+    qa = [(f"what color is the {o['shape']}", o["colour"]) for o in scene if shapes.count(o["shape"]) == 1]
+    qa += [(f"what shape is {o['colour']}", o["shape"]) for o in scene if colours.count(o["colour"]) == 1]
+    qa.append(("how many objects are there", ("one", "two", "three")[len(scene) - 1]))
+    return qa
+
+
+def qa_text(caption: str, question: str, answer: str = "") -> str:
+    """The question-answering format: the caption, then the question, then the answer; the
+    language model learns it from text (--method lm) and is prompted with it (eval.py)."""
+    return f"{caption} question: {question} answer: {answer}".rstrip()
+
+
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Pixels inside a shape of radius r, given offsets from its centre (y grows downwards)."""
     if shape == "circle":
@@ -177,6 +194,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     def captions(self, i: int) -> list:
         scene, rng = self.scene(i)
         return caption_scene(scene, rng)
+
+    def texts(self, i: int) -> list:
+        """Language-model training text: the captions, and each question about the scene
+        asked after one of them (text alone: no image is involved)."""
+        caps = self.captions(i)
+        qa = scene_questions(self.scene(i)[0])
+        return caps + [qa_text(caps[k % len(caps)], q, a) for k, (q, a) in enumerate(qa)]
 
     def __getitem__(self, i):
         if not 0 <= i < self.n:

@@ -18,7 +18,9 @@ Metric names follow open_clip (`image_to_text_R@1`, ...), values are fractions.
 """
 import argparse
 import json
+import math
 import sys
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 import data
 from data import DataError
 from elip import ELIP, RandomPrune, scaled_schedule
+from merge import ToMe
+from text import CLS, PAD, normalize
+from data import qa_text
 from vit import Observed, Reducer
 
 
@@ -190,6 +195,148 @@ def evaluate(model, tokenizer, device, sets, n_test=None, reducer=None) -> dict:
     return metrics
 
 
+# ----------------------------------------------------------------------------------------------
+# Captioning: BLEU-4 and CIDEr-D as the COCO caption evaluation defines them, and question answering
+
+def ngram_counts(words: list, n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu(cands: list, refs: list, max_n: int = 4) -> float:
+    """Corpus BLEU-max_n (Papineni et al., 2002) as COCO computes it: n-gram matches clipped by the
+    most any one reference has, summed over the corpus; the brevity penalty against, per caption,
+    the reference length closest to the candidate's (the shorter on a tie)."""
+    match, total = [0] * max_n, [0] * max_n
+    cand_len = ref_len = 0
+    for cand, rs in zip(cands, refs):
+        c, rs = normalize(cand), [normalize(r) for r in rs]
+        cand_len += len(c)
+        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
+        for n in range(1, max_n + 1):
+            counts = ngram_counts(c, n)
+            most = Counter()
+            for r in rs:
+                most |= ngram_counts(r, n)  # elementwise max over references
+            match[n - 1] += sum(min(k, most[g]) for g, k in counts.items())
+            total[n - 1] += max(len(c) - n + 1, 0)
+    # COCO's scorer adds 1e-15 / 1e-9 so that a zero count gives a tiny score, not an error
+    log_p = sum(math.log((m + 1e-15) / (t + 1e-9)) for m, t in zip(match, total)) / max_n
+    brevity = 1.0 if cand_len >= ref_len else math.exp(1 - ref_len / max(cand_len, 1e-9))
+    return brevity * math.exp(log_p)
+
+
+def cider_d(cands: list, refs: list, max_n: int = 4, sigma: float = 6.0) -> float:
+    """CIDEr-D (Vedantam et al., 2015), COCO's definition: per n, TF-IDF vectors of n-gram counts
+    (IDF from the references of this corpus), the candidate's weights clipped at the reference's,
+    cosine similarity times a Gaussian penalty on the length difference; averaged over n and
+    references, times 10; the mean over captions."""
+    cands = [normalize(c) for c in cands]
+    refs = [[normalize(r) for r in rs] for rs in refs]
+    doc_freq = Counter()
+    for rs in refs:
+        doc_freq.update({g for r in rs for n in range(1, max_n + 1) for g in ngram_counts(r, n)})
+    log_docs = math.log(float(len(refs)))
+
+    def tfidf(words):
+        vecs, norms = [], []
+        for n in range(1, max_n + 1):
+            v = {g: k * (log_docs - math.log(max(1.0, doc_freq[g]))) for g, k in ngram_counts(words, n).items()}
+            vecs.append(v)
+            norms.append(math.sqrt(sum(w * w for w in v.values())))
+        return vecs, norms
+
+    scores = []
+    for c, rs in zip(cands, refs):
+        cv, cn = tfidf(c)
+        total = 0.0
+        for r in rs:
+            rv, rn = tfidf(r)
+            penalty = math.exp(-((len(c) - len(r)) ** 2) / (2 * sigma ** 2))
+            for n in range(max_n):
+                dot = sum(min(w, rv[n][g]) * rv[n][g] for g, w in cv[n].items() if g in rv[n])
+                if cn[n] and rn[n]:
+                    total += dot / (cn[n] * rn[n]) * penalty
+        scores.append(10.0 * total / max_n / len(rs))
+    return sum(scores) / len(scores)
+
+
+def batched(n: int, batch_size: int):
+    return (range(i, min(n, i + batch_size)) for i in range(0, n, batch_size))
+
+
+@torch.no_grad()
+def caption_images(model, tokenizer, images, device, num_beams=1, batch_size=200, max_new_tokens=30) -> list:
+    """Generated captions (strings) for (N, 3, S, S) images: the soft prompt, then [CLS]."""
+    out = []
+    for idx in batched(len(images), batch_size):
+        start = torch.full((len(idx), 1), CLS, dtype=torch.long, device=device)
+        new = model.generate(images[idx.start:idx.stop].to(device), start, max_new_tokens, num_beams)
+        out += [tokenizer.decode(ids) for ids in new]
+    return out
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, images, captions, questions, device, batch_size=200) -> list:
+    """One-word answers: the captioner is prompted, after its soft prompt, with its own caption,
+    then "question: ... answer:" (the text format its language model learned), and greedily
+    continued."""
+    answers = []
+    for idx in batched(len(images), batch_size):
+        prompts = [qa_text(captions[i], questions[i]) for i in idx]
+        ids = tokenizer(prompts)
+        # drop the [SEP] and padding after each prompt: group prompts by length so none is padded
+        lengths = (ids != PAD).sum(1) - 1
+        for L in lengths.unique().tolist():
+            rows = (lengths == L).nonzero().flatten()
+            new = model.generate(images[idx.start:idx.stop][rows].to(device), ids[rows, :L].to(device), 3)
+            for r, n in zip(rows.tolist(), new):
+                answers.append((idx.start + r, tokenizer.decode(n).split()[:1]))
+    return [" ".join(a) for _, a in sorted(answers)]
+
+
+def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions=True) -> dict:
+    """BLEU-4 and CIDEr-D of generated captions against every reference caption of the first n
+    images; on shapes also question-answering exact-match accuracy (one question per image)."""
+    images, _, _ = load_gallery(dataset, n)
+    refs = [dataset.captions(i) for i in range(len(images))]
+    cands = caption_images(model, tokenizer, images, device, num_beams)
+    metrics = dict(bleu4=bleu(cands, refs), cider_d=cider_d(cands, refs))
+    if questions and hasattr(dataset, "scene"):
+        rng = torch.Generator().manual_seed(0)
+        qa = [data.scene_questions(dataset.scene(i)[0]) for i in range(len(images))]
+        picked = [q[torch.randint(len(q), (1,), generator=rng).item()] for q in qa]
+        answers = answer_questions(model, tokenizer, images, cands, [q for q, _ in picked], device)
+        metrics["vqa_accuracy"] = sum(a == want for a, (_, want) in zip(answers, picked)) / len(picked)
+    metrics["examples"] = cands[:3]
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_captioner(model, tokenizer, device, sets, n=None, num_beams=1, vqa=True) -> dict:
+    was_training = model.training
+    model.eval()
+    metrics = captioning(model, tokenizer, sets[0], device, n, num_beams, vqa)
+    model.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_lm(lm, tokenizer, device, sets, n=None) -> dict:
+    """Perplexity of the language model on the test captions (every reference)."""
+    gallery = sets[0]
+    captions = [c for i in range(min(n or len(gallery), len(gallery))) for c in gallery.captions(i)]
+    was_training = lm.training
+    lm.eval()
+    total = count = 0.0
+    for idx in batched(len(captions), 500):
+        ids = tokenizer([captions[i] for i in idx]).to(device)
+        tokens = (ids[:, 1:] != PAD).sum().item()
+        total += lm.loss(ids).item() * tokens
+        count += tokens
+    lm.train(was_training)
+    return dict(perplexity=math.exp(total / count))
+
+
 class StageRecorder(Observed):
     """Records (sizes, sources) each time the wrapped reducer changes the token count."""
 
@@ -247,7 +394,9 @@ def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=
 
 
 def format_table(metrics: dict) -> str:
-    lines = [f"{k:<24} {100 * v:6.2f}" for k, v in metrics.items() if not isinstance(v, dict)]
+    lines = [f"{k:<24} {v if k == 'perplexity' else 100 * v:6.2f}" for k, v in metrics.items()
+             if isinstance(v, float)]
+    lines += [f"example caption: {c}" for c in metrics.get("examples", [])]
     for name, r in metrics.get("token_relevance", {}).items():
         stages = " ".join(f"{100 * c:5.1f}" for c in r["coverage"])
         kept = " ".join(f"{100 * k:5.1f}" for k in r["kept"])
@@ -257,18 +406,33 @@ def format_table(metrics: dict) -> str:
 
 def evaluate_checkpoint(path, args) -> dict:
     """Every metric the flags ask for, for one checkpoint."""
-    from train import TrainConfig, elip_schedule, load_checkpoint, reducer_fn  # the one reader of checkpoints
+    from train import TrainConfig, elip_schedule, load_checkpoint, reducer_fn, tome_schedule  # the one reader of checkpoints
     model, tokenizer, ckpt = load_checkpoint(path, args.device)
     cfg = TrainConfig(**{k: val for k, val in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    kind = ckpt.get("kind", "clip")
+    if kind != "clip" and (args.prune or args.tome_r or args.relevance or args.itm_rerank or args.zeroshot_dir):
+        raise ValueError(f"{path} holds a {kind}: --prune, --tome-r, --relevance, --itm-rerank and "
+                         f"--zeroshot-dir are for CLIP checkpoints")
+    if kind == "lm":
+        sets = eval_sets(64, 8, cfg.seed, args.n_test, args.val_data, args.image_root)
+        return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
     sets = eval_sets(v.image_size, v.patch_size, cfg.seed, args.n_test, args.val_data, args.image_root,
                      args.zeroshot_dir)
+    if kind == "captioner":
+        return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
     reducer = None
     if args.prune:
         make = reducer_fn(cfg, v, ckpt["step"], training=False)
         if make is None:
             raise ValueError(f"--prune: {path} was trained with --method none, which prunes nothing")
         reducer = make(None)
+    if args.tome_r:  # off the shelf: ToMe needs no training, so any checkpoint can be merged
+        if args.prune:
+            raise ValueError("--prune and --tome-r each choose the reducer: give one")
+        r, note = tome_schedule(TrainConfig(tome_r=args.tome_r), v.depth, 1 + v.num_patches)
+        print(f"ToMe off the shelf: r per block {r}" + (f" ({note})" if note else ""), file=sys.stderr)
+        reducer = ToMe(r)
     metrics = evaluate(model, tokenizer, args.device, sets, args.n_test, reducer)
     if args.itm_rerank:
         if "itm" not in model.cfg.objectives:
@@ -284,13 +448,15 @@ def evaluate_checkpoint(path, args) -> dict:
 
 def mean_over_runs(runs: list) -> dict:
     """Per metric, the mean and the standard deviation over runs (e.g. seeds), and their count."""
-    t = {k: torch.tensor([r[k] for r in runs]) for k in runs[0] if not isinstance(runs[0][k], dict)}
+    t = {k: torch.tensor([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], float)}
     return {k: dict(mean=v.mean().item(), std=v.std().item() if len(v) > 1 else 0.0, n=len(v)) for k, v in t.items()}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate CLIP checkpoints: retrieval, zero-shot classification, "
-                                            "token relevance. Several checkpoints (e.g. seeds) are also averaged.")
+    p = argparse.ArgumentParser(description="Evaluate train.py checkpoints: CLIP (retrieval, zero-shot "
+                                            "classification, token relevance), captioners (BLEU-4, CIDEr-D, Q&A), "
+                                            "language models (perplexity). Several checkpoints (e.g. seeds) are "
+                                            "also averaged.")
     p.add_argument("--ckpt", required=True, nargs="+", help="checkpoint(s) written by train.py")
     p.add_argument("--json", action="store_true", help="print JSON (open_clip key names, fractions)")
     p.add_argument("--val-data", default="", help="caption file for retrieval (default: the shapes test split)")
@@ -301,8 +467,11 @@ def main(argv=None):
                    help="token relevance on the shapes test split at ELIP's schedule, for ELIP, EViT scoring and random")
     p.add_argument("--prune", action="store_true",
                    help="evaluate with the checkpoint's pruning method applied without text (default: all tokens)")
+    p.add_argument("--tome-r", default="", metavar="R",
+                   help="evaluate with ToMe merging R tokens per block (a number, one per block, or auto), off the shelf")
     p.add_argument("--itm-rerank", type=int, default=0, metavar="K",
                    help="also rerank the top K retrieval candidates with the ITM head (models trained with itm)")
+    p.add_argument("--beams", type=int, default=1, help="beam size of caption generation (captioners)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
@@ -317,7 +486,8 @@ def main(argv=None):
         print(json.dumps(dict(mean=summary, runs=runs)))
         return
     for k, s in summary.items():
-        print(f"{k:<24} {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f}  (mean +- std over {s['n']} checkpoints)")
+        f = 1 if k == "perplexity" else 100  # fractions print as percentages
+        print(f"{k:<24} {f * s['mean']:6.2f} +- {f * s['std']:5.2f}  (mean +- std over {s['n']} checkpoints)")
     for path, r in zip(args.ckpt, runs):
         for name, rel in r.get("token_relevance", {}).items():
             print(f"{path}: relevance {name:<18} " + " ".join(f"{100 * c:5.1f}" for c in rel["coverage"]))

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from vit import Block, Reducer, Tokens
+from vit import Block, Reducer, Tokens, run_block
 
 MERGE_MODES = ("wavg", "mean")  # ToMe's size-weighted average; EVLGen's plain average
 
@@ -145,3 +145,32 @@ class ToMe(Reducer):
 
 def tome(depth: int, num_patches: int, r: Union[int, Sequence[int]] = 13, decreasing=False, **kw) -> ToMe:
     return ToMe(merge_schedule(r, depth, 1 + num_patches, decreasing)[0], **kw)
+
+
+class MergingBridge(nn.Module):
+    """EVLGen's bridge: a transformer encoder fed the ViT's tokens through a Linear, merging r[i]
+    tokens between attention and MLP of layer i, keys averaged over heads as the metric and the
+    [CLS] protected. Its blocks are text-encoder blocks, so a pre-trained text encoder's can be
+    loaded (`load_blocks`), as EVLGen starts from BERT. With r = 0 it passes every token on."""
+
+    def __init__(self, in_dim: int, width: int, depth: int, heads: int, r: Sequence[int],
+                 mode: str = "wavg", prop_attn: bool = True, ln_eps: float = 1e-6):
+        super().__init__()
+        self.input_proj = nn.Linear(in_dim, width)
+        self.blocks = nn.ModuleList(Block(width, heads, ln_eps=ln_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=ln_eps)
+        self.merger = ToMe(r, prop_attn, mode)
+
+    def load_blocks(self, blocks: nn.ModuleList):
+        """Start from pre-trained transformer blocks of the same width (the first `depth` of them)."""
+        for mine, theirs in zip(self.blocks, blocks):
+            mine.load_state_dict(theirs.state_dict())
+
+    def forward(self, x: torch.Tensor, track_source: bool = False) -> Tokens:
+        """(B, N, in_dim) visual tokens, [CLS] first -> Tokens of (B, N - sum(r), width)."""
+        B, N, _ = x.shape
+        tokens = Tokens(self.input_proj(x), x.new_ones(B, N),
+                        torch.eye(N, device=x.device, dtype=x.dtype).expand(B, -1, -1) if track_source else None)
+        for i, block in enumerate(self.blocks):
+            tokens = run_block(block, i, tokens, self.merger)
+        return tokens.replace(x=self.norm(tokens.x))

@@ -12,6 +12,7 @@ This file composes what vit.py and text.py define; a token-reduction method ente
 `reducer_fn(text_guidance) -> Reducer`, built by train.py.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,8 +20,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from text import FusionEncoder, TextConfig, TextEncoder, mask_tokens
-from vit import ViT, ViTConfig
+from merge import MergingBridge
+from text import CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig, TextEncoder, mask_tokens
+from vit import Tokens, ViT, ViTConfig, init_weights
 
 
 @dataclass
@@ -156,14 +158,171 @@ class CLIP(nn.Module):
         return losses
 
     def itm_loss(self, image_tokens, text_tokens, ids, image_feat, text_feat, generator=None):
-        """Binary matching on B positive pairs, B (image, hard negative text) pairs and B (hard
-        negative image, text) pairs; negatives from this process's batch."""
         with torch.no_grad():
             sim = self.scale() * image_feat @ text_feat.T  # (B, B)
-            neg_text = sample_negatives(sim, generator)
-            neg_image = sample_negatives(sim.T, generator)
-        images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])  # (3B, N', Dv)
-        texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
-        all_ids = torch.cat([ids, ids[neg_text], ids])
-        labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
-        return F.cross_entropy(self.itm_logits(images, texts, all_ids).float(), labels)
+        return matching_loss(self.itm_logits, image_tokens, text_tokens, ids, sim, generator)
+
+
+def matching_loss(itm_logits, image_tokens, text_tokens, ids, sim, generator=None):
+    """Binary matching on B positive pairs, B (image, hard negative text) pairs and B (hard
+    negative image, text) pairs, negatives drawn from `sim` (B, B) within this process's batch.
+    itm_logits(image_tokens, text_tokens, ids) -> (3B, 2)."""
+    neg_text = sample_negatives(sim, generator)
+    neg_image = sample_negatives(sim.T, generator)
+    images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])  # (3B, N', Dv)
+    texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
+    all_ids = torch.cat([ids, ids[neg_text], ids])
+    labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
+    return F.cross_entropy(itm_logits(images, texts, all_ids).float(), labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# The captioner: ViT -> bridge -> soft prompt -> frozen language model (EVLGen, BLIP-2)
+
+BRIDGES = ("merge", "query")
+
+
+@dataclass
+class CaptionerConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # the bridge's blocks; the stage-1 text encoder
+    bridge: str = "merge"  # merge: EVLGen's merging encoder; query: BLIP-2's learned queries
+    bridge_depth: int = 2
+    r: tuple = (16, 16)  # tokens merged in each bridge layer (merge); all zero: every token to the LM
+    merge_mode: str = "wavg"
+    prop_attn: bool = True
+    num_queries: int = 32  # learned queries (query)
+    freeze_vit: bool = True
+    stage1: bool = False  # also build BLIP-2's stage-1 heads (ITC and ITM between queries and text)
+    embed_dim: int = 128
+
+    def __post_init__(self):
+        self.r = tuple(self.r)
+        if self.bridge not in BRIDGES:
+            raise ValueError(f"bridge {self.bridge!r} is unknown (choose {' or '.join(BRIDGES)})")
+        if self.bridge == "merge" and len(self.r) != self.bridge_depth:
+            raise ValueError(f"r needs one value per bridge layer ({self.bridge_depth}), got {self.r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "CaptionerConfig":
+        return cls(vision=ViTConfig(**d["vision"]), lm=LMConfig(**d["lm"]), text=TextConfig(**d["text"]),
+                   **{k: v for k, v in d.items() if k not in ("vision", "lm", "text")})
+
+
+class QueryBridge(nn.Module):
+    """BLIP-2's bridge, small: learned query tokens that self-attend and cross-attend to the
+    visual tokens (fusion blocks), so the LM always sees `num_queries` tokens."""
+
+    def __init__(self, in_dim, width, depth, heads, num_queries, ln_eps=1e-6):
+        super().__init__()
+        self.query_tokens = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
+        self.blocks = nn.ModuleList(FusionBlock(width, in_dim, heads, ln_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=ln_eps)
+        self.apply(init_weights)
+
+    def load_blocks(self, blocks: nn.ModuleList):
+        """Self-attention and MLP from pre-trained blocks (BLIP-2 starts from BERT); cross-attention stays new."""
+        for mine, theirs in zip(self.blocks, blocks):
+            mine.block.load_state_dict(theirs.state_dict())
+
+    def forward(self, x, track_source=False) -> Tokens:
+        q = self.query_tokens.expand(x.shape[0], -1, -1)  # (B, M, D)
+        for block in self.blocks:
+            q = block(q, x, None)
+        return Tokens(self.norm(q), q.new_ones(q.shape[:2]))
+
+
+class LanguageModel(nn.Module):
+    """The causal LM trained on caption text alone (`train.py --method lm`); the captioner loads
+    its `lm.*` weights and freezes them."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = CausalLM(cfg)
+
+    def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
+        loss = self.lm.loss(ids)
+        return dict(lm=loss, loss=loss)
+
+
+class Captioner(nn.Module):
+    """ViT -> bridge -> Linear -> soft prompt prepended to the caption's embeddings in the frozen
+    LM; one loss, the LM's next-token cross-entropy on the caption. With `stage1`, the query
+    bridge can first be trained BLIP-2's way (ITC + ITM against text, `stage = 1`)."""
+
+    def __init__(self, cfg: CaptionerConfig):
+        super().__init__()
+        self.cfg = cfg
+        v, t = cfg.vision, cfg.text
+        self.visual = ViT(v)
+        if cfg.bridge == "merge":
+            self.bridge = MergingBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.r, cfg.merge_mode,
+                                        cfg.prop_attn, t.ln_eps)
+        else:
+            self.bridge = QueryBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.num_queries, t.ln_eps)
+        self.lm_proj = nn.Linear(t.width, cfg.lm.width)
+        self.lm = CausalLM(cfg.lm)
+        self.lm.requires_grad_(False)
+        if cfg.freeze_vit:
+            self.visual.requires_grad_(False)
+        if cfg.stage1:
+            self.text = TextEncoder(t)
+            self.query_proj = nn.Linear(t.width, cfg.embed_dim, bias=False)
+            self.text_proj = nn.Linear(t.width, cfg.embed_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.fusion = FusionEncoder(t.width, t.width, t.heads, 2, t.ln_eps)
+            self.itm_head = nn.Linear(t.width, 2)
+        self.stage = 2
+
+    def train(self, mode: bool = True):
+        """The frozen parts stay in eval mode (no dropout, as frozen weights are used at inference)."""
+        super().train(mode)
+        self.lm.eval()
+        if self.cfg.freeze_vit:
+            self.visual.eval()
+        return self
+
+    def visual_tokens(self, images) -> torch.Tensor:
+        with torch.no_grad() if self.cfg.freeze_vit else nullcontext():
+            return self.visual.forward_tokens(images).x  # (B, 1 + P, Dv)
+
+    def prompt(self, images, track_source=False) -> Tokens:
+        """The soft prompt in LM width, (B, M, D_lm), with the bridge's token sizes and sources."""
+        tokens = self.bridge(self.visual_tokens(images), track_source)
+        return tokens.replace(x=self.lm_proj(tokens.x))
+
+    def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
+        if self.stage == 1:
+            return self.representation_losses(images, ids, generator)
+        prefix = self.prompt(images).x
+        ids = ids[:, :self.cfg.lm.context_length - prefix.shape[1]]  # prompt + caption fit the LM's positions
+        loss = self.lm.loss(ids, prefix=prefix)
+        return dict(lm=loss, loss=loss)
+
+    def representation_losses(self, images, ids, generator=None) -> dict:
+        """BLIP-2's first stage, small: contrastive (mean of the query outputs against the text
+        [CLS]) and matching (text cross-attending to the query outputs) losses, LM untouched."""
+        queries = self.bridge(self.visual_tokens(images)).x  # (B, M, D)
+        text_tokens = self.text.forward_tokens(ids)
+        image_feat = F.normalize(self.query_proj(queries.mean(1)), dim=-1)
+        text_feat = F.normalize(self.text_proj(text_tokens[:, 0]), dim=-1)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        itc = contrastive_loss(image_feat, text_feat, scale)
+        with torch.no_grad():
+            sim = scale * image_feat @ text_feat.T
+        itm_logits = lambda q, t, i: self.itm_head(self.fusion(t, i, q)[:, 0])
+        itm = matching_loss(itm_logits, queries, text_tokens, ids, sim, generator) if len(ids) > 1 else 0.0 * itc
+        return dict(itc=itc, itm=itm, loss=itc + itm)
+
+    @torch.no_grad()
+    def generate(self, images, prompt_ids, max_new_tokens=20, num_beams=1) -> list:
+        """Captions (lists of new ids) for a batch of images, the text prompt (B, L0) after the soft one."""
+        prefix = self.prompt(images).x
+        if num_beams == 1:
+            return self.lm.greedy(prompt_ids, prefix, max_new_tokens)
+        return self.lm.generate(prompt_ids, prefix, max_new_tokens, num_beams)

@@ -192,6 +192,22 @@ class CausalLM(nn.Module):
         return [self.beam_search(ids[b:b + 1], None if prefix is None else prefix[b:b + 1],
                                  max_new_tokens, num_beams) for b in range(ids.shape[0])]
 
+    @torch.no_grad()
+    def greedy(self, ids: torch.Tensor, prefix: torch.Tensor = None, max_new_tokens: int = 20) -> list:
+        """Greedy decoding of the whole batch at once (what `generate` with one beam returns)."""
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        new = []
+        for _ in range(max_new_tokens):
+            nxt = self(ids, prefix)[:, -1].argmax(-1)  # (B,)
+            nxt = nxt.masked_fill(done, PAD)
+            new.append(nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            done |= nxt == SEP
+            if done.all():
+                break
+        out = torch.stack(new, 1).tolist()
+        return [row[:row.index(SEP) + 1] if SEP in row else row for row in out]
+
     def beam_search(self, ids, prefix, max_new_tokens, k):
         beams = ids  # (1, L0) to start, then (k', L0 + t)
         scores = torch.zeros(1, device=ids.device)

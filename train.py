@@ -33,11 +33,12 @@ import data
 import eval as evaluation
 from data import DataError
 from elip import ELIP, Schedule, evit, scaled_schedule
-from model import CLIP, CLIPConfig
-from text import TextConfig, Tokenizer
+from merge import MERGE_MODES, ToMe, merge_schedule
+from model import CLIP, Captioner, CaptionerConfig, CLIPConfig, LanguageModel
+from text import LMConfig, TextConfig, TextEncoder, Tokenizer
 from vit import vit_config
 
-METHODS = ("none", "elip", "evit")
+METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen")  # CLIP with a reducer; the LM; the captioner
 
 
 @dataclass
@@ -50,6 +51,25 @@ class TrainConfig:
     begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
     num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
     keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
+    tome_r: str = "auto"  # ToMe: tokens merged per block, a constant or one per block; auto: ViT-B/16's r=13 share
+    tome_decreasing: bool = False  # ToMe: r falls linearly from 2r to 0 over the blocks (the same total)
+    prop_attn: bool = True  # ToMe: proportional attention (log size added to the attention logits)
+    merge_mode: str = "wavg"  # wavg: size-weighted mean (ToMe); mean: plain mean (EVLGen's release)
+    # captioning (EVLGen): --method lm makes the frozen language model, --method evlgen trains on it
+    lm: str = ""  # checkpoint of --method lm: the frozen language model (and the vocabulary)
+    clip: str = ""  # checkpoint of a CLIP (--method none): its ViT, frozen, and its text blocks start the bridge
+    bridge: str = "merge"  # merge: EVLGen's merging encoder; query: BLIP-2's learned queries
+    bridge_r: int = 16  # tokens merged in each bridge layer (capped); 0: every visual token reaches the LM
+    bridge_depth: int = 0  # 0: the text encoder's depth
+    num_queries: int = 32  # --bridge query: learned queries (= tokens into the LM)
+    stage1_steps: int = 0  # --bridge query: BLIP-2's first stage (ITC + ITM) for this many steps before --steps of LM loss
+    lm_width: int = 128
+    lm_depth: int = 2
+    lm_heads: int = 2
+    lm_context: int = 128  # positions of the LM: soft prompt + caption
+    beams: int = 1  # beam size of caption generation at evaluation
+    eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
+    eval_size: int = 200
     eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
     out: str = "out"  # folder for ckpt.pt and log.jsonl
     overwrite: bool = False  # replace an existing checkpoint in --out
@@ -118,8 +138,26 @@ def check_flags(cfg: TrainConfig):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"--amp {cfg.amp} is unknown (choose auto, bf16, fp16 or off)")
+    captioning = cfg.method in ("lm", "evlgen")
+    if captioning and cfg.objectives != "auto":
+        raise ValueError(f"--objectives is for CLIP; --method {cfg.method} has one loss, the LM's")
+    if cfg.method == "evlgen" and not cfg.lm:
+        raise ValueError("--method evlgen trains on a frozen language model: make one with "
+                         "`python train.py --method lm --out lm` and pass --lm lm/ckpt.pt")
+    if cfg.method != "evlgen" and (cfg.lm or cfg.clip or cfg.stage1_steps):
+        raise ValueError("--lm, --clip and --stage1-steps apply to --method evlgen only")
+    if cfg.bridge not in ("merge", "query"):
+        raise ValueError(f"--bridge {cfg.bridge} is unknown (choose merge or query)")
+    if cfg.stage1_steps and cfg.bridge != "query":
+        raise ValueError("--stage1-steps is BLIP-2's first stage for the learned queries: it needs --bridge query")
+    if cfg.stage1_steps < 0 or cfg.bridge_r < 0 or cfg.eval_every < 0:
+        raise ValueError("--stage1-steps, --bridge-r and --eval-every must not be negative")
+    if cfg.eval_every and cfg.method != "evlgen":
+        raise ValueError("--eval-every is for the captioner (--method evlgen)")
     if cfg.method == "none" and cfg.eval_prune:
-        raise ValueError("--eval-prune needs a pruning --method (elip or evit)")
+        raise ValueError("--eval-prune needs a reducing --method (elip, evit or tome)")
+    if cfg.merge_mode not in MERGE_MODES:
+        raise ValueError(f"--merge-mode {cfg.merge_mode} is unknown (choose {' or '.join(MERGE_MODES)})")
     if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead):
         raise ValueError("--elip-lambda and --no-lookahead apply to --method elip only")
     if cfg.init and cfg.resume:
@@ -138,6 +176,25 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> CLIPConfig:
     text = TextConfig(vocab_size=vocab_size, context_length=cfg.context_length, width=cfg.text_width,
                       depth=cfg.text_depth, heads=cfg.text_heads)
     return CLIPConfig(vision=vision, text=text, embed_dim=cfg.embed_dim, objectives=objectives(cfg))
+
+
+def captioner_config(cfg: TrainConfig, sources: dict, vocab_size: int) -> CaptionerConfig:
+    """The captioner: the LM's config from its checkpoint; the ViT and the bridge's blocks from the
+    CLIP checkpoint when one is given (the ViT then frozen), else from the flags (the ViT trained)."""
+    lm = LMConfig(**sources["lm"]["model_config"])
+    if "clip" in sources:
+        clip = CLIPConfig.from_dict(sources["clip"]["model_config"])
+        vision, text = clip.vision, clip.text
+    else:
+        vision = model_config(cfg, vocab_size).vision
+        text = TextConfig(width=cfg.text_width, depth=cfg.text_depth, heads=cfg.text_heads)
+    text = dataclasses.replace(text, vocab_size=vocab_size, context_length=lm.context_length)  # the LM's words
+    depth = cfg.bridge_depth or text.depth
+    r, note = merge_schedule(cfg.bridge_r, depth, 1 + vision.num_patches)
+    sources["r_note"] = note
+    return CaptionerConfig(vision=vision, lm=lm, text=text, bridge=cfg.bridge, bridge_depth=depth, r=tuple(r),
+                           merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, num_queries=cfg.num_queries,
+                           freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim)
 
 
 def objectives(cfg: TrainConfig) -> tuple:
@@ -162,9 +219,29 @@ def elip_schedule(cfg: TrainConfig, depth: int) -> Schedule:
     return Schedule(b, n, r)
 
 
+TOME_B16_SHARE = 12 * 13 / 197  # the share of ViT-B/16's 197 tokens that ToMe's r = 13 merges away
+
+
+def tome_schedule(cfg: TrainConfig, depth: int, num_tokens: int):
+    """(r per block, capped, and a note on the caps) from --tome-r and --tome-decreasing."""
+    spec = cfg.tome_r.strip()
+    try:
+        if spec == "auto":
+            r = int(TOME_B16_SHARE * num_tokens / depth)
+        elif "," in spec:
+            r = [int(v) for v in spec.split(",")]
+        else:
+            r = int(spec)
+    except ValueError:
+        raise ValueError(f"--tome-r takes auto, a whole number or one per block (comma-separated), not {spec!r}") from None
+    return merge_schedule(r, depth, num_tokens, cfg.tome_decreasing)
+
+
 def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     """The method's reducer for one step, as a function of the text guidance (None: no text).
     This is the whole dispatch: a new method adds one branch."""
+    if cfg.method not in ("elip", "evit", "tome"):
+        return None
     P, depth = vision.num_patches, vision.depth
     warm = cfg.keep_warmup * cfg.steps
     keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
@@ -173,6 +250,9 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
         return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead, keep_scale)
     if cfg.method == "evit":
         return lambda text: evit(depth, P, keep_scale=keep_scale)
+    if cfg.method == "tome":
+        r = tome_schedule(cfg, depth, 1 + P)[0]
+        return lambda text: ToMe(r, cfg.prop_attn, cfg.merge_mode)
     return None
 
 
@@ -231,16 +311,24 @@ class MicroBatches(torch.utils.data.Sampler):
         return self.last - self.first
 
 
+def lm_texts(dataset, i: int) -> list:
+    """What the language model trains on for item i: its captions, plus the shapes' Q&A text."""
+    return dataset.texts(i) if hasattr(dataset, "texts") else dataset.captions(i)
+
+
 class Pairs(torch.utils.data.Dataset):
     """(image, one caption) for a (dataset index, stream position) key; the caption choice and
     any augmentation are seeded by the position, so they are the same on every rerun."""
 
-    def __init__(self, dataset, tokenizer, seed):
-        self.dataset, self.tokenizer, self.seed = dataset, tokenizer, seed
+    def __init__(self, dataset, tokenizer, seed, images=True):
+        self.dataset, self.tokenizer, self.seed, self.images = dataset, tokenizer, seed, images
 
     def __getitem__(self, key):
         i, pos = key
         rng = np.random.default_rng([self.seed, pos, 1])
+        if not self.images:  # the language model reads text alone: captions (and, on shapes, Q&A)
+            texts = lm_texts(self.dataset, i)
+            return torch.zeros(0), texts[int(rng.integers(len(texts)))], 0
         item = self.dataset.get(i, rng)
         caps = item["captions"]
         return item["image"], caps[int(rng.integers(len(caps)))], item.get("skipped", 0)
@@ -254,10 +342,15 @@ class Pairs(torch.utils.data.Dataset):
 # Optimisation
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step. With --stage1-steps,
+    each stage has its own warm-up and decay (BLIP-2 trains its stages as two runs)."""
+    steps = cfg.steps
+    if cfg.stage1_steps:
+        steps = cfg.stage1_steps if step < cfg.stage1_steps else cfg.steps
+        step = step if step < cfg.stage1_steps else step - cfg.stage1_steps
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -324,12 +417,28 @@ def read_checkpoint(path: str, device="cpu") -> dict:
         raise DataError(f"checkpoint {path} cannot be read: {e}") from None
 
 
+def build_model(mcfg) -> torch.nn.Module:
+    if isinstance(mcfg, CaptionerConfig):
+        return Captioner(mcfg)
+    if isinstance(mcfg, LMConfig):
+        return LanguageModel(mcfg)
+    return CLIP(mcfg)
+
+
+def kind_of(mcfg) -> str:
+    """What a checkpoint holds: "clip", "lm" (the language model alone) or "captioner"."""
+    return "captioner" if isinstance(mcfg, CaptionerConfig) else "lm" if isinstance(mcfg, LMConfig) else "clip"
+
+
+CONFIGS = {"clip": CLIPConfig.from_dict, "lm": lambda d: LMConfig(**d), "captioner": CaptionerConfig.from_dict}
+
+
 def load_checkpoint(path: str, device="cpu"):
-    """(model in eval mode, tokenizer, raw checkpoint) from a train.py checkpoint."""
+    """(model in eval mode, tokenizer, raw checkpoint) from a train.py checkpoint of any kind."""
     ckpt = read_checkpoint(path, device)
     if not {"model", "model_config", "tokenizer", "config"} <= set(ckpt):
         raise DataError(f"checkpoint {path} was not written by train.py (keys: {', '.join(sorted(ckpt))})")
-    model = CLIP(CLIPConfig.from_dict(ckpt["model_config"])).to(device)
+    model = build_model(CONFIGS[ckpt.get("kind", "clip")](ckpt["model_config"])).to(device)
     load_state(model, ckpt["model"], path)
     return model.eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
 
@@ -367,9 +476,11 @@ def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
 
 def prepare(cfg: TrainConfig, rank: int):
     """Everything a user can get wrong is checked here, before training: flags, output folder,
-    data, checkpoint, evaluation sets. Returns (dataset, tokenizer, model config, checkpoint or None,
-    evaluation sets or None)."""
+    data, checkpoints, evaluation sets. Returns (dataset, tokenizer, model config, checkpoint to
+    resume or start from or None, evaluation sets or None, {"lm": ..., "clip": ...} checkpoints
+    the captioner starts from)."""
     check_flags(cfg)
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     for name in ("ckpt.pt", "log.jsonl"):
         path = os.path.join(cfg.out, name)
@@ -383,26 +494,68 @@ def prepare(cfg: TrainConfig, rank: int):
         schedule.validate(probe.vision.depth, probe.vision.num_patches)
         if not cfg.lookahead and schedule.begin_layers[0] < 1:
             raise ValueError("--no-lookahead needs the first pruning stage at block 1 or later")
-    elif cfg.begin_layers or cfg.num_layers or cfg.keep_ratios:
+    elif cfg.method == "tome":
+        r, note = tome_schedule(cfg, probe.vision.depth, 1 + probe.vision.num_patches)
+        say(f"ToMe merges {sum(r)} tokens: r per block {r}" + (f" ({note})" if note else ""))
+    if cfg.method != "elip" and (cfg.begin_layers or cfg.num_layers or cfg.keep_ratios):
         raise ValueError("--begin-layers, --num-layers and --keep-ratios apply to --method elip only")
+    sources = {}
+    if cfg.method == "evlgen":
+        sources["lm"] = read_checkpoint(cfg.lm)
+        expect_kind(sources["lm"], "lm", cfg.lm, "--lm", "make one with `python train.py --method lm`")
+        if cfg.clip:
+            sources["clip"] = read_checkpoint(cfg.clip)
+            expect_kind(sources["clip"], "clip", cfg.clip, "--clip", "train one with `python train.py --method none`")
+        probe = captioner_config(cfg, sources, vocab_size=1)
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
     source = ckpt_path if cfg.resume else cfg.init
     ckpt = read_checkpoint(source) if source else None
     if ckpt is not None:
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    elif "lm" in sources:  # the frozen LM decides the vocabulary
+        tokenizer = Tokenizer.from_state_dict(sources["lm"]["tokenizer"])
+    elif cfg.method == "lm":  # all the text it trains on, at the LM's context
+        tokenizer = Tokenizer.build((t for i in range(len(dataset)) for t in lm_texts(dataset, i)), cfg.lm_context)
     else:
         captions = (c for i in range(len(dataset)) for c in dataset.captions(i))
         tokenizer = Tokenizer.build(captions, cfg.context_length)
-    mcfg = model_config(cfg, len(tokenizer))
+    if "lm" in sources:
+        check_vocabularies(tokenizer, sources, source)
+        mcfg = captioner_config(cfg, sources, len(tokenizer))
+        if cfg.bridge == "merge":
+            say(f"bridge: {1 + mcfg.vision.num_patches} visual tokens, r per layer {list(mcfg.r)} -> "
+                f"{1 + mcfg.vision.num_patches - sum(mcfg.r)} tokens into the LM"
+                + (f" ({sources['r_note']})" if sources.get("r_note") else ""))
+    elif cfg.method == "lm":
+        mcfg = LMConfig(vocab_size=len(tokenizer), context_length=cfg.lm_context, width=cfg.lm_width,
+                        depth=cfg.lm_depth, heads=cfg.lm_heads)
+    else:
+        mcfg = model_config(cfg, len(tokenizer))
     if ckpt is not None:
-        diffs = config_differences(ckpt["model_config"], mcfg.to_dict())
+        diffs = config_differences(ckpt["model_config"], asdict(mcfg))
         if diffs:
             raise ValueError(f"{source} is from another model config ({'; '.join(diffs)})")
     sets = None
     if cfg.eval and rank == 0:
-        sets = evaluation.eval_sets(mcfg.vision.image_size, mcfg.vision.patch_size, cfg.seed, cfg.test_size,
+        sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.seed, cfg.test_size,
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad)
-    return dataset, tokenizer, mcfg, ckpt, sets
+    return dataset, tokenizer, mcfg, ckpt, sets, sources
+
+
+def expect_kind(ckpt: dict, kind: str, path: str, flag: str, how: str):
+    got = ckpt.get("kind", "clip")
+    if got != kind:
+        raise DataError(f"{flag} {path} is a {got} checkpoint, not a {kind} one ({how})")
+
+
+def check_vocabularies(tokenizer: Tokenizer, sources: dict, source: str):
+    """The captioner's words must be the frozen LM's: same ids, same embedding rows."""
+    lm_tok = sources["lm"]["tokenizer"]
+    if tokenizer.itos != lm_tok["itos"]:
+        raise DataError(f"the vocabulary of {source} does not match the language model's ({len(tokenizer)} vs "
+                        f"{len(lm_tok['itos'])} words): use the --lm checkpoint it was trained with")
+    if sources["lm"]["model_config"]["vocab_size"] != len(tokenizer):
+        raise DataError("the language model checkpoint's vocabulary size does not match its tokenizer")
 
 
 def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device, rank, world, make_reducer):
@@ -436,37 +589,86 @@ def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches
     return losses, skipped
 
 
+def start_captioner(model: Captioner, sources: dict):
+    """A new captioner starts from the frozen LM and, when given, the CLIP's ViT (frozen) and text
+    blocks (the bridge's starting point, as EVLGen's is BERT; and BLIP-2's stage-1 text encoder)."""
+    model.lm.load_state_dict(strip_prefix(sources["lm"]["model"], "lm."))
+    if "clip" in sources:
+        clip = sources["clip"]["model"]
+        model.visual.load_state_dict(strip_prefix(clip, "visual."))
+        text = TextEncoder(CLIPConfig.from_dict(sources["clip"]["model_config"]).text)
+        text.load_state_dict(strip_prefix(clip, "text."))
+        model.bridge.load_blocks(text.blocks)
+        if model.cfg.stage1:  # its own vocabulary is the LM's, so the blocks alone carry over
+            for mine, theirs in zip(model.text.blocks, text.blocks):
+                mine.load_state_dict(theirs.state_dict())
+
+
+def strip_prefix(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def lm_unchanged(model: Captioner, sources: dict) -> bool:
+    """The frozen LM is bit-identical to the checkpoint it was loaded from."""
+    ref = strip_prefix(sources["lm"]["model"], "lm.")
+    return all(torch.equal(v.cpu(), ref[k].cpu()) for k, v in model.lm.state_dict().items())
+
+
+def run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=None) -> dict:
+    """The end-of-run (or --eval-every) metrics of whatever this run trains."""
+    if isinstance(model, Captioner):
+        return evaluation.evaluate_captioner(model, tokenizer, device, eval_sets, n or cfg.test_size, cfg.beams,
+                                             vqa=n is None)
+    if isinstance(model, LanguageModel):
+        return evaluation.evaluate_lm(model.lm, tokenizer, device, eval_sets, cfg.test_size)
+    make = reducer_fn(cfg, mcfg.vision, step, training=False) if cfg.eval_prune else None
+    if cfg.method != "none" and not cfg.eval_prune:
+        print(f"evaluating with all tokens (the authors' protocol); --eval-prune evaluates with {cfg.method}'s "
+              f"reduction (pruning scored without text)", flush=True)
+    return evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size, make(None) if make else None)
+
+
+HEADLINE = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "bleu4", "cider_d", "vqa_accuracy", "perplexity")
+
+
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     try:
-        dataset, tokenizer, mcfg, ckpt, eval_sets = prepare(cfg, rank)
+        dataset, tokenizer, mcfg, ckpt, eval_sets, sources = prepare(cfg, rank)
     except (DataError, ValueError) as e:
         sys.exit(f"error: {e}" if master else 2)  # every rank stops; one says why
     torch.manual_seed(cfg.seed)
-    model = CLIP(mcfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
-                                  fused=device.type == "cuda")
-    autocast, scaler = amp_settings(cfg.amp, device)
+    model = build_model(mcfg).to(device)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    elif isinstance(model, Captioner):
+        start_captioner(model, sources)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
+                                  fused=device.type == "cuda")
+    autocast, scaler = amp_settings(cfg.amp, device)
     if ckpt is not None and cfg.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    two_stage = getattr(mcfg, "stage1", False)  # each stage leaves the other's heads without gradients
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=two_stage) if world > 1 else model
 
-    pairs = Pairs(dataset, tokenizer, cfg.seed)
-    sampler = MicroBatches(EpochPermutations(len(dataset), cfg.seed), step * cfg.accum, cfg.steps * cfg.accum,
+    total = cfg.stage1_steps + cfg.steps
+    pairs = Pairs(dataset, tokenizer, cfg.seed, images=cfg.method != "lm")
+    sampler = MicroBatches(EpochPermutations(len(dataset), cfg.seed), step * cfg.accum, total * cfg.accum,
                            cfg.batch_size, rank, world)
     loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=pairs.collate,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{n_params / 1e6:.2f}M parameters | {len(dataset)} training images | global batch "
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained) | {len(dataset)} training "
+              f"{'captions' if cfg.method == 'lm' else 'images'} | global batch "
               f"{cfg.batch_size * world * cfg.accum} = {cfg.batch_size} x {world} process(es) x {cfg.accum} "
               f"accumulation | {device} | amp {cfg.amp}", flush=True)
         if getattr(dataset, "missing", 0):
@@ -476,18 +678,24 @@ def train(cfg: TrainConfig) -> dict:
     def checkpoint():
         if master:
             save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), dict(
-                config=asdict(cfg), model_config=mcfg.to_dict(), model=model.state_dict(),
+                kind=kind_of(mcfg), config=asdict(cfg), model_config=asdict(mcfg), model=model.state_dict(),
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                step=step, tokenizer=tokenizer.state_dict()))
+                step=step, tokenizer=tokenizer.state_dict(), train_seconds=train_seconds))
 
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
-    batches, skipped, t_start, t_log, n_log = iter(loader), 0, time.time(), time.time(), 0
+    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
+    # train_seconds: wall-clock of training alone (evaluations excluded), carried across resumes
+    train_seconds = ckpt.get("train_seconds", 0.0) if ckpt is not None and cfg.resume else 0.0
+    batches, skipped, t_log, n_log = iter(loader), 0, time.time(), 0
     model.train()
-    last = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    last = min(total, step + cfg.stop_after) if cfg.stop_after else total
     while step < last:
+        if two_stage:
+            model.stage = 1 if step < cfg.stage1_steps else 2
+        t0 = time.time()
         losses, bad = train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device,
-                                 rank, world, reducer_fn(cfg, mcfg.vision, step))
+                                 rank, world, reducer_fn(cfg, getattr(mcfg, "vision", None), step))
+        train_seconds += time.time() - t0
         skipped += bad
         step += 1
         n_log += cfg.batch_size * cfg.accum * world
@@ -498,29 +706,34 @@ def train(cfg: TrainConfig) -> dict:
                 speed = n_log / (time.time() - t_log)
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", img_s=f"{speed:.0f}")
                 log.write(json.dumps(dict(step=step, lr=lr_at(step - 1, cfg), img_per_s=speed,
-                                          time=time.time() - t_start, **losses)) + "\n")
+                                          time=train_seconds, **losses)) + "\n")
                 log.flush()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total and master:
+            curve = run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=cfg.eval_size)
+            log.write(json.dumps(dict(step=step, time=train_seconds, curve=curve)) + "\n")
+            log.flush()
+        if step % cfg.log_every == 0 or step == last or (cfg.eval_every and step % cfg.eval_every == 0):
             t_log, n_log = time.time(), 0
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < last:
             checkpoint()
     bar.close()
     checkpoint()
-    train_minutes = (time.time() - t_start) / 60
     metrics = {}
-    if master and cfg.eval and step == cfg.steps:
-        make = reducer_fn(cfg, mcfg.vision, step, training=False) if cfg.eval_prune else None
-        if cfg.method != "none" and not cfg.eval_prune:
-            print(f"evaluating with all tokens (the authors' protocol); --eval-prune evaluates with {cfg.method}'s "
-                  f"pruning, scored without text", flush=True)
-        metrics = evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size, make(None) if make else None)
-        log.write(json.dumps(dict(step=step, eval=metrics)) + "\n")
+    if master and isinstance(model, Captioner):
+        print(f"frozen language model unchanged by training: {'yes' if lm_unchanged(model, sources) else 'NO'}",
+              flush=True)
+    if master and cfg.eval and step == total:
+        metrics = run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step)
+        log.write(json.dumps(dict(step=step, time=train_seconds, eval=metrics)) + "\n")
     if master:
         log.close()
-        shown = " | ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if k.endswith("@1") or k.endswith("top1"))
+        shown = " | ".join(f"{k} {v:.2f}" if k == "perplexity" else f"{k} {100 * v:.1f}"
+                           for k, v in metrics.items() if k in HEADLINE)
         note = f" | {skipped} unreadable image(s) skipped" if skipped else ""
-        if step < cfg.steps:
-            note += f" | stopped before --steps {cfg.steps}: continue with --resume"
-        print(f"results: method {cfg.method} | step {step} | {train_minutes:.1f} min training | {shown}{note}", flush=True)
+        if step < total:
+            note += f" | stopped before step {total}: continue with --resume"
+        print(f"results: method {cfg.method} | step {step} | {train_seconds / 60:.1f} min training | {shown}{note}",
+              flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -223,6 +223,14 @@ class Observed(Reducer):
         pass
 
 
+def run_block(block: Block, i: int, tokens: Tokens, reducer: Reducer) -> Tokens:
+    """A block (number i of its stack) with the reducer's attention bias and its `after_attn` hook
+    between attention and MLP; any transformer stack of Blocks can be reduced this way."""
+    x, stats = block.attend(tokens.x, reducer.attn_bias(tokens), want=reducer.wants(i))
+    tokens = reducer.after_attn(i, tokens.replace(x=x), stats)
+    return tokens.replace(x=block.feed_forward(tokens.x))
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size, width):
         super().__init__()
@@ -271,11 +279,7 @@ class ViT(nn.Module):
         """Block i with both hook points of the seam."""
         if reducer is None:
             return tokens.replace(x=self.blocks[i](tokens.x))
-        tokens = reducer.before_block(i, tokens, self)
-        block = self.blocks[i]
-        x, stats = block.attend(tokens.x, reducer.attn_bias(tokens), want=reducer.wants(i))
-        tokens = reducer.after_attn(i, tokens.replace(x=x), stats)
-        return tokens.replace(x=block.feed_forward(tokens.x))
+        return run_block(self.blocks[i], i, reducer.before_block(i, tokens, self), reducer)
 
     def forward_tokens(self, images, reducer: Optional[Reducer] = None, track_source=False) -> Tokens:
         """All output tokens after the final norm, with their sizes and sources."""

@@ -1,0 +1,125 @@
+"""The captioner (EVLGen and its baselines), the frozen LM, captioning metrics and Q&A."""
+import math
+import os
+
+import pytest
+import torch
+
+import data
+import train
+from eval import bleu, cider_d
+from model import Captioner, CaptionerConfig
+from text import CLS, LMConfig, TextConfig, Tokenizer
+from vit import ViTConfig
+
+from test_train import ROOT, TINY, run
+
+
+def tiny_captioner(**kw):
+    cfg = CaptionerConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+                          lm=LMConfig(vocab_size=30, context_length=40, width=32, depth=1, heads=2),
+                          text=TextConfig(vocab_size=30, context_length=40, width=32, depth=2, heads=2), **kw)
+    torch.manual_seed(0)
+    return Captioner(cfg)
+
+
+def test_bleu_by_hand():
+    assert bleu(["a b c d"], [["a b c d"]]) == pytest.approx(1.0)
+    # closest reference lengths 4 and 6 tie at distance 1: the shorter counts, so no brevity penalty
+    assert bleu(["a b c d e"], [["a b c d", "a b c d e f"]]) == pytest.approx(1.0)
+    # two words against four: brevity exp(1 - 4/2); no 3- or 4-grams: COCO's 1e-15/1e-9 each
+    assert bleu(["a b"], [["a b c d"]]) == pytest.approx(math.exp(-1) * (1e-6 * 1e-6) ** 0.25, rel=1e-6)
+    assert bleu(["the the the the"], [["the cat"]], max_n=1) == pytest.approx(0.25)  # clipped counts
+
+
+def test_cider_d_by_hand():
+    refs = [["a b"], ["c d"]]
+    assert cider_d(["a b", "c d"], refs) == pytest.approx(5.0)  # cosine 1 for n = 1, 2; 0 for n = 3, 4
+    one_word = 10 * (1 / math.sqrt(2)) * math.exp(-1 / 72) / 4  # half the unigrams, length 1 vs 2
+    assert cider_d(["a", "c d"], refs) == pytest.approx((one_word + 5.0) / 2)
+    # "a a": the candidate's weight of "a" is clipped at the reference's (the D in CIDEr-D)
+    clipped = 10 * (1 / (2 * math.sqrt(2))) / 4
+    assert cider_d(["a a", "c d"], refs) == pytest.approx((clipped + 5.0) / 2)
+
+
+def test_questions_are_answered_by_the_scene():
+    scene = [dict(shape="circle", colour="red"), dict(shape="circle", colour="blue"), dict(shape="cross", colour="red")]
+    qa = data.scene_questions(scene)
+    assert ("what color is the cross", "red") in qa and not any("the circle" in q for q, _ in qa)
+    assert ("what shape is blue", "circle") in qa and ("how many objects are there", "three") in qa
+    assert data.qa_text("a red cross", "what color is the cross") == "a red cross question: what color is the cross answer:"
+
+
+@pytest.mark.parametrize("r,expected", [((3, 3), 17 - 6), ((0, 0), 17), ((20, 20), 17 - 8 - 4)])
+def test_merging_bridge_token_counts(r, expected):
+    from merge import merge_schedule
+    capped, _ = merge_schedule(list(r), 2, 17)
+    model = tiny_captioner(r=tuple(capped))
+    prompt = model.prompt(torch.randn(2, 3, 32, 32), track_source=True)
+    assert prompt.x.shape == (2, expected, 32)
+    assert prompt.size.sum(1).tolist() == [17, 17] and torch.equal(prompt.source.sum(-1), prompt.size)
+
+
+def test_only_the_bridge_learns_and_the_frozen_parts_stay_in_eval_mode():
+    model = tiny_captioner(r=(2, 2)).train()
+    assert not model.lm.training and not model.visual.training and model.bridge.training
+    ids = torch.tensor([[CLS, 7, 8, 3], [CLS, 9, 3, 0]])
+    model(torch.randn(2, 3, 32, 32), ids)["loss"].backward()
+    for name, p in model.named_parameters():
+        trained = name.startswith(("bridge.", "lm_proj."))
+        assert p.requires_grad == trained, name
+        assert (p.grad is not None) == trained, name
+
+
+def test_query_bridge_gives_a_fixed_number_of_tokens_and_stage_one_losses():
+    model = tiny_captioner(bridge="query", num_queries=5, stage1=True)
+    images, ids = torch.randn(3, 3, 32, 32), torch.tensor([[CLS, 7, 8, 3]] * 3)
+    assert model.prompt(images).x.shape == (3, 5, 32)
+    model.stage = 1
+    out = model(images, ids, generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"itc", "itm", "loss"} and torch.isfinite(out["loss"])
+
+
+def test_batched_greedy_equals_per_sample_search():
+    model = tiny_captioner(r=(2, 2)).eval()
+    images = torch.randn(4, 3, 32, 32)
+    start = torch.full((4, 1), CLS)
+    batched = model.generate(images, start, 6)
+    prefix = model.prompt(images).x
+    assert batched == [model.lm.beam_search(start[b:b + 1], prefix[b:b + 1], 6, 1) for b in range(4)]
+
+
+def test_lm_then_evlgen_end_to_end_and_the_frozen_lm_is_unchanged(tmp_path):
+    clip, lm, cap = (str(tmp_path / n) for n in ("clip", "lm", "cap"))
+    small = [*TINY, "--batch-size", "8", "--steps", "3"]
+    assert run([*small, "--out", clip]).returncode == 0
+    r = run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--out", lm])
+    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
+    r = run([*small, "--method", "evlgen", "--lm", f"{lm}/ckpt.pt", "--clip", f"{clip}/ckpt.pt", "--bridge-r", "40",
+             "--eval-every", "2", "--eval-size", "5", "--out", cap])
+    assert r.returncode == 0, r.stderr
+    assert "layer 0: 40 -> 32" in r.stdout and "65 visual tokens" in r.stdout  # one bridge layer: the CLIP text depth
+    assert "frozen language model unchanged by training: yes" in r.stdout and "cider_d" in r.stdout
+    before, after = (torch.load(f"{d}/ckpt.pt", weights_only=True)["model"] for d in (lm, cap))
+    clip_state = torch.load(f"{clip}/ckpt.pt", weights_only=True)["model"]
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k  # the frozen LM, bit for bit
+    for k, v in after.items():
+        if k.startswith("visual."):
+            assert torch.equal(v, clip_state[k]), k  # the frozen ViT too
+    # a captioner checkpoint is evaluated by eval.py like any other
+    r = __import__("subprocess").run([__import__("sys").executable, "eval.py", "--ckpt", f"{cap}/ckpt.pt",
+                                      "--n-test", "5"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "cider_d" in r.stdout, r.stderr
+
+
+def test_bad_captioner_inputs(tmp_path):
+    r = run(["--method", "evlgen", "--out", str(tmp_path / "x")])
+    assert r.returncode != 0 and "--method lm" in r.stderr and "Traceback" not in r.stderr
+    clip = str(tmp_path / "clip")
+    assert run([*TINY, "--batch-size", "8", "--steps", "1", "--no-eval", "--out", clip]).returncode == 0
+    r = run(["--method", "evlgen", "--lm", f"{clip}/ckpt.pt", "--out", str(tmp_path / "y")])
+    assert r.returncode != 0 and "is a clip checkpoint, not a lm one" in r.stderr and "Traceback" not in r.stderr
+    lm_ckpt = dict(tokenizer=Tokenizer(["red", "circle"]).state_dict(), model_config=dict(vocab_size=7))
+    with pytest.raises(data.DataError, match="does not match the language model"):
+        train.check_vocabularies(Tokenizer(["blue", "square"]), dict(lm=lm_ckpt), "ckpt.pt")
