@@ -1,5 +1,9 @@
 """
-Benchmarks: the cost of a training step for every token-reduction method, side by side.
+Benchmarks: the cost of every token-reduction method, side by side, measured on this machine.
+
+Three tables: ToMe off the shelf (inference images/s of a ViT with and without merging); the
+EVLGen captioner's training step per bridge (merged, unmerged, learned queries) and where its time
+goes; the CLIP training step under each method (below).
 
 Read first: `count_tokens` (how many tokens each block's attention and MLP see, measured through
 the seam), then `forward_flops` (the analytic count), then `bench_model`.
@@ -13,8 +17,8 @@ For each method and model it reports, relative to `none` measured in the same ru
   (device-independent; on CUDA the allocator's peak is printed too);
 - the largest batch whose activations, parameters, gradients and AdamW state fit `--mem-budget-gb`.
 
-    python bench.py                 # default model and ViT-B/16 at 224, ITC+ITM+MLM
-    python bench.py --models tiny64 --batch-size 64
+    python bench.py                 # all three tables (about N minutes on 2 CPU cores)
+    python bench.py --tome vit_s16 --no-captioner --models ''   # ToMe's row alone
 """
 import argparse
 import statistics
@@ -32,6 +36,7 @@ VARIANTS = {  # name -> TrainConfig overrides
     "evit": dict(method="evit"),
     "elip": dict(method="elip"),
     "elip_no_lookahead": dict(method="elip", lookahead=False),
+    "tome": dict(method="tome"),
 }
 
 
@@ -163,9 +168,134 @@ def markdown(preset, batch_size, rows, budget_gb) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# ToMe off the shelf: inference throughput of a ViT with and without merging
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def vit_forward_flops(vit, counter) -> float:
+    v = vit.cfg
+    return 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width + sum(
+        block_flops(counter.attn[i], counter.mlp[i], v.width, v.mlp_ratio) for i in range(v.depth))
+
+
+def bench_tome(preset: str, batch_size: int, r: str, repeats: int, device) -> dict:
+    """Images per second of the plain ViT and of ToMe with r per block, in the same run (timed in
+    alternation so that both see the same machine), and the forward FLOPs of each."""
+    from merge import ToMe
+    from vit import ViT, vit_config
+    torch.manual_seed(0)
+    vit = ViT(vit_config(preset)).to(device).eval()
+    images = torch.randn(batch_size, 3, vit.cfg.image_size, vit.cfg.image_size, device=device)
+    schedule, note = train.tome_schedule(TrainConfig(tome_r=r), vit.cfg.depth, 1 + vit.cfg.num_patches)
+    reducers = dict(none=None, tome=ToMe(schedule))
+    times = {k: [] for k in reducers}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, reducer in reducers.items():
+                times[name].append(timed(lambda: vit(images, reducer), 1))
+    rows = {}
+    for name, reducer in reducers.items():
+        counter = TokenCounter(reducer)
+        with torch.inference_mode():
+            out = vit.forward_tokens(images[:1], counter)
+        rows[name] = dict(img_s=batch_size / statistics.median(times[name]), gflops=vit_forward_flops(vit, counter) / 1e9,
+                          tokens_out=out.x.shape[1])
+    rows["tome"]["r"] = schedule
+    return rows
+
+
+def tome_markdown(preset, batch_size, rows) -> str:
+    base = rows["none"]
+    lines = [f"**{preset}** inference, batch {batch_size}, ToMe r per block {rows['tome']['r']}:", "",
+             "| model | img/s | measured speed-up | FLOP-allowed speed-up | GFLOPs/img | tokens out |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['img_s']:.1f} | {r['img_s'] / base['img_s']:.2f}x | "
+                     f"{base['gflops'] / r['gflops']:.2f}x | {r['gflops']:.2f} | {r['tokens_out']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# EVLGen: the captioner's training step, merged and unmerged, and where its time goes
+
+CAPTIONERS = {  # name -> TrainConfig overrides (the bridge)
+    "evlgen (merge r=16)": dict(bridge="merge", bridge_r=16),
+    "no merging (r=0)": dict(bridge="merge", bridge_r=0),
+    "learned queries (32)": dict(bridge="query"),
+    "learned queries, stage 1 (ITC+ITM)": dict(bridge="query", stage1_steps=1),
+}
+
+
+def bench_captioner(batch_size: int, repeats: int, device) -> dict:
+    """Per bridge: seconds of a training step, split into the frozen ViT's forward, the bridge
+    (forward + backward of its output alone) and the rest (the frozen LM's forward and backward
+    to the prompt); tokens entering the LM. Default model sizes, random weights and captions."""
+    from model import Captioner
+    from text import LMConfig
+    rows = {}
+    for name, overrides in CAPTIONERS.items():
+        cfg = TrainConfig(method="evlgen", lm="-", **overrides)
+        lm = dict(model_config=dict(vars(LMConfig(vocab_size=100, context_length=cfg.lm_context))))
+        torch.manual_seed(0)
+        model = Captioner(train.captioner_config(cfg, dict(lm=lm), vocab_size=100)).to(device).train()
+        v = model.cfg.vision
+        images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
+        ids = torch.randint(5, 100, (batch_size, 24), device=device)
+        ids[:, 0], ids[:, -1] = 2, 3
+        model.stage = 1 if cfg.stage1_steps else 2
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            model(images, ids, generator=torch.Generator().manual_seed(0))["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        features = model.visual_tokens(images)
+
+        def bridge_only():
+            model.bridge(features).x.sum().backward()
+
+        t_step = timed(step, repeats)
+        t_vit = timed(lambda: model.visual_tokens(images), repeats)
+        t_bridge = timed(bridge_only, repeats)
+        opt.zero_grad(set_to_none=True)
+        rows[name] = dict(step_s=t_step, vit_s=t_vit, bridge_s=t_bridge, rest_s=t_step - t_vit - t_bridge,
+                          lm_tokens=model.prompt(images[:1]).x.shape[1] if model.stage == 2 else 0)
+    return rows
+
+
+def captioner_markdown(batch_size, rows) -> str:
+    base = rows["no merging (r=0)"]
+    lines = [f"**captioner training step** (default sizes), batch {batch_size}:", "",
+             "| bridge | step (s) | speed vs no merging | frozen ViT fwd (s) | bridge fwd+bwd (s) | rest: LM / heads (s) "
+             "| visual tokens into the LM |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.2f}x | {r['vit_s']:.3f} | "
+                     f"{r['bridge_s']:.3f} | {r['rest_s']:.3f} | {r['lm_tokens'] or '- (no LM in stage 1)'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Training-step cost of none / evit / elip / elip without look-ahead.")
-    p.add_argument("--models", default="tiny64,vit_b16", help="comma-separated ViT presets")
+    p = argparse.ArgumentParser(description="ToMe's inference speed-up; the captioner's training step per bridge; "
+                                            "the CLIP training step under none / evit / elip / elip without "
+                                            "look-ahead / tome.")
+    p.add_argument("--models", default="tiny64,vit_b16", help="comma-separated ViT presets ('' to skip)")
+    p.add_argument("--tome", default="vit_s16,vit_b16", help="ViT presets for ToMe's inference rows ('' to skip)")
+    p.add_argument("--tome-r", default="13", help="ToMe's r (a number, one per block, or auto)")
+    p.add_argument("--tome-batch", type=int, default=16)
+    p.add_argument("--captioner", action=argparse.BooleanOptionalAction, default=True,
+                   help="the captioner's training step per bridge (EVLGen)")
+    p.add_argument("--captioner-batch", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=0, help="0: 64 for tiny64, 8 for the 224-px presets")
     p.add_argument("--objectives", default="itc,itm,mlm")
     p.add_argument("--repeats", type=int, default=3)
@@ -174,7 +304,15 @@ def main(argv=None):
     p.add_argument("--out", default="", help="also write the Markdown tables to this file")
     args = p.parse_args(argv)
     tables = []
-    for preset in args.models.split(","):
+    device = torch.device(args.device)
+    for preset in filter(None, args.tome.split(",")):
+        tables.append(tome_markdown(preset, args.tome_batch,
+                                    bench_tome(preset, args.tome_batch, args.tome_r, max(args.repeats, 5), device)))
+        print(tables[-1] + "\n", flush=True)
+    if args.captioner:
+        tables.append(captioner_markdown(args.captioner_batch, bench_captioner(args.captioner_batch, args.repeats, device)))
+        print(tables[-1] + "\n", flush=True)
+    for preset in filter(None, args.models.split(",")):
         B = args.batch_size or (64 if preset == "tiny64" else 8)
         rows = bench_model(preset, B, args.objectives, args.repeats, args.mem_budget_gb, torch.device(args.device))
         tables.append(markdown(preset, B, rows, args.mem_budget_gb))

@@ -6,10 +6,15 @@ al., 2021); the global-batch loss follows open_clip. "Align before Fuse" (ALBEF,
 for image-text matching (ITM) with hard negatives and masked language modelling (MLM) through a
 fusion encoder that cross-attends to the image tokens.
 
+And the captioner of EVLGen ("Expedited Training of Visual Conditioned Language Generation via
+Redundancy Reduction", Jian et al., ACL 2024) with BLIP-2's learned-query bridge (Li et al., 2023)
+as the baseline: ViT -> bridge -> Linear -> soft prompt -> FROZEN language model, one loss.
+
 Read first: `contrastive_loss` (what ITC computes, and why it is exact under DDP), then
-`CLIP.forward` (text first, then the image with the method's reducer, then the objectives).
-This file composes what vit.py and text.py define; a token-reduction method enters only as
-`reducer_fn(text_guidance) -> Reducer`, built by train.py.
+`CLIP.forward` (text first, then the image with the method's reducer, then the objectives), then
+`Captioner.forward` (the prompt, then the frozen LM's loss on the caption).
+This file composes what vit.py, text.py and merge.py define; a token-reduction method enters CLIP
+only as `reducer_fn(text_guidance) -> Reducer`, built by train.py, and the captioner as its bridge.
 """
 import math
 from contextlib import nullcontext
@@ -21,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from merge import MergingBridge
-from text import CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig, TextEncoder, mask_tokens
+from text import PAD, CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig, TextEncoder, mask_tokens
 from vit import Tokens, ViT, ViTConfig, init_weights
 
 
@@ -236,9 +241,19 @@ class QueryBridge(nn.Module):
         return Tokens(self.norm(q), q.new_ones(q.shape[:2]))
 
 
+def pack(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L) padded texts -> (R, length): their tokens end to end ([CLS] ... [SEP] [CLS] ...),
+    cut into rows of `length`; the tail that does not fill a row is dropped."""
+    stream = ids[ids != PAD]  # row-major: the texts in batch order
+    rows = max(1, stream.numel() // length)
+    return stream[:rows * length].view(rows, -1)
+
+
 class LanguageModel(nn.Module):
     """The causal LM trained on caption text alone (`train.py --method lm`); the captioner loads
-    its `lm.*` weights and freezes them."""
+    its `lm.*` weights and freezes them. Texts are packed into full-context rows, as GPT-style
+    pre-training does: every position gets trained, and the captioner will put its caption after
+    a soft prompt, at positions a short caption alone would never reach."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -246,7 +261,7 @@ class LanguageModel(nn.Module):
         self.lm = CausalLM(cfg)
 
     def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
-        loss = self.lm.loss(ids)
+        loss = self.lm.loss(pack(ids, self.cfg.context_length))
         return dict(lm=loss, loss=loss)
 
 

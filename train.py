@@ -11,6 +11,11 @@ gradients are averaged over processes (DDP) and summed over micro-batches (divid
 then gradient clipping, AdamW, and the warm-up + cosine learning rate of the next step.
 Note: with accum > 1 a micro-batch's contrastive negatives are its own global micro-batch only.
 
+What a run trains (`--method`): a CLIP, with no reduction or with ELIP / EViT / ToMe reducing its
+vision tokens; `lm`, the small language model on caption text alone; `evlgen`, the captioner on
+that FROZEN language model (model.py), whose bridge merges tokens (EVLGen) or uses learned queries
+(BLIP-2; `--stage1-steps` first trains them BLIP-2's way, ITC + ITM, before the LM loss).
+
 Everything random derives from (seed, stream position) or (seed, step): the data order, the
 caption picked for an image, the crop. So a resumed run continues exactly where it stopped.
 """

@@ -50,3 +50,15 @@ def test_saved_activation_bytes_counts_inputs_not_parameters():
     # output (32 x 8 floats)
     assert nbytes == 32 * 16 * 4 + 32 * 8 * 4
     assert out.ndim == 0
+
+
+def test_tome_token_counts_and_rows():
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 20, (2, 10))
+    cfg, model = tiny("tome", tome_r="8")
+    counter, n_out = bench.count_tokens(model, cfg, images, ids)
+    # attention sees the tokens before the block's merge, the MLP those after: 65, 57, 49 ...
+    assert [counter.attn[i] for i in range(6)] == [65, 57, 49, 41, 33, 25]
+    assert [counter.mlp[i] for i in range(6)] == [57, 49, 41, 33, 25, 17] and n_out == 17
+    rows = bench.bench_tome("tiny64", 2, "8", 1, torch.device("cpu"))
+    assert rows["tome"]["tokens_out"] == 17 and rows["none"]["tokens_out"] == 65
+    assert rows["none"]["gflops"] > rows["tome"]["gflops"] > 0 and "1.00x" in bench.tome_markdown("tiny64", 2, rows)

@@ -123,3 +123,10 @@ def test_bad_captioner_inputs(tmp_path):
     lm_ckpt = dict(tokenizer=Tokenizer(["red", "circle"]).state_dict(), model_config=dict(vocab_size=7))
     with pytest.raises(data.DataError, match="does not match the language model"):
         train.check_vocabularies(Tokenizer(["blue", "square"]), dict(lm=lm_ckpt), "ckpt.pt")
+
+
+def test_language_model_packs_texts_into_full_rows():
+    from model import pack
+    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 5, 6, 7, 3]])
+    assert pack(ids, 4).tolist() == [[2, 7, 8, 3], [2, 9, 3, 2], [5, 6, 7, 3]]
+    assert pack(ids, 5).tolist() == [[2, 7, 8, 3, 2], [9, 3, 2, 5, 6]]  # the tail that does not fill a row is dropped
