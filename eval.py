@@ -446,6 +446,39 @@ def evaluate_checkpoint(path, args) -> dict:
     return metrics
 
 
+def read_curve(path: str, metric: str = "cider_d") -> list:
+    """(step, training seconds, metric) of every --eval-every line of a train.py log."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"log {path} cannot be read: {e}") from None
+    curve = [(r["step"], r["time"], r["curve"][metric]) for r in rows if metric in r.get("curve", {})]
+    if not curve:
+        raise DataError(f"log {path} has no {metric} curve: train with --eval-every N")
+    return curve
+
+
+def time_to_reach(curve: list, target: float):
+    """Training seconds at the first point of the curve at or above target, or None."""
+    return next((t for _, t, v in curve if v >= target), None)
+
+
+def curves_table(paths: list, metric: str = "cider_d") -> str:
+    """Markdown: each run's metric along its curve, its final value, and when each run first
+    reached the final value of the LAST run given (the reference, e.g. the two-stage baseline)."""
+    curves = {p: read_curve(p, metric) for p in paths}
+    target = curves[paths[-1]][-1][2]
+    lines = [f"| run (log) | {metric} along the curve (step: value) | final | training s | "
+             f"s to reach {100 * target:.1f} (last run's final) |", "|---|---|---|---|---|"]
+    for p, c in curves.items():
+        points = " ".join(f"{s}: {100 * v:.0f}" for s, _, v in c)
+        reach = time_to_reach(c, target)
+        lines.append(f"| {p} | {points} | {100 * c[-1][2]:.1f} | {c[-1][1]:.0f} | "
+                     f"{'never' if reach is None else f'{reach:.0f}'} |")
+    return "\n".join(lines)
+
+
 def mean_over_runs(runs: list) -> dict:
     """Per metric, the mean and the standard deviation over runs (e.g. seeds), and their count."""
     t = {k: torch.tensor([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], float)}
@@ -457,7 +490,9 @@ def main(argv=None):
                                             "classification, token relevance), captioners (BLEU-4, CIDEr-D, Q&A), "
                                             "language models (perplexity). Several checkpoints (e.g. seeds) are "
                                             "also averaged.")
-    p.add_argument("--ckpt", required=True, nargs="+", help="checkpoint(s) written by train.py")
+    p.add_argument("--ckpt", nargs="+", default=[], help="checkpoint(s) written by train.py")
+    p.add_argument("--curves", nargs="+", default=[], metavar="LOG",
+                   help="instead: a Markdown table of the CIDEr-D curves in these log.jsonl files (--eval-every runs)")
     p.add_argument("--json", action="store_true", help="print JSON (open_clip key names, fractions)")
     p.add_argument("--val-data", default="", help="caption file for retrieval (default: the shapes test split)")
     p.add_argument("--image-root", default="", help="folder the caption file's image paths are relative to")
@@ -474,7 +509,12 @@ def main(argv=None):
     p.add_argument("--beams", type=int, default=1, help="beam size of caption generation (captioners)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if not args.ckpt and not args.curves:
+        p.error("give --ckpt CKPT [...] or --curves LOG [...]")
     try:
+        if args.curves:
+            print(curves_table(args.curves))
+            return
         runs = [evaluate_checkpoint(path, args) for path in args.ckpt]
     except (DataError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -713,7 +713,7 @@ def train(cfg: TrainConfig) -> dict:
                 log.write(json.dumps(dict(step=step, lr=lr_at(step - 1, cfg), img_per_s=speed,
                                           time=train_seconds, **losses)) + "\n")
                 log.flush()
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total and master:
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total) and master:
             curve = run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=cfg.eval_size)
             log.write(json.dumps(dict(step=step, time=train_seconds, curve=curve)) + "\n")
             log.flush()

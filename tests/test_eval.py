@@ -101,3 +101,21 @@ def test_mean_over_runs_by_hand():
     s = evaluation.mean_over_runs(runs)
     assert s["a"]["mean"] == pytest.approx(0.2) and s["a"]["std"] == pytest.approx(0.1414213, rel=1e-5)
     assert s["a"]["n"] == 2 and "rel" not in s
+
+
+def test_curves_and_time_to_reach(tmp_path):
+    import json as _json
+    from eval import curves_table, read_curve, time_to_reach
+    from data import DataError
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(_json.dumps(r) for r in [dict(step=1, loss=2.0), dict(step=2, time=10.0, curve=dict(cider_d=0.3)),
+                                                    dict(step=4, time=20.0, curve=dict(cider_d=0.6))]))
+    b.write_text(_json.dumps(dict(step=8, time=90.0, curve=dict(cider_d=0.5))))
+    assert read_curve(str(a)) == [(2, 10.0, 0.3), (4, 20.0, 0.6)]
+    assert time_to_reach(read_curve(str(a)), 0.5) == 20.0 and time_to_reach(read_curve(str(a)), 0.7) is None
+    table = curves_table([str(a), str(b)])
+    assert "s to reach 50.0" in table and "| 60.0 | 20 | 20 |" in table and "| 50.0 | 90 | 90 |" in table
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no cider_d curve"):
+        read_curve(str(empty))
