@@ -21,6 +21,7 @@ For each method and model it reports, relative to `none` measured in the same ru
     python bench.py --tome vit_s16 --no-captioner --models ''   # ToMe's row alone
 """
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -239,7 +240,7 @@ CAPTIONERS = {  # name -> TrainConfig overrides (the bridge)
 def bench_captioner(batch_size: int, repeats: int, device) -> dict:
     """Per bridge: seconds of a training step, split into the frozen ViT's forward, the bridge
     (forward + backward of its output alone) and the rest (the frozen LM's forward and backward
-    to the prompt); tokens entering the LM. Default model sizes, random weights and captions."""
+    to the prompt); tokens entering the LM. Default model sizes, frozen ViT, random weights and captions."""
     from model import Captioner
     from text import LMConfig
     rows = {}
@@ -247,7 +248,8 @@ def bench_captioner(batch_size: int, repeats: int, device) -> dict:
         cfg = TrainConfig(method="evlgen", lm="-", **overrides)
         lm = dict(model_config=dict(vars(LMConfig(vocab_size=100, context_length=cfg.lm_context))))
         torch.manual_seed(0)
-        model = Captioner(train.captioner_config(cfg, dict(lm=lm), vocab_size=100)).to(device).train()
+        mcfg = dataclasses.replace(train.captioner_config(cfg, dict(lm=lm), vocab_size=100), freeze_vit=True)
+        model = Captioner(mcfg).to(device).train()  # the ViT frozen, as when loaded with --clip
         v = model.cfg.vision
         images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
         ids = torch.randint(5, 100, (batch_size, 24), device=device)
@@ -260,7 +262,7 @@ def bench_captioner(batch_size: int, repeats: int, device) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        features = model.visual_tokens(images)
+        features = model.visual_tokens(images).detach()
 
         def bridge_only():
             model.bridge(features).x.sum().backward()
