@@ -114,3 +114,18 @@ def test_tome_reducer_in_the_vit():
     assert out.size.sum(1).tolist() == [17, 17] and out.source[:, 0, 0].tolist() == [1, 1]
     zero = vit(images, ToMe([0, 0, 0]))  # r = 0 everywhere: exactly the plain ViT
     torch.testing.assert_close(zero, vit(images))
+
+
+def test_train_with_tome_reports_the_cap_once_and_eval_merges_off_the_shelf(tmp_path):
+    from test_train import TINY, run
+    import subprocess, sys, os
+    out = str(tmp_path / "tome")
+    r = run([*TINY, "--method", "tome", "--tome-r", "40", "--steps", "2", "--batch-size", "8", "--out", out])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("r capped at what the tokens allow") == 1 and "layer 0: 40 -> 32" in r.stdout
+    assert "results: method tome | step 2" in r.stdout
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{out}/ckpt.pt", "--tome-r", "auto", "--n-test", "10"],
+                       cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0 and "r per block [25, 19]" in r.stderr  # auto: 156/197 of 65 tokens over 2 blocks, capped
+    assert "image_to_text_R@1" in r.stdout
