@@ -1,6 +1,7 @@
 """
 Evaluation: image-text retrieval (R@1/5/10 both ways, also ITM-reranked as in ALBEF), zero-shot
-classification, and token relevance (does a reducer keep the patches the caption talks about?).
+classification, token relevance (does a reducer keep the patches the caption talks about?), and
+captioning metrics.
 
 Read first: `recall_at_k` (the standard definitions, on score matrices), then
 `zeroshot_classifier`, then `evaluate`, which `train.py` calls at the end; then `token_relevance`.
@@ -10,6 +11,10 @@ Token relevance (`token_relevance`): for any reducer, after each stage that chan
 count, the share of the patches covered by the captioned objects that are still held by kept
 (un-fused, size-1) tokens. Random pruning keeps that share equal to the share of patches kept;
 a reducer that keeps what the caption talks about does better.
+
+Captioning (`captioning`): BLEU-4 and CIDEr-D as the COCO caption evaluation defines them
+(`bleu`, `cider_d`: read these two for the exact formulas), question answering by prompting the
+captioner, and (`--curves`) CIDEr-D learning curves from training logs.
 
 Definitions (as in CLIP, ALBEF and open_clip's benchmark): with several captions per image,
 image->text R@k is the share of images with ANY of their captions among the k most similar texts;
@@ -414,7 +419,7 @@ def evaluate_checkpoint(path, args) -> dict:
         raise ValueError(f"{path} holds a {kind}: --prune, --tome-r, --relevance, --itm-rerank and "
                          f"--zeroshot-dir are for CLIP checkpoints")
     if kind == "lm":
-        sets = eval_sets(64, 8, cfg.seed, args.n_test, args.val_data, args.image_root)
+        sets = eval_sets(64, 8, cfg.seed, args.n_test, args.val_data, args.image_root)  # only its captions are read
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
     sets = eval_sets(v.image_size, v.patch_size, cfg.seed, args.n_test, args.val_data, args.image_root,

@@ -195,8 +195,7 @@ def captioner_config(cfg: TrainConfig, sources: dict, vocab_size: int) -> Captio
         text = TextConfig(width=cfg.text_width, depth=cfg.text_depth, heads=cfg.text_heads)
     text = dataclasses.replace(text, vocab_size=vocab_size, context_length=lm.context_length)  # the LM's words
     depth = cfg.bridge_depth or text.depth
-    r, note = merge_schedule(cfg.bridge_r, depth, 1 + vision.num_patches)
-    sources["r_note"] = note
+    r, _ = merge_schedule(cfg.bridge_r, depth, 1 + vision.num_patches)
     return CaptionerConfig(vision=vision, lm=lm, text=text, bridge=cfg.bridge, bridge_depth=depth, r=tuple(r),
                            merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, num_queries=cfg.num_queries,
                            freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim)
@@ -422,20 +421,17 @@ def read_checkpoint(path: str, device="cpu") -> dict:
         raise DataError(f"checkpoint {path} cannot be read: {e}") from None
 
 
-def build_model(mcfg) -> torch.nn.Module:
-    if isinstance(mcfg, CaptionerConfig):
-        return Captioner(mcfg)
-    if isinstance(mcfg, LMConfig):
-        return LanguageModel(mcfg)
-    return CLIP(mcfg)
+# What a checkpoint holds ("kind"): its model class and how its saved config is read back
+KINDS = {"clip": (CLIP, CLIPConfig, CLIPConfig.from_dict), "lm": (LanguageModel, LMConfig, lambda d: LMConfig(**d)),
+         "captioner": (Captioner, CaptionerConfig, CaptionerConfig.from_dict)}
 
 
 def kind_of(mcfg) -> str:
-    """What a checkpoint holds: "clip", "lm" (the language model alone) or "captioner"."""
-    return "captioner" if isinstance(mcfg, CaptionerConfig) else "lm" if isinstance(mcfg, LMConfig) else "clip"
+    return next(kind for kind, (_, config, _) in KINDS.items() if isinstance(mcfg, config))
 
 
-CONFIGS = {"clip": CLIPConfig.from_dict, "lm": lambda d: LMConfig(**d), "captioner": CaptionerConfig.from_dict}
+def build_model(mcfg) -> torch.nn.Module:
+    return KINDS[kind_of(mcfg)][0](mcfg)
 
 
 def load_checkpoint(path: str, device="cpu"):
@@ -443,7 +439,7 @@ def load_checkpoint(path: str, device="cpu"):
     ckpt = read_checkpoint(path, device)
     if not {"model", "model_config", "tokenizer", "config"} <= set(ckpt):
         raise DataError(f"checkpoint {path} was not written by train.py (keys: {', '.join(sorted(ckpt))})")
-    model = build_model(CONFIGS[ckpt.get("kind", "clip")](ckpt["model_config"])).to(device)
+    model = build_model(KINDS[ckpt.get("kind", "clip")][2](ckpt["model_config"])).to(device)
     load_state(model, ckpt["model"], path)
     return model.eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
 
@@ -528,9 +524,10 @@ def prepare(cfg: TrainConfig, rank: int):
         check_vocabularies(tokenizer, sources, source)
         mcfg = captioner_config(cfg, sources, len(tokenizer))
         if cfg.bridge == "merge":
-            say(f"bridge: {1 + mcfg.vision.num_patches} visual tokens, r per layer {list(mcfg.r)} -> "
-                f"{1 + mcfg.vision.num_patches - sum(mcfg.r)} tokens into the LM"
-                + (f" ({sources['r_note']})" if sources.get("r_note") else ""))
+            N = 1 + mcfg.vision.num_patches
+            note = merge_schedule(cfg.bridge_r, mcfg.bridge_depth, N)[1]
+            say(f"bridge: {N} visual tokens, r per layer {list(mcfg.r)} -> {N - sum(mcfg.r)} tokens into the LM"
+                + (f" ({note})" if note else ""))
     elif cfg.method == "lm":
         mcfg = LMConfig(vocab_size=len(tokenizer), context_length=cfg.lm_context, width=cfg.lm_width,
                         depth=cfg.lm_depth, heads=cfg.lm_heads)
