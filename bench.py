@@ -22,6 +22,7 @@ For each method and model it reports, relative to `none` measured in the same ru
 """
 import argparse
 import dataclasses
+import json
 import statistics
 import time
 
@@ -226,6 +227,32 @@ def tome_markdown(preset, batch_size, rows) -> str:
     return "\n".join(lines)
 
 
+def tome_sweep(ckpt_path: str, rs=(0, 2, 4, 6, 8, 10), batch_size: int = 64, repeats: int = 5, n_test: int = 1000,
+               device="cpu") -> list:
+    """Accuracy-cost points of ToMe off the shelf on one CLIP checkpoint: for each constant r, the
+    mean R@1 (both directions, shapes test gallery), the image tower's measured images/s and its
+    forward GFLOPs. The input of `viz.py --tradeoff`."""
+    import eval as evaluation
+    from merge import ToMe, merge_schedule
+    model, tokenizer, ckpt = train.load_checkpoint(ckpt_path, device)
+    v = model.cfg.vision
+    sets = evaluation.eval_sets(v.image_size, v.patch_size, ckpt["config"]["seed"], n_test)
+    images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
+    points = []
+    for r in rs:
+        schedule, _ = merge_schedule(r, v.depth, 1 + v.num_patches)
+        reducer = ToMe(schedule) if r else None
+        m = evaluation.evaluate(model, tokenizer, device, (sets[0], None), n_test, reducer)
+        with torch.inference_mode():
+            seconds = timed(lambda: model.visual(images, reducer), repeats)
+            counter = TokenCounter(reducer)
+            model.visual.forward_tokens(images[:1], counter)
+        points.append(dict(name=f"ToMe r={r}" if r else "none", r=schedule,
+                           accuracy=50 * (m["image_to_text_R@1"] + m["text_to_image_R@1"]),
+                           img_s=batch_size / seconds, gflops=vit_forward_flops(model.visual, counter) / 1e9))
+    return points
+
+
 # ----------------------------------------------------------------------------------------------
 # EVLGen: the captioner's training step, merged and unmerged, and where its time goes
 
@@ -304,7 +331,18 @@ def main(argv=None):
     p.add_argument("--mem-budget-gb", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="also write the Markdown tables to this file")
+    p.add_argument("--tome-sweep", metavar="CKPT", default="",
+                   help="instead: accuracy, images/s and GFLOPs of ToMe off the shelf on this CLIP checkpoint for "
+                        "r = 0, 2, ..., 10, written as JSON to --points (for viz.py --tradeoff)")
+    p.add_argument("--points", default="points.json")
     args = p.parse_args(argv)
+    if args.tome_sweep:
+        points = tome_sweep(args.tome_sweep, device=args.device)
+        with open(args.points, "w") as f:
+            json.dump(points, f, indent=1)
+        for pt in points:
+            print(f"{pt['name']:<10} mean R@1 {pt['accuracy']:5.1f} | {pt['img_s']:7.0f} img/s | {pt['gflops']:.3f} GFLOPs")
+        return
     tables = []
     device = torch.device(args.device)
     for preset in filter(None, args.tome.split(",")):
