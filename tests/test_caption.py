@@ -130,3 +130,20 @@ def test_language_model_packs_texts_into_full_rows():
     ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 5, 6, 7, 3]])
     assert pack(ids, 4).tolist() == [[2, 7, 8, 3], [2, 9, 3, 2], [5, 6, 7, 3]]
     assert pack(ids, 5).tolist() == [[2, 7, 8, 3, 2], [9, 3, 2, 5, 6]]  # the tail that does not fill a row is dropped
+
+
+def test_two_process_ddp_runs_both_stages_of_the_query_bridge(tmp_path):
+    import subprocess
+    import sys
+    clip, lm, cap = (str(tmp_path / n) for n in ("clip", "lm", "cap"))
+    small = [*TINY, "--batch-size", "4", "--steps", "2", "--no-eval"]
+    assert run([*small, "--out", clip]).returncode == 0
+    assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--out", lm]).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *small, "--method", "evlgen", "--lm", f"{lm}/ckpt.pt", "--clip", f"{clip}/ckpt.pt",
+                        "--bridge", "query", "--stage1-steps", "2", "--out", cap],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "frozen language model unchanged by training: yes" in r.stdout
+    logged = [line for line in open(f"{cap}/log.jsonl")]
+    assert '"itc"' in logged[0] and '"lm"' in logged[-1]  # stage 1, then the LM loss
