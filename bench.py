@@ -314,6 +314,103 @@ def captioner_markdown(batch_size, rows) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# --all: every run behind the README's results, its tables and figures, end to end
+
+QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
+         "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
+CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
+                  "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
+
+
+def all_runs(root: str, quick: bool) -> dict:
+    """name -> train.py arguments of every run the README's tables come from (quick: tiny models
+    and a few steps, to check the pipeline, not the figures)."""
+    q = QUICK if quick else []
+    steps = (lambda n: ["--steps", "3"]) if quick else (lambda n: ["--steps", str(n)])
+    runs = {"clip": q + steps(450), "lm": ["--method", "lm"] + q + steps(450) + (["--lm-width", "32"] if quick else [])}
+    for method in ("none", "elip", "evit"):
+        for seed in (0, 1, 2):
+            runs[f"{method}_{seed}"] = (["--method", method, "--objectives", "itc,itm,mlm", "--seed", str(seed)] + q
+                                       + steps(300) + (["--keep-warmup", "0"] if method == "elip" else []))
+    cap = ["--method", "evlgen", "--lm", f"{root}/lm/ckpt.pt", "--clip", f"{root}/clip/ckpt.pt", "--eval-every",
+           "1" if quick else "25", "--eval-size", "10" if quick else "500"] + q + steps(300)
+    for seed in (0, 1):
+        for name, extra in CAPTIONERS_RUN.items():
+            runs[f"{name}_{seed}"] = cap + ["--seed", str(seed)] + [e.format(stage1=3 if quick else 300) for e in extra]
+    return {name: args + ["--out", f"{root}/{name}", "--overwrite"] for name, args in runs.items()}
+
+
+def run_logged(cmd: list, log_path: str, what: str):
+    """Run a python command, its output to log_path; stop naming the run and the log if it fails."""
+    import subprocess
+    import sys
+    with open(log_path, "w") as log:
+        code = subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise SystemExit(f"error: {what} failed (exit {code}); its output is in {log_path}")
+
+
+def eval_json(args: list, root: str, name: str) -> dict:
+    run_logged(["eval.py", "--json", *args], f"{root}/{name}.json", f"eval.py {' '.join(args)}")
+    with open(f"{root}/{name}.json") as f:
+        return json.loads(f.read().strip().splitlines()[-1])
+
+
+def reproduce_all(root: str, quick: bool = False) -> str:
+    """Every training run (skipping those already finished), then the tables (Markdown, in
+    ROOT/results.md) and the figures (ROOT/*.png). Returns the Markdown."""
+    import os
+    os.makedirs(root, exist_ok=True)
+    t0, sections = time.time(), []
+    for name, args in all_runs(root, quick).items():
+        if os.path.exists(f"{root}/{name}/ckpt.pt"):
+            continue  # finished before: rerunning is a matter of deleting the folder
+        print(f"[{(time.time() - t0) / 60:5.1f} min] train.py {name}", flush=True)
+        run_logged(["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
+    n_test = ["--n-test", "20" if quick else "1000"]
+    rows = ["| method | i2t R@1, all tokens | t2i R@1, all tokens | i2t R@1, pruned | t2i R@1, pruned | zero-shot top-1 |",
+            "|---|---|---|---|---|---|"]
+    for method in ("none", "elip", "evit"):
+        ckpts = [f"{root}/{method}_{seed}/ckpt.pt" for seed in (0, 1, 2)]
+        full = eval_json(["--ckpt", *ckpts, *n_test], root, f"eval_{method}")["mean"]
+        pruned = eval_json(["--ckpt", *ckpts, "--prune", *n_test], root, f"eval_{method}_prune")["mean"] \
+            if method != "none" else None
+        cell = lambda m, k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" if m else "—"
+        rows.append(f"| {method} | {cell(full, 'image_to_text_R@1')} | {cell(full, 'text_to_image_R@1')} | "
+                    f"{cell(pruned, 'image_to_text_R@1')} | {cell(pruned, 'text_to_image_R@1')} | {cell(full, 'zeroshot_top1')} |")
+    sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + "\n".join(rows))
+    tome_rows = ["| r per block | image→text R@1 | text→image R@1 | zero-shot top-1 |", "|---|---|---|---|"]
+    for r in ("0", "4", "8", "12"):
+        m = eval_json(["--ckpt", f"{root}/clip/ckpt.pt", *n_test] + (["--tome-r", r] if r != "0" else []), root, f"tome_{r}")
+        tome_rows.append(f"| {r} | {100 * m['image_to_text_R@1']:.1f} | {100 * m['text_to_image_R@1']:.1f} | "
+                         f"{100 * m['zeroshot_top1']:.1f} |")
+    sections.append("### ToMe off the shelf on the default CLIP\n\n" + "\n".join(tome_rows))
+    import eval as evaluation
+    for seed in (0, 1):
+        logs = [f"{root}/{n}_{seed}/log.jsonl" for n in ("nomerge", "query1", "evlgen", "query2")]
+        sections.append(f"### Captioners, seed {seed}: CIDEr-D curves and time to reach (c)'s final\n\n"
+                        + evaluation.curves_table(logs))
+    bench_md = f"{root}/bench.md"
+    run_logged(["bench.py", "--out", bench_md] + (["--tome", "tiny64", "--models", "tiny64", "--repeats", "1",
+                                                    "--captioner-batch", "8", "--batch-size", "8"] if quick else []), f"{root}/bench.txt", "bench.py")
+    with open(bench_md) as f:
+        sections.append("### Cost (bench.py)\n\n" + f.read())
+    run_logged(["bench.py", "--tome-sweep", f"{root}/clip/ckpt.pt", "--points", f"{root}/points.json"],
+               f"{root}/sweep.txt", "bench.py --tome-sweep")
+    for args in (["--ckpt", f"{root}/elip_0/ckpt.pt", "--n", "6", "--out", f"{root}/masks_elip.png"],
+                 ["--ckpt", f"{root}/clip/ckpt.pt", "--method", "tome", "--n", "4", "--out", f"{root}/masks_tome.png"],
+                 ["--curves", *[f"{root}/{n}_0/log.jsonl" for n in CAPTIONERS_RUN], "--metric", "cider_d", "--x", "time",
+                  "--out", f"{root}/captioner_curves.png"],
+                 ["--tradeoff", f"{root}/points.json", "--out", f"{root}/tradeoff_tome.png"]):
+        run_logged(["viz.py", *args], f"{root}/viz.txt", f"viz.py {args[-1]}")
+    minutes = (time.time() - t0) / 60
+    text = "\n\n".join(sections) + f"\n\n(bench.py --all{' --quick' if quick else ''}: {minutes:.1f} min)\n"
+    with open(f"{root}/results.md", "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="ToMe's inference speed-up; the captioner's training step per bridge; "
                                             "the CLIP training step under none / evit / elip / elip without "
@@ -335,7 +432,14 @@ def main(argv=None):
                    help="instead: accuracy, images/s and GFLOPs of ToMe off the shelf on this CLIP checkpoint for "
                         "r = 0, 2, ..., 10, written as JSON to --points (for viz.py --tradeoff)")
     p.add_argument("--points", default="points.json")
+    p.add_argument("--all", metavar="DIR", default="",
+                   help="instead: every run behind the README's results, then its tables (DIR/results.md) and "
+                        "figures (DIR/*.png); finished runs are kept, so an interrupted --all continues")
+    p.add_argument("--quick", action="store_true", help="with --all: tiny models, a few steps (checks the pipeline)")
     args = p.parse_args(argv)
+    if args.all:
+        print(reproduce_all(args.all, args.quick))
+        return
     if args.tome_sweep:
         points = tome_sweep(args.tome_sweep, device=args.device)
         with open(args.points, "w") as f:

@@ -62,3 +62,17 @@ def test_tome_token_counts_and_rows():
     rows = bench.bench_tome("tiny64", 2, "8", 1, torch.device("cpu"))
     assert rows["tome"]["tokens_out"] == 17 and rows["none"]["tokens_out"] == 65
     assert rows["none"]["gflops"] > rows["tome"]["gflops"] > 0 and "1.00x" in bench.tome_markdown("tiny64", 2, rows)
+
+
+def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
+    """`bench.py --all --quick`: every run, table and figure of the README at toy size."""
+    import os
+    text = bench.reproduce_all(str(tmp_path), quick=True)
+    for heading in ("ELIP and EViT against no pruning", "ToMe off the shelf", "Captioners, seed 1", "Cost (bench.py)"):
+        assert heading in text
+    assert "| elip |" in text and "| 8 |" in text and "evlgen_0" in text
+    for png in ("masks_elip", "masks_tome", "captioner_curves", "tradeoff_tome"):
+        assert os.path.getsize(tmp_path / f"{png}.png") > 1000
+    assert os.path.exists(tmp_path / "results.md")
+    again = bench.reproduce_all(str(tmp_path), quick=True)  # finished runs are kept, not retrained
+    assert "| elip |" in again
