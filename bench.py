@@ -73,12 +73,18 @@ def count_tokens(model, cfg: TrainConfig, images, ids):
     return counter, out.x.shape[1]
 
 
+def vit_forward_flops(vit, counter) -> float:
+    """Forward FLOPs of the ViT: the patch embedding, then each block at the token counts seen."""
+    v = vit.cfg
+    return 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width + sum(
+        block_flops(counter.attn[i], counter.mlp[i], v.width, v.mlp_ratio) for i in range(v.depth))
+
+
 def forward_flops(model, cfg: TrainConfig, counter, n_out, text_len) -> dict:
     """Per-sample forward FLOPs of a training step, by part."""
     v, t = model.cfg.vision, model.cfg.text
     P = v.num_patches
-    vit = 2 * P * 3 * v.patch_size ** 2 * v.width
-    vit += sum(block_flops(counter.attn[i], counter.mlp[i], v.width, v.mlp_ratio) for i in range(v.depth))
+    vit = vit_forward_flops(model.visual, counter)
     lookahead = 0.0
     if cfg.method == "elip" and cfg.lookahead:
         s = train.elip_schedule(cfg, v.depth)
@@ -182,12 +188,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def vit_forward_flops(vit, counter) -> float:
-    v = vit.cfg
-    return 2 * v.num_patches * 3 * v.patch_size ** 2 * v.width + sum(
-        block_flops(counter.attn[i], counter.mlp[i], v.width, v.mlp_ratio) for i in range(v.depth))
 
 
 def bench_tome(preset: str, batch_size: int, r: str, repeats: int, device) -> dict:

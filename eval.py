@@ -302,8 +302,8 @@ def answer_questions(model, tokenizer, images, captions, questions, device, batc
 def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions=True) -> dict:
     """BLEU-4 and CIDEr-D of generated captions against every reference caption of the first n
     images; on shapes also question-answering exact-match accuracy (one question per image)."""
-    images, _, _ = load_gallery(dataset, n)
-    refs = [dataset.captions(i) for i in range(len(images))]
+    images, captions, owner = load_gallery(dataset, n)
+    refs = [[c for c, o in zip(captions, owner.tolist()) if o == i] for i in range(len(images))]
     cands = caption_images(model, tokenizer, images, device, num_beams)
     metrics = dict(bleu4=bleu(cands, refs), cider_d=cider_d(cands, refs))
     if questions and hasattr(dataset, "scene"):

@@ -120,7 +120,7 @@ def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.p
     items = [dataset[i] for i in range(n)]
     images = torch.stack([it["image"] for it in items])
     captions = [it["captions"][0] for it in items]
-    make = train.reducer_fn(cfg, v, step=cfg.steps, training=True) if cfg.method in ("elip", "evit", "tome") else None
+    make = train.reducer_fn(cfg, v, step=cfg.steps, training=True)  # None for a method that reduces nothing
     note = ""
     if make is None:
         stages = []
