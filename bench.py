@@ -227,30 +227,59 @@ def tome_markdown(preset, batch_size, rows) -> str:
     return "\n".join(lines)
 
 
-def tome_sweep(ckpt_path: str, rs=(0, 2, 4, 6, 8, 10), batch_size: int = 64, repeats: int = 5, n_test: int = 1000,
-               device="cpu") -> list:
-    """Accuracy-cost points of ToMe off the shelf on one CLIP checkpoint: for each constant r, the
-    mean R@1 (both directions, shapes test gallery), the image tower's measured images/s and its
-    forward GFLOPs. The input of `viz.py --tradeoff`."""
+def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int = 1000, device="cpu") -> list:
+    """Accuracy-cost points, the input of `viz.py --tradeoff`. specs: (method, name, checkpoint
+    paths, reducer) with reducer(cfg, vision) -> the reducer to evaluate with (None: all tokens).
+    Per point: the mean R@1 (both directions, shapes test gallery) averaged over the checkpoints
+    (seeds), the image tower's measured images/s (median over the checkpoints) and its forward
+    GFLOPs. Every point is timed in this one call, so the throughputs compare."""
     import eval as evaluation
-    from merge import ToMe, merge_schedule
-    model, tokenizer, ckpt = train.load_checkpoint(ckpt_path, device)
-    v = model.cfg.vision
-    sets = evaluation.eval_sets(v.image_size, v.patch_size, ckpt["config"]["seed"], n_test)
-    images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
     points = []
-    for r in rs:
-        schedule, _ = merge_schedule(r, v.depth, 1 + v.num_patches)
-        reducer = ToMe(schedule) if r else None
-        m = evaluation.evaluate(model, tokenizer, device, (sets[0], None), n_test, reducer)
-        with torch.inference_mode():
-            seconds = timed(lambda: model.visual(images, reducer), repeats)
-            counter = TokenCounter(reducer)
-            model.visual.forward_tokens(images[:1], counter)
-        points.append(dict(name=f"ToMe r={r}" if r else "none", r=schedule,
-                           accuracy=50 * (m["image_to_text_R@1"] + m["text_to_image_R@1"]),
-                           img_s=batch_size / seconds, gflops=vit_forward_flops(model.visual, counter) / 1e9))
+    for method, name, paths, make in specs:
+        accs, speeds = [], []
+        for path in paths:
+            model, tokenizer, ckpt = train.load_checkpoint(path, device)
+            cfg, v = train.saved_config(ckpt), model.cfg.vision
+            reducer = make(cfg, v)
+            sets = evaluation.eval_sets(v.image_size, v.patch_size, cfg.seed, n_test)
+            m = evaluation.evaluate(model, tokenizer, device, (sets[0], None), n_test, reducer)
+            accs.append(50 * (m["image_to_text_R@1"] + m["text_to_image_R@1"]))
+            images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
+            with torch.inference_mode():
+                speeds.append(batch_size / timed(lambda: model.visual(images, reducer), repeats))
+                counter = TokenCounter(reducer)
+                model.visual.forward_tokens(images[:1], counter)
+        points.append(dict(method=method, name=name, accuracy=statistics.mean(accs), seeds=len(paths),
+                           img_s=statistics.median(speeds), gflops=vit_forward_flops(model.visual, counter) / 1e9))
     return points
+
+
+def tome_reducer(r: int):
+    """reducer(cfg, vision) for ToMe off the shelf with a constant r (0: none)."""
+    from merge import ToMe, merge_schedule
+    return lambda cfg, v: ToMe(merge_schedule(r, v.depth, 1 + v.num_patches)[0]) if r else None
+
+
+def trained_reducer(cfg, v):
+    """The reducer a checkpoint trained with, at inference (no text: ELIP scores without it)."""
+    return train.reducer_fn(cfg, v, cfg.steps, training=False)(None)
+
+
+def tome_sweep(ckpt_path: str, rs=(0, 2, 4, 6, 8, 10), **kw) -> list:
+    """ToMe off the shelf on one CLIP checkpoint, for each constant r."""
+    return cost_points([("ToMe" if r else "none", f"ToMe r={r}" if r else "none", [ckpt_path], tome_reducer(r))
+                        for r in rs], **kw)
+
+
+def method_points(root: str, seeds=(0, 1, 2), **kw) -> list:
+    """Every reducer of the ITC+ITM+MLM runs of --all on one plot: `none` with all tokens, ELIP and
+    EViT with the pruning they trained with, ToMe off the shelf on the `none` checkpoints."""
+    ckpts = lambda m: [f"{root}/{m}_{s}/ckpt.pt" for s in seeds]
+    specs = [("none", "none", ckpts("none"), tome_reducer(0)),
+             ("ELIP", "ELIP (pruned)", ckpts("elip"), trained_reducer),
+             ("EViT", "EViT (pruned)", ckpts("evit"), trained_reducer)]
+    specs += [("ToMe", f"ToMe r={r}", ckpts("none"), tome_reducer(r)) for r in (2, 4, 6, 8)]
+    return cost_points(specs, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,13 +425,16 @@ def reproduce_all(root: str, quick: bool = False) -> str:
                                                     "--captioner-batch", "8", "--batch-size", "8"] if quick else []), f"{root}/bench.txt", "bench.py")
     with open(bench_md) as f:
         sections.append("### Cost (bench.py)\n\n" + f.read())
-    run_logged(["bench.py", "--tome-sweep", f"{root}/clip/ckpt.pt", "--points", f"{root}/points.json"],
-               f"{root}/sweep.txt", "bench.py --tome-sweep")
+    run_logged(["bench.py", "--tome-sweep", f"{root}/clip/ckpt.pt", "--points", f"{root}/points.json"]
+               + (["--n-test", "20"] if quick else []), f"{root}/sweep.txt", "bench.py --tome-sweep")
+    run_logged(["bench.py", "--method-points", root, "--points", f"{root}/method_points.json"]
+               + (["--n-test", "20"] if quick else []), f"{root}/method_points.txt", "bench.py --method-points")
     for args in (["--ckpt", f"{root}/elip_0/ckpt.pt", "--n", "6", "--out", f"{root}/masks_elip.png"],
                  ["--ckpt", f"{root}/clip/ckpt.pt", "--method", "tome", "--n", "4", "--out", f"{root}/masks_tome.png"],
                  ["--curves", *[f"{root}/{n}_0/log.jsonl" for n in CAPTIONERS_RUN], "--metric", "cider_d", "--x", "time",
                   "--out", f"{root}/captioner_curves.png"],
-                 ["--tradeoff", f"{root}/points.json", "--out", f"{root}/tradeoff_tome.png"]):
+                 ["--tradeoff", f"{root}/points.json", "--out", f"{root}/tradeoff_tome.png"],
+                 ["--tradeoff", f"{root}/method_points.json", "--out", f"{root}/tradeoff_methods.png"]):
         run_logged(["viz.py", *args], f"{root}/viz.txt", f"viz.py {args[-1]}")
     minutes = (time.time() - t0) / 60
     text = "\n\n".join(sections) + f"\n\n(bench.py --all{' --quick' if quick else ''}: {minutes:.1f} min)\n"
@@ -431,7 +463,11 @@ def main(argv=None):
     p.add_argument("--tome-sweep", metavar="CKPT", default="",
                    help="instead: accuracy, images/s and GFLOPs of ToMe off the shelf on this CLIP checkpoint for "
                         "r = 0, 2, ..., 10, written as JSON to --points (for viz.py --tradeoff)")
+    p.add_argument("--method-points", metavar="DIR", default="",
+                   help="instead: accuracy, images/s and GFLOPs of none / ELIP / EViT (3 seeds each) and ToMe off "
+                        "the shelf on the none runs, from the runs of --all DIR, written as JSON to --points")
     p.add_argument("--points", default="points.json")
+    p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points: test gallery size")
     p.add_argument("--all", metavar="DIR", default="",
                    help="instead: every run behind the README's results, then its tables (DIR/results.md) and "
                         "figures (DIR/*.png); finished runs are kept, so an interrupted --all continues")
@@ -440,12 +476,13 @@ def main(argv=None):
     if args.all:
         print(reproduce_all(args.all, args.quick))
         return
-    if args.tome_sweep:
-        points = tome_sweep(args.tome_sweep, device=args.device)
+    if args.tome_sweep or args.method_points:
+        kw = dict(n_test=args.n_test, device=args.device)
+        points = tome_sweep(args.tome_sweep, **kw) if args.tome_sweep else method_points(args.method_points, **kw)
         with open(args.points, "w") as f:
             json.dump(points, f, indent=1)
         for pt in points:
-            print(f"{pt['name']:<10} mean R@1 {pt['accuracy']:5.1f} | {pt['img_s']:7.0f} img/s | {pt['gflops']:.3f} GFLOPs")
+            print(f"{pt['name']:<14} mean R@1 {pt['accuracy']:5.1f} | {pt['img_s']:7.0f} img/s | {pt['gflops']:.3f} GFLOPs")
         return
     tables = []
     device = torch.device(args.device)

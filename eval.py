@@ -411,9 +411,9 @@ def format_table(metrics: dict) -> str:
 
 def evaluate_checkpoint(path, args) -> dict:
     """Every metric the flags ask for, for one checkpoint."""
-    from train import TrainConfig, elip_schedule, load_checkpoint, reducer_fn, tome_schedule  # the one reader of checkpoints
-    model, tokenizer, ckpt = load_checkpoint(path, args.device)
-    cfg = TrainConfig(**{k: val for k, val in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    from train import TrainConfig, elip_schedule, load_checkpoint, reducer_fn, saved_config, tome_schedule
+    model, tokenizer, ckpt = load_checkpoint(path, args.device)  # train.py: the one reader of checkpoints
+    cfg = saved_config(ckpt)
     kind = ckpt.get("kind", "clip")
     if kind != "clip" and (args.prune or args.tome_r or args.relevance or args.itm_rerank or args.zeroshot_dir):
         raise ValueError(f"{path} holds a {kind}: --prune, --tome-r, --relevance, --itm-rerank and "

@@ -444,6 +444,12 @@ def load_checkpoint(path: str, device="cpu"):
     return model.eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
 
 
+def saved_config(ckpt: dict, **overrides) -> "TrainConfig":
+    """The TrainConfig a checkpoint was trained with (fields added since then keep their defaults)."""
+    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{**saved, **overrides})
+
+
 def load_state(model, state: dict, path: str):
     """load_state_dict that stops with one sentence listing what does not fit."""
     ours = model.state_dict()

@@ -113,8 +113,7 @@ def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.p
     model, tokenizer, ckpt = train.load_checkpoint(ckpt_path)
     if ckpt.get("kind", "clip") != "clip":
         raise ValueError(f"{ckpt_path} holds a {ckpt['kind']}: masks are drawn for CLIP checkpoints")
-    saved = {k: v for k, v in ckpt["config"].items() if k in train.TrainConfig.__dataclass_fields__}
-    cfg = train.TrainConfig(**{**saved, "method": method or saved["method"]})
+    cfg = train.saved_config(ckpt, method=method or ckpt["config"]["method"])
     v = model.cfg.vision
     dataset = data.ShapesDataset("test", n, v.image_size, v.patch_size, cfg.seed)
     items = [dataset[i] for i in range(n)]
@@ -192,19 +191,23 @@ def pareto_front(points: list, x: str, y: str) -> list:
 
 def plot_tradeoff(points: list, out: str = "tradeoff.png", accuracy: str = "accuracy") -> str:
     """Accuracy against measured throughput and against FLOPs (less is better, so GFLOPs are
-    negated for the front), one marker per method and setting, the Pareto front drawn."""
+    negated for the front), one marker per setting, one colour per method, the Pareto front drawn."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    methods = list(dict.fromkeys(p.get("method", p["name"]) for p in points))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, key, label in ((axes[0], "img_s", "measured images/s"), (axes[1], "neg_gflops", "GFLOPs per image")):
         pts = [dict(p, neg_gflops=-p["gflops"]) for p in points]
+        for m in methods:
+            mine = [p for p in pts if p.get("method", p["name"]) == m]
+            ax.scatter([abs(p[key]) for p in mine], [p[accuracy] for p in mine], s=25, color=colour[m], label=m)
         for p in pts:
-            ax.scatter(abs(p[key]), p[accuracy], s=25)
             ax.annotate(p["name"], (abs(p[key]), p[accuracy]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = pareto_front(pts, key, accuracy)
         ax.plot([abs(p[key]) for p in front], [p[accuracy] for p in front], "k--", lw=1, label="Pareto front")
         ax.set_xlabel(label)
         ax.set_ylabel(accuracy)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     plt.close(fig)

@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 
 import bench
@@ -71,8 +74,15 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     for heading in ("ELIP and EViT against no pruning", "ToMe off the shelf", "Captioners, seed 1", "Cost (bench.py)"):
         assert heading in text
     assert "| elip |" in text and "| 8 |" in text and "evlgen_0" in text
-    for png in ("masks_elip", "masks_tome", "captioner_curves", "tradeoff_tome"):
+    for png in ("masks_elip", "masks_tome", "captioner_curves", "tradeoff_tome", "tradeoff_methods"):
         assert os.path.getsize(tmp_path / f"{png}.png") > 1000
+    points = {p["name"]: p for p in json.loads((tmp_path / "method_points.json").read_text())}
+    assert {"none", "ELIP (pruned)", "EViT (pruned)", "ToMe r=8"} <= set(points)
+    assert all(p["seeds"] == 3 for p in points.values())
+    assert points["ELIP (pruned)"]["gflops"] < points["none"]["gflops"]
+    evals = json.loads((tmp_path / "eval_elip_prune.json").read_text().strip().splitlines()[-1])["mean"]
+    assert points["ELIP (pruned)"]["accuracy"] == pytest.approx(  # the same numbers as eval.py's table
+        50 * (evals["image_to_text_R@1"]["mean"] + evals["text_to_image_R@1"]["mean"]))
     assert os.path.exists(tmp_path / "results.md")
     again = bench.reproduce_all(str(tmp_path), quick=True)  # finished runs are kept, not retrained
     assert "| elip |" in again
