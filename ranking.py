@@ -1,0 +1,344 @@
+"""
+Patch Ranking: prune a trained, FROZEN CLIP's patch tokens once, at one layer, by a learned ranking.
+
+Paper: "Patch Ranking: Token Pruning as Ranking Prediction for Efficient CLIP" (Wu, Lin, Hu,
+Morgado, WACV 2025, arXiv 2409.14607). Three steps, each below:
+  1. `golden_ranking`: the best tokens to keep, found by greedy backward elimination — remove the
+     candidate (a patch, or a k x k block of patches) whose removal changes the final embedding
+     least, a chunk at a time, and read the ranking backwards (last removed = most important).
+     Expensive (a partial forward per candidate), so it runs once per training image, offline.
+  2. `Predictor`: ~50K parameters that imitate the golden ranking from the tokens entering the
+     pruning layer (the CLIP's own early features: inference needs nothing else), trained with a
+     listwise KL loss (`listwise_loss`) or a pairwise margin loss.
+  3. `RankingCLIP`: the CLIP with the predictor wired in through the seam (`RankPrune`: run the
+     blocks before the pruning layer, score, keep the top 60% of patches in original order, run
+     the rest) and a few learnable tokens appended to the pruned sequence, trained with the
+     contrastive loss while everything else stays frozen, to win back what pruning lost.
+
+Read first: `embed_subsets` (how one image's candidates become one batch), `golden_ranking`, then
+`Predictor`, `RankPrune` and `RankingCLIP`. train.py's `--method ranking` runs the three phases;
+`search_cached` keeps the rankings on disk with the identity of the checkpoint they came from.
+"""
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import CLIP, CLIPConfig, contrastive_loss
+from vit import Mlp, Reducer, Tokens
+
+SCORE_MODES = ("similarity", "label", "max")
+
+
+def pruning_layer(depth: int, layer: int = -1) -> int:
+    """The block whose INPUT is pruned: the authors' block 3 of 12, scaled to depth (-1), or as given."""
+    layer = round(3 * depth / 12) if layer < 0 else layer
+    if not 0 <= layer < depth:
+        raise ValueError(f"pruning layer {layer} is outside the ViT's blocks 0..{depth - 1}")
+    return layer
+
+
+def keep_count(keep: float, num_patches: int) -> int:
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep fraction {keep} is outside (0, 1]")
+    return max(1, math.floor(keep * num_patches + 0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The golden ranking
+
+def candidate_groups(grid: tuple, k: int) -> torch.Tensor:
+    """(G, P) bool: which patches each candidate holds — k x k blocks of the patch grid (k = 1:
+    single patches; blocks at the right / bottom edge are smaller when k does not divide the grid)."""
+    h, w = grid
+    rows, cols = torch.arange(h) // k, torch.arange(w) // k
+    group = (rows[:, None] * math.ceil(w / k) + cols[None, :]).flatten()  # (P,)
+    return F.one_hot(group).T.bool()
+
+
+@torch.no_grad()
+def embed_from(clip: CLIP, layer: int, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+    """The normalised image embedding after blocks layer.. of the ViT on tokens x (B, N, D)."""
+    for block in clip.visual.blocks[layer:]:
+        x = block(x, attn_bias)
+    return F.normalize(clip.visual_proj(clip.visual.norm(x[:, 0])), dim=-1)
+
+
+@torch.no_grad()
+def embed_subsets(clip: CLIP, layer: int, x: torch.Tensor, keep: torch.Tensor, max_rows: int = 256) -> torch.Tensor:
+    """The embedding of every subset of patches of every image in one batch: x (B, 1+P, D) the
+    tokens entering `layer`, keep (B, n, P) bool, n subsets per image. Subsets of different sizes
+    are padded and the padding masked out of attention, which equals removing it. -> (B, n, E)."""
+    B, n, P = keep.shape
+    keep = keep.reshape(B * n, P)
+    counts = keep.sum(1)
+    L = int(counts.max())
+    idx = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :L]  # (B*n, L): kept patches first, in order
+    image = torch.arange(B, device=x.device).repeat_interleave(n)
+    out = []
+    for s in range(0, B * n, max_rows):
+        rows = slice(s, s + max_rows)
+        patches = x[:, 1:][image[rows, None], idx[rows]]  # (r, L, D)
+        seq = torch.cat([x[image[rows], :1], patches], 1)  # (r, 1+L, D)
+        bias = None
+        if (counts[rows] < L).any():
+            valid = torch.arange(L, device=x.device) < counts[rows, None]  # (r, L)
+            valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], 1)
+            bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, float("-inf"))
+            bias = bias[:, None, None, :]  # (r, 1, 1, 1+L): no query attends to padding
+        out.append(embed_from(clip, layer, seq, bias))
+    return torch.cat(out).view(B, n, -1)
+
+
+def removal_scores(emb, ref, mode="similarity", classes=None, labels=None) -> torch.Tensor:
+    """How well each candidate's removal preserves the image (higher = less harmful).
+    emb (B, n, E) embeddings without each candidate, ref (B, E) the unpruned embedding;
+    classes (C, E) normalised class-text embeddings and labels (B,) for `label`."""
+    if mode == "similarity":
+        return (emb * ref[:, None]).sum(-1)
+    if classes is None or (mode == "label" and labels is None):
+        raise ValueError(f"score mode {mode!r} needs the class embeddings" + (" and labels" if mode == "label" else ""))
+    target = labels if mode == "label" else (ref @ classes.T).argmax(-1)  # max: the class predicted unpruned
+    return (emb * classes[target][:, None]).sum(-1)  # the target class's logit, up to CLIP's scale
+
+
+@torch.no_grad()
+def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 8,
+                   mode: str = "similarity", classes=None, labels=None, max_rows: int = 256) -> torch.Tensor:
+    """Greedy backward elimination on tokens x (B, 1+P, D) entering block `layer` of a frozen CLIP.
+    Each iteration scores every remaining candidate of every image (one batch: `embed_subsets`)
+    and removes the `chunk` least harmful, best first. Returns (B, P) patch indices, most
+    important first (the reverse of removal; a block's patches in index order)."""
+    if mode not in SCORE_MODES:
+        raise ValueError(f"score mode {mode!r} is not one of {', '.join(SCORE_MODES)}")
+    B, N, _ = x.shape
+    P = N - 1
+    if grid is None:
+        side = math.isqrt(P)
+        grid = (side, side) if side * side == P else (1, P)
+    if grid[0] * grid[1] != P or (k > 1 and grid[0] == 1):
+        raise ValueError(f"{k}x{k} blocks need the patch grid; {P} patches do not make {grid}")
+    member = candidate_groups(grid, k).to(x.device)  # (G, P)
+    ref = embed_from(clip, layer, x)
+    alive = torch.ones(B, member.shape[0], dtype=torch.bool, device=x.device)
+    removed = []
+    while alive.any():
+        cand = alive.nonzero()[:, 1].view(B, -1)  # (B, n): every image has the same number left
+        alive_patches = (alive.float() @ member.float()) > 0  # (B, P)
+        keep = alive_patches[:, None, :] & ~member[cand]  # (B, n, P): all that is left but candidate j
+        scores = removal_scores(embed_subsets(clip, layer, x, keep, max_rows), ref, mode, classes, labels)
+        out = cand.gather(1, scores.topk(min(chunk, cand.shape[1]), dim=1).indices)  # least harmful first
+        alive.scatter_(1, out, False)
+        removed.append(out)
+    order = torch.cat(removed, 1).flip(1)  # (B, G) groups, most important first
+    position = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=x.device).expand_as(order))
+    group_of_patch = member.float().argmax(0)  # (P,)
+    key = position[:, group_of_patch] * P + torch.arange(P, device=x.device)
+    return key.argsort(1)
+
+
+def positions(ranking: torch.Tensor) -> torch.Tensor:
+    """(B, P): each patch's place in the ranking (0 = most important)."""
+    pos = torch.empty_like(ranking)
+    return pos.scatter_(1, ranking, torch.arange(ranking.shape[1], device=ranking.device).expand_as(ranking))
+
+
+@torch.no_grad()
+def layer_input(clip: CLIP, images: torch.Tensor, layer: int) -> torch.Tensor:
+    """The tokens entering block `layer`: (B, 1+P, D)."""
+    x = clip.visual.embed(images).x
+    for block in clip.visual.blocks[:layer]:
+        x = block(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The ranking cache: computed once per (checkpoint, settings), resumable, never reused stale
+
+def file_identity(path: str) -> str:
+    """sha256 of a file's bytes: which checkpoint a cache was made from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def search_cached(clip: CLIP, images_of, n: int, cache: str, identity: dict, layer: int, batch_size: int = 16,
+                  labels_of=None, say=print, **search) -> torch.Tensor:
+    """Golden rankings (n, P) of images_of(i) for i < n (labels_of(i) for the `label` mode),
+    cached at `cache` with `identity` (the checkpoint's sha256 and every setting of the search).
+    A cache with another identity stops with a message; a partial one (an interrupted search) is
+    continued."""
+    done = torch.zeros(0, clip.cfg.vision.num_patches, dtype=torch.long)
+    if os.path.exists(cache):
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if saved.get("identity") != identity:
+            diff = [k for k in identity if saved.get("identity", {}).get(k) != identity[k]]
+            raise ValueError(f"ranking cache {cache} was made with another {', '.join(diff) or 'identity'}: "
+                             f"delete it (or point the search elsewhere) to search again")
+        done = saved["rankings"]
+    if len(done) >= n:
+        return done[:n]
+    device = next(clip.parameters()).device
+    t0, start = time.time(), len(done)
+    say(f"golden ranking: {start} of {n} images cached, searching the rest")
+    while len(done) < n:
+        idx = range(len(done), min(n, len(done) + batch_size))
+        images = torch.stack([images_of(i) for i in idx]).to(device)
+        labels = torch.tensor([labels_of(i) for i in idx], device=device) if labels_of else None
+        rank = golden_ranking(clip, layer_input(clip, images, layer), layer, labels=labels, **search)
+        done = torch.cat([done, rank.cpu()])
+        tmp = cache + ".tmp"
+        torch.save(dict(identity=identity, rankings=done), tmp)
+        os.replace(tmp, cache)  # a crash leaves the previous batch's cache, never a torn file
+        rate = (len(done) - start) / (time.time() - t0)
+        say(f"golden ranking: {len(done)}/{n} images, {rate:.1f} images/s")
+    return done
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The predictor and its losses
+
+class MixerBlock(nn.Module):
+    """One MLP-Mixer block: an MLP across the tokens, then one across the channels, pre-norm."""
+
+    def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_mlp = Mlp(tokens, token_hidden)
+        self.norm2 = nn.LayerNorm(dim)
+        self.channel_mlp = Mlp(dim, channel_hidden)
+
+    def forward(self, x):  # (B, P, dim)
+        x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.norm2(x))
+
+
+class Predictor(nn.Module):
+    """Per-patch importance from the patch tokens entering the pruning layer (B, P, width):
+    channels average-pooled to `dim`, one Mixer block, a Linear to one score per patch."""
+
+    def __init__(self, width: int, num_patches: int, dim: int = 64):
+        super().__init__()
+        self.dim = min(dim, width)
+        self.mixer = MixerBlock(num_patches, self.dim, max(1, num_patches // 2), 2 * self.dim)
+        self.norm = nn.LayerNorm(self.dim)
+        self.head = nn.Linear(self.dim, 1)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool1d(patches.float(), self.dim)  # (B, P, dim): the channel pooling
+        return self.head(self.norm(self.mixer(x))).squeeze(-1)  # (B, P)
+
+
+def listwise_loss(scores: torch.Tensor, ranking: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
+    """KL(target || softmax(scores)) with the target a softmax over the golden places: the most
+    important patch gets logit 0, the least -1/temperature, linearly in between. KL weighs each
+    patch by its target probability, so a sharp target (small temperature) all but ignores the
+    order among the least important — the very patches pruning removes; 0.3 keeps them weighed."""
+    P = ranking.shape[1]
+    target = F.softmax(-positions(ranking).float() / max(P - 1, 1) / temperature, dim=1)
+    return F.kl_div(F.log_softmax(scores.float(), dim=1), target, reduction="batchmean")
+
+
+def pairwise_loss(scores: torch.Tensor, ranking: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Margin ranking loss over every ordered pair: a more important patch must score `margin` higher."""
+    pos = positions(ranking)
+    above = pos[:, :, None] < pos[:, None, :]  # (B, P, P): i ranks above j
+    gap = scores[:, :, None] - scores[:, None, :]
+    return F.relu(margin - gap)[above].mean()
+
+
+def top_n_match(scores: torch.Tensor, ranking: torch.Tensor, n: int) -> float:
+    """The share of the golden n least important patches that the scores also put in their bottom n."""
+    predicted = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(n, 1, largest=False).indices, True)
+    golden = torch.zeros_like(predicted).scatter_(1, ranking[:, -n:], True)
+    return (predicted & golden).sum().item() / (n * len(scores))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Pruning through the seam, and the learnable tokens
+
+class RankPrune(Reducer):
+    """At the input of block `layer`: score the patches (`scorer(x, vit)` -> (B, P), higher =
+    keep), keep [CLS] and the top `keep` patches in original order, append `extra` tokens (the
+    learnable ones: they hold no patch)."""
+
+    def __init__(self, layer: int, keep: int, scorer, extra=None):
+        self.layer, self.keep, self.scorer, self.extra = layer, keep, scorer, extra
+
+    def before_block(self, i, tokens, vit):
+        if i != self.layer:
+            return tokens
+        B = tokens.x.shape[0]
+        top = self.scorer(tokens.x, vit).topk(self.keep, dim=1).indices.sort(1).values  # (B, K)
+        kept = tokens.gather(torch.cat([top.new_zeros(B, 1), top + 1], 1))
+        if self.extra is None:
+            return kept
+        n = self.extra.shape[0]
+        source = None if kept.source is None else torch.cat([kept.source, kept.source.new_zeros(B, n, kept.source.shape[2])], 1)
+        return Tokens(torch.cat([kept.x, self.extra.to(kept.x.dtype).expand(B, -1, -1)], 1),
+                      torch.cat([kept.size, kept.size.new_ones(B, n)], 1), source)
+
+
+def random_scorer(generator=None):
+    return lambda x, vit: torch.rand(x.shape[0], x.shape[1] - 1, generator=generator).to(x.device)
+
+
+def cls_attention_scorer(layer: int):
+    """EViT's criterion at the pruning layer: the [CLS] attention of the pruning block on its input."""
+    return lambda x, vit: vit.blocks[layer].cls_attention(x)[:, 1:]
+
+
+def golden_scorer(clip: CLIP, layer: int, **search):
+    """The oracle: the golden ranking of each image, searched on the spot."""
+    return lambda x, vit: -positions(golden_ranking(clip, x, layer, **search)).float()
+
+
+@dataclass
+class RankingConfig:
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    layer: int = 2  # the block whose input is pruned
+    keep: float = 0.6  # share of the patch tokens kept
+    dim: int = 64  # the predictor's channels after pooling
+    num_tokens: int = 4  # learnable tokens appended after pruning (0: none)
+
+    def __post_init__(self):
+        pruning_layer(self.clip.vision.depth, self.layer)
+        keep_count(self.keep, self.clip.vision.num_patches)
+
+    @classmethod
+    def from_dict(cls, d) -> "RankingConfig":
+        return cls(clip=CLIPConfig.from_dict(d["clip"]), **{k: v for k, v in d.items() if k != "clip"})
+
+
+class RankingCLIP(CLIP):
+    """A CLIP (frozen) with the predictor and the learnable tokens. `encode_image(images)` is
+    the unpruned CLIP; `encode_image(images, model.reducer())` prunes the Patch Ranking way."""
+
+    def __init__(self, cfg: RankingConfig):
+        super().__init__(cfg.clip)
+        self.rcfg = cfg
+        v = cfg.clip.vision
+        self.predictor = Predictor(v.width, v.num_patches, cfg.dim)
+        self.prompt = nn.Parameter(torch.randn(cfg.num_tokens, v.width) * 0.02)
+
+    def clip_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith(("predictor.", "prompt"))]
+
+    def reducer(self, scorer=None, tokens: bool = True) -> RankPrune:
+        """Pruning at the configured layer by `scorer` (default: the predictor), with the learnable tokens."""
+        scorer = scorer or (lambda x, vit: self.predictor(x[:, 1:]))
+        extra = self.prompt if tokens and self.rcfg.num_tokens else None
+        return RankPrune(self.rcfg.layer, keep_count(self.rcfg.keep, self.cfg.vision.num_patches), scorer, extra)
+
+    def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
+        """The learnable tokens' objective: the contrastive loss of the pruned image tower."""
+        image = self.encode_image(images, self.reducer())
+        loss = contrastive_loss(image, self.encode_text(ids), self.scale())
+        return dict(itc=loss, loss=loss)

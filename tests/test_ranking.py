@@ -1,0 +1,136 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ranking
+from model import CLIPConfig
+from text import TextConfig
+from vit import ViTConfig
+
+torch.manual_seed(0)
+
+
+def tiny_clip(image_size=32, depth=4, dtype=torch.float64):
+    cfg = CLIPConfig(vision=ViTConfig(image_size=image_size, patch_size=8, width=32, depth=depth, heads=4),
+                     text=TextConfig(vocab_size=20, context_length=8, width=32, depth=1, heads=2), embed_dim=16)
+    return ranking.RankingCLIP(ranking.RankingConfig(clip=cfg, layer=1, num_tokens=2)).to(dtype).eval()
+
+
+def brute_force_greedy(clip, x, layer, groups, chunk, score):
+    """The same greedy rule, one image and one candidate at a time, no batching or padding."""
+    ref = ranking.embed_from(clip, layer, x)
+    alive, removed = list(range(len(groups))), []
+    while alive:
+        scores = []
+        for g in alive:
+            patches = sorted(p for h in alive if h != g for p in groups[h])
+            scores.append(score(ranking.embed_from(clip, layer, x[:, [0] + [1 + p for p in patches]]), ref))
+        best = sorted(range(len(alive)), key=lambda j: -scores[j])[:chunk]
+        removed += [alive[j] for j in best]
+        alive = [g for j, g in enumerate(alive) if j not in best]
+    return [p for g in reversed(removed) for p in sorted(groups[g])]
+
+
+@pytest.mark.parametrize("k,chunk", [(1, 1), (1, 3), (2, 1), (3, 2)])
+def test_greedy_search_equals_brute_force(k, chunk):
+    clip = tiny_clip(image_size=40)  # a 5x5 grid: 3x3 blocks leave ragged edges, counts are not squares
+    x = ranking.layer_input(clip, torch.randn(2, 3, 40, 40, dtype=torch.float64), 1)
+    member = ranking.candidate_groups((5, 5), k)
+    groups = [row.nonzero()[:, 0].tolist() for row in member]
+    assert sorted(p for g in groups for p in g) == list(range(25))  # the blocks tile the grid
+    got = ranking.golden_ranking(clip, x, 1, grid=(5, 5), k=k, chunk=chunk)
+    cos = lambda e, r: (e * r).sum().item()
+    for b in range(2):
+        assert got[b].tolist() == brute_force_greedy(clip, x[b:b + 1], 1, groups, chunk, cos)
+
+
+def test_label_and_max_modes_score_a_class_logit():
+    clip = tiny_clip()
+    x = ranking.layer_input(clip, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1)
+    classes = F.normalize(torch.randn(5, 16, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([3, 1])
+    got = ranking.golden_ranking(clip, x, 1, chunk=4, mode="label", classes=classes, labels=labels)
+    for b in range(2):
+        logit = lambda e, r: (e[0] @ classes[labels[b]]).item()
+        assert got[b].tolist() == brute_force_greedy(clip, x[b:b + 1], 1, [[p] for p in range(16)], 4, logit)
+    top = (ranking.embed_from(clip, 1, x) @ classes.T).argmax(-1)
+    assert torch.equal(ranking.golden_ranking(clip, x, 1, chunk=4, mode="max", classes=classes),
+                       ranking.golden_ranking(clip, x, 1, chunk=4, mode="label", classes=classes, labels=top))
+    with pytest.raises(ValueError, match="class embeddings"):
+        ranking.golden_ranking(clip, x, 1, mode="label")
+
+
+def test_predictor_size_and_it_overfits_a_handful_of_rankings():
+    b16 = ranking.Predictor(768, 196)
+    assert 40_000 < sum(p.numel() for p in b16.parameters()) < 60_000  # METHODS.md: ~46K in theirs
+    torch.manual_seed(1)
+    feats, golden = torch.randn(6, 16, 32), torch.stack([torch.randperm(16) for _ in range(6)])
+    pred = ranking.Predictor(32, 16, dim=16)
+    n = 6
+    before = ranking.top_n_match(pred(feats), golden, n)
+    opt = torch.optim.AdamW(pred.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = ranking.listwise_loss(pred(feats), golden)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ranking.top_n_match(pred(feats), golden, n) == 1.0 > before
+
+
+def test_losses_against_hand_computations():
+    golden = torch.tensor([[2, 0, 1]])  # patch 2 most important, patch 1 least
+    # target logits by place: patch 2 -> 0, patch 0 -> -0.5/T, patch 1 -> -1/T (T = 0.3)
+    perfect = torch.tensor([[-0.5, -1.0, 0.0]]) / 0.3
+    assert ranking.listwise_loss(perfect, golden).item() == pytest.approx(0.0, abs=1e-6)
+    assert ranking.listwise_loss(torch.zeros(1, 3), golden).item() > 0.1
+    assert ranking.pairwise_loss(torch.tensor([[1.0, 0.0, 2.0]]), golden, margin=0.5).item() == 0.0
+    # one pair out of order (0 over 2 by 1) among three: relu(0.5 - (-1)) = 1.5, others 0 -> mean 0.5
+    assert ranking.pairwise_loss(torch.tensor([[3.0, 0.0, 2.0]]), golden, margin=0.5).item() == pytest.approx(0.5)
+    assert ranking.top_n_match(torch.tensor([[1.0, 0.0, 2.0]]), golden, 1) == 1.0
+    assert ranking.top_n_match(torch.tensor([[0.0, 1.0, 2.0]]), golden, 1) == 0.0
+
+
+def test_pruning_with_the_golden_ranking_keeps_exactly_its_top_tokens():
+    clip = tiny_clip()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    golden = ranking.golden_ranking(clip, ranking.layer_input(clip, images, 1), 1, chunk=2)
+    K = ranking.keep_count(0.6, 16)
+    reducer = clip.reducer(ranking.golden_scorer(clip, 1, chunk=2))
+    out = clip.visual.forward_tokens(images, reducer, track_source=True)
+    assert out.x.shape[1] == 1 + K + 2  # [CLS], the kept patches, the learnable tokens
+    held = out.source[:, 1:1 + K, 1:]  # (B, K, P): each kept token holds exactly one patch
+    assert (held.sum(-1) == 1).all() and (out.source[:, 1 + K:].sum(-1) == 0).all()  # extras hold none
+    for b in range(3):
+        assert held[b].argmax(-1).tolist() == sorted(golden[b, :K].tolist())  # the top K, original order
+
+
+def test_only_the_learnable_tokens_train():
+    clip = tiny_clip(dtype=torch.float32)
+    for p in clip.clip_parameters() + list(clip.predictor.parameters()):
+        p.requires_grad_(False)
+    loss = clip(torch.randn(4, 3, 32, 32), torch.randint(1, 20, (4, 8)))["loss"]
+    loss.backward()
+    assert clip.prompt.grad is not None and clip.prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in clip.named_parameters() if n != "prompt")
+
+
+def test_the_cache_resumes_and_refuses_another_checkpoint(tmp_path):
+    clip = tiny_clip(dtype=torch.float32)
+    images = torch.randn(5, 3, 32, 32)
+    cache, ident = str(tmp_path / "rankings.pt"), dict(checkpoint="abc", layer=1, chunk=4)
+    first = ranking.search_cached(clip, lambda i: images[i], 2, cache, ident, 1, batch_size=2, chunk=4, say=lambda m: 0)
+    full = ranking.search_cached(clip, lambda i: images[i], 5, cache, ident, 1, batch_size=2, chunk=4, say=lambda m: 0)
+    assert torch.equal(full[:2], first) and len(torch.load(cache)["rankings"]) == 5
+    fresh = ranking.golden_ranking(clip, ranking.layer_input(clip, images, 1), 1, chunk=4)
+    assert torch.equal(full, fresh)
+    with pytest.raises(ValueError, match="another checkpoint"):
+        ranking.search_cached(clip, lambda i: images[i], 5, cache, dict(ident, checkpoint="xyz"), 1, chunk=4)
+
+
+def test_bad_settings_stop_with_a_message():
+    with pytest.raises(ValueError, match="outside the ViT's blocks 0..5"):
+        ranking.pruning_layer(6, 6)
+    for keep in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+            ranking.keep_count(keep, 64)
+    assert ranking.pruning_layer(12) == 3 and ranking.pruning_layer(6) == 2 and ranking.keep_count(0.6, 196) == 118
