@@ -184,6 +184,7 @@ def search_cached(clip: CLIP, images_of, n: int, cache: str, identity: dict, lay
                              f"delete it (or point the search elsewhere) to search again")
         done = saved["rankings"]
     if len(done) >= n:
+        say(f"golden ranking: all {n} images cached in {cache}")
         return done[:n]
     device = next(clip.parameters()).device
     t0, start = time.time(), len(done)
@@ -261,6 +262,40 @@ def top_n_match(scores: torch.Tensor, ranking: torch.Tensor, n: int) -> float:
     return (predicted & golden).sum().item() / (n * len(scores))
 
 
+def train_predictor(clip: CLIP, predictor: Predictor, images_of, rankings: torch.Tensor, layer: int, steps: int,
+                    loss: str = "listwise", batch_size: int = 64, lr: float = 1e-3, seed: int = 0, say=print):
+    """Fit the predictor to the golden rankings of images_of(i), i < len(rankings), from the frozen
+    CLIP's tokens entering `layer` (computed once: the CLIP never changes)."""
+    if loss not in ("listwise", "pairwise"):
+        raise ValueError(f"predictor loss {loss!r} is not listwise or pairwise")
+    device = next(predictor.parameters()).device
+    feats = torch.cat([layer_input(clip, torch.stack([images_of(i) for i in range(s, min(s + 64, len(rankings)))])
+                                   .to(device), layer)[:, 1:].float() for s in range(0, len(rankings), 64)])
+    rankings = rankings.to(device)
+    objective = listwise_loss if loss == "listwise" else pairwise_loss
+    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    predictor.train()
+    for step in range(steps):
+        idx = torch.randint(len(rankings), (min(batch_size, len(rankings)),), generator=gen).to(device)
+        for group in opt.param_groups:  # cosine to zero
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        value = objective(predictor(feats[idx]), rankings[idx])
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            say(f"predictor step {step + 1}/{steps}: {loss} loss {value.item():.4f}")
+    return predictor.eval()
+
+
+@torch.no_grad()
+def predictor_match(clip: CLIP, predictor: Predictor, images: torch.Tensor, rankings: torch.Tensor, layer: int,
+                    n: int) -> float:
+    """Top-n match of the predictor with the golden rankings of these images."""
+    return top_n_match(predictor(layer_input(clip, images, layer)[:, 1:]), rankings.to(images.device), n)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Pruning through the seam, and the learnable tokens
 
@@ -326,15 +361,20 @@ class RankingCLIP(CLIP):
         self.rcfg = cfg
         v = cfg.clip.vision
         self.predictor = Predictor(v.width, v.num_patches, cfg.dim)
-        self.prompt = nn.Parameter(torch.randn(cfg.num_tokens, v.width) * 0.02)
+        self.learned_tokens = nn.Parameter(torch.randn(cfg.num_tokens, v.width) * 0.02)
 
     def clip_parameters(self):
-        return [p for name, p in self.named_parameters() if not name.startswith(("predictor.", "prompt"))]
+        return [p for name, p in self.named_parameters() if not name.startswith(("predictor.", "learned_tokens"))]
+
+    def freeze_all_but_tokens(self):
+        """What train.py's loop trains: the learnable tokens; the CLIP and the predictor stay as they are."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name == "learned_tokens")
 
     def reducer(self, scorer=None, tokens: bool = True) -> RankPrune:
         """Pruning at the configured layer by `scorer` (default: the predictor), with the learnable tokens."""
         scorer = scorer or (lambda x, vit: self.predictor(x[:, 1:]))
-        extra = self.prompt if tokens and self.rcfg.num_tokens else None
+        extra = self.learned_tokens if tokens and self.rcfg.num_tokens else None
         return RankPrune(self.rcfg.layer, keep_count(self.rcfg.keep, self.cfg.vision.num_patches), scorer, extra)
 
     def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:

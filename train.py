@@ -39,11 +39,13 @@ import eval as evaluation
 from data import DataError
 from elip import ELIP, Schedule, evit, scaled_schedule
 from merge import MERGE_MODES, ToMe, merge_schedule
+import ranking
+from ranking import RankingCLIP, RankingConfig
 from model import CLIP, Captioner, CaptionerConfig, CLIPConfig, LanguageModel
 from text import LMConfig, TextConfig, TextEncoder, Tokenizer
 from vit import vit_config
 
-METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen")  # CLIP with a reducer; the LM; the captioner
+METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
 
 
 @dataclass
@@ -60,6 +62,16 @@ class TrainConfig:
     tome_decreasing: bool = False  # ToMe: r falls linearly from 2r to 0 over the blocks (the same total)
     prop_attn: bool = True  # ToMe: proportional attention (log size added to the attention logits)
     merge_mode: str = "wavg"  # wavg: size-weighted mean (ToMe); mean: plain mean (EVLGen's release)
+    # Patch Ranking (--method ranking --init CLIP): golden-ranking search -> predictor -> learnable tokens (--steps)
+    phase: str = "all"  # all, or stop after search / predictor; each phase reuses what is cached in --out
+    rank_layer: int = -1  # the block whose input is pruned; -1: the authors' 3 of 12, scaled to depth
+    rank_keep: float = 0.6  # share of the patch tokens kept
+    rank_block: int = 1  # the search's candidates: k x k blocks of patches
+    rank_chunk: int = 8  # candidates the search removes per iteration
+    rank_images: int = 2000  # training images searched; the last 10% measure the predictor's top-n match
+    predictor_steps: int = 400
+    predictor_loss: str = "listwise"  # listwise (KL) or pairwise (margin)
+    num_tokens: int = 4  # learnable tokens appended after pruning, trained for --steps (0: none)
     # captioning (EVLGen): --method lm makes the frozen language model, --method evlgen trains on it
     lm: str = ""  # checkpoint of --method lm: the frozen language model (and the vocabulary)
     clip: str = ""  # checkpoint of a CLIP (--method none): its ViT, frozen, and its text blocks start the bridge
@@ -165,6 +177,16 @@ def check_flags(cfg: TrainConfig):
         raise ValueError(f"--merge-mode {cfg.merge_mode} is unknown (choose {' or '.join(MERGE_MODES)})")
     if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead):
         raise ValueError("--elip-lambda and --no-lookahead apply to --method elip only")
+    if cfg.method == "ranking" and not (cfg.init or cfg.resume):
+        raise ValueError("--method ranking prunes a trained CLIP: pass --init CKPT (from `python train.py`)")
+    if cfg.phase not in ("all", "search", "predictor"):
+        raise ValueError(f"--phase {cfg.phase} is unknown (choose all, search or predictor)")
+    if cfg.method != "ranking" and cfg.phase != "all":
+        raise ValueError("--phase applies to --method ranking only")
+    if cfg.predictor_loss not in ("listwise", "pairwise"):
+        raise ValueError(f"--predictor-loss {cfg.predictor_loss} is unknown (choose listwise or pairwise)")
+    if min(cfg.rank_block, cfg.rank_chunk, cfg.rank_images) < 1 or cfg.num_tokens < 0:
+        raise ValueError("--rank-block, --rank-chunk and --rank-images must be at least 1, --num-tokens at least 0")
     if cfg.init and cfg.resume:
         raise ValueError("--init starts a new run from a checkpoint's weights; --resume continues one: choose one")
     if cfg.resume and cfg.overwrite:
@@ -423,7 +445,8 @@ def read_checkpoint(path: str, device="cpu") -> dict:
 
 # What a checkpoint holds ("kind"): its model class and how its saved config is read back
 KINDS = {"clip": (CLIP, CLIPConfig, CLIPConfig.from_dict), "lm": (LanguageModel, LMConfig, lambda d: LMConfig(**d)),
-         "captioner": (Captioner, CaptionerConfig, CaptionerConfig.from_dict)}
+         "captioner": (Captioner, CaptionerConfig, CaptionerConfig.from_dict),
+         "ranking": (RankingCLIP, RankingConfig, RankingConfig.from_dict)}
 
 
 def kind_of(mcfg) -> str:
@@ -534,12 +557,14 @@ def prepare(cfg: TrainConfig, rank: int):
             note = merge_schedule(cfg.bridge_r, mcfg.bridge_depth, N)[1]
             say(f"bridge: {N} visual tokens, r per layer {list(mcfg.r)} -> {N - sum(mcfg.r)} tokens into the LM"
                 + (f" ({note})" if note else ""))
+    elif cfg.method == "ranking":
+        mcfg = ranking_config(cfg, ckpt, source)
     elif cfg.method == "lm":
         mcfg = LMConfig(vocab_size=len(tokenizer), context_length=cfg.lm_context, width=cfg.lm_width,
                         depth=cfg.lm_depth, heads=cfg.lm_heads)
     else:
         mcfg = model_config(cfg, len(tokenizer))
-    if ckpt is not None:
+    if ckpt is not None and not (cfg.method == "ranking" and cfg.init):  # the CLIP it prunes has its own config
         diffs = config_differences(ckpt["model_config"], asdict(mcfg))
         if diffs:
             raise ValueError(f"{source} is from another model config ({'; '.join(diffs)})")
@@ -548,6 +573,65 @@ def prepare(cfg: TrainConfig, rank: int):
         sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.seed, cfg.test_size,
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad)
     return dataset, tokenizer, mcfg, ckpt, sets, sources
+
+
+def ranking_config(cfg: TrainConfig, ckpt: dict, path: str) -> RankingConfig:
+    """Patch Ranking's model: the CLIP of --init (its config, not the ViT flags), pruned at --rank-layer."""
+    if cfg.resume:
+        return RankingConfig.from_dict(ckpt["model_config"])
+    expect_kind(ckpt, "clip", path, "--init", "train one with `python train.py`")
+    clip = CLIPConfig.from_dict(ckpt["model_config"])
+    try:
+        layer = ranking.pruning_layer(clip.vision.depth, cfg.rank_layer)
+        ranking.keep_count(cfg.rank_keep, clip.vision.num_patches)
+    except ValueError as e:
+        raise ValueError(f"--rank-layer / --rank-keep: {e}") from None
+    return RankingConfig(clip=clip, layer=layer, keep=cfg.rank_keep, num_tokens=cfg.num_tokens)
+
+
+def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, rank: int, world: int, say) -> bool:
+    """Patch Ranking's first two phases, before the loop trains the learnable tokens: load the
+    frozen CLIP, search the golden rankings (cached), train the predictor (cached). Rank 0 does
+    the work, the others read its files. Returns False if --phase stops here."""
+    load_state(model, {**model.state_dict(), **init["model"]}, cfg.init)  # the CLIP; predictor and tokens fresh
+    layer = model.rcfg.layer
+    images_of = lambda i: dataset.get(i)["image"]
+    identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, block=cfg.rank_block, chunk=cfg.rank_chunk,
+                    score="similarity", data=cfg.data or "shapes", train_size=cfg.train_size, seed=cfg.seed)
+    n = min(cfg.rank_images, len(dataset))
+    cache, pred_path = os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")
+    pred_identity = dict(identity, images=n, steps=cfg.predictor_steps, loss=cfg.predictor_loss, seed=cfg.seed)
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        golden = ranking.search_cached(model, images_of, n, cache, identity, layer, k=cfg.rank_block,
+                                       chunk=cfg.rank_chunk, say=say)
+        saved = torch.load(pred_path, weights_only=True) if os.path.exists(pred_path) else {}
+        if cfg.phase != "search" and saved.get("identity") != pred_identity:
+            n_fit = max(1, n - n // 10)  # the last 10% are held out
+            torch.manual_seed(cfg.seed)
+            ranking.train_predictor(model, model.predictor, images_of, golden[:n_fit], layer, cfg.predictor_steps,
+                                    cfg.predictor_loss, seed=cfg.seed, say=say)
+            held = torch.stack([images_of(i) for i in range(n_fit, n)]) if n > n_fit else None
+            pruned = model.cfg.vision.num_patches - ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
+            match = ranking.predictor_match(model, model.predictor, held.to(model.learned_tokens.device), golden[n_fit:],
+                                            layer, pruned) if held is not None and pruned else float("nan")
+            saved = dict(identity=pred_identity, state=model.predictor.state_dict(), top_n_match=match, held_out=n - n_fit)
+            torch.save(saved, pred_path)
+        if saved:
+            say(f"predictor: top-n match with the golden ranking on {saved['held_out']} held-out images "
+                f"{100 * saved['top_n_match']:.1f}% (n = the pruned patches)")
+    if world > 1:
+        dist.barrier()
+    if cfg.phase == "search":
+        return False
+    model.predictor.load_state_dict(torch.load(pred_path, weights_only=True)["state"])
+    return cfg.phase == "all"
+
+
+def clip_unchanged(model: RankingCLIP, init: dict) -> bool:
+    """The frozen CLIP inside a Patch Ranking model is bit-identical to its --init checkpoint."""
+    state = model.state_dict()
+    return all(torch.equal(state[k].cpu(), v.cpu()) for k, v in init["model"].items())
 
 
 def expect_kind(ckpt: dict, kind: str, path: str, flag: str, how: str):
@@ -629,6 +713,8 @@ def run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=None) -> di
                                              vqa=n is None)
     if isinstance(model, LanguageModel):
         return evaluation.evaluate_lm(model.lm, tokenizer, device, eval_sets, cfg.test_size)
+    if isinstance(model, RankingCLIP):  # what it was made for: pruned by the predictor, with the learned tokens
+        return evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size, model.reducer())
     make = reducer_fn(cfg, mcfg.vision, step, training=False) if cfg.eval_prune else None
     if cfg.method != "none" and not cfg.eval_prune:
         print(f"evaluating with all tokens (the authors' protocol); --eval-prune evaluates with {cfg.method}'s "
@@ -649,10 +735,19 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)
     step = 0
-    if ckpt is not None:
+    if isinstance(model, RankingCLIP) and not cfg.resume:
+        try:
+            go_on = start_ranking(cfg, model, ckpt, dataset, rank, world, say=print if master else lambda m: None)
+        except (DataError, ValueError) as e:  # a stale ranking cache
+            sys.exit(f"error: {e}" if master else 2)
+        if not go_on:
+            return {}
+    elif ckpt is not None:
         model.load_state_dict(ckpt["model"])
     elif isinstance(model, Captioner):
         start_captioner(model, sources)
+    if isinstance(model, RankingCLIP):
+        model.freeze_all_but_tokens()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   fused=device.type == "cuda")
     autocast, scaler = amp_settings(cfg.amp, device)
@@ -730,6 +825,8 @@ def train(cfg: TrainConfig) -> dict:
     if master and isinstance(model, Captioner):
         print(f"frozen language model unchanged by training: {'yes' if lm_unchanged(model, sources) else 'NO'}",
               flush=True)
+    if master and isinstance(model, RankingCLIP) and cfg.init:
+        print(f"frozen CLIP unchanged by training: {'yes' if clip_unchanged(model, ckpt) else 'NO'}", flush=True)
     if master and cfg.eval and step == total:
         metrics = run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step)
         log.write(json.dumps(dict(step=step, time=train_seconds, eval=metrics)) + "\n")

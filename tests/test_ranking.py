@@ -106,12 +106,11 @@ def test_pruning_with_the_golden_ranking_keeps_exactly_its_top_tokens():
 
 def test_only_the_learnable_tokens_train():
     clip = tiny_clip(dtype=torch.float32)
-    for p in clip.clip_parameters() + list(clip.predictor.parameters()):
-        p.requires_grad_(False)
+    clip.freeze_all_but_tokens()
     loss = clip(torch.randn(4, 3, 32, 32), torch.randint(1, 20, (4, 8)))["loss"]
     loss.backward()
-    assert clip.prompt.grad is not None and clip.prompt.grad.abs().sum() > 0
-    assert all(p.grad is None for n, p in clip.named_parameters() if n != "prompt")
+    assert clip.learned_tokens.grad is not None and clip.learned_tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in clip.named_parameters() if n != "learned_tokens")
 
 
 def test_the_cache_resumes_and_refuses_another_checkpoint(tmp_path):
@@ -134,3 +133,30 @@ def test_bad_settings_stop_with_a_message():
         with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
             ranking.keep_count(keep, 64)
     assert ranking.pruning_layer(12) == 3 and ranking.pruning_layer(6) == 2 and ranking.keep_count(0.6, 196) == 118
+
+
+def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_path):
+    from test_train import TINY, run
+    clip, other, out = (str(tmp_path / n) for n in ("clip", "other", "rank"))
+    for path, seed in ((clip, "0"), (other, "1")):
+        assert run([*TINY, "--depth", "4", "--steps", "2", "--batch-size", "8", "--no-eval", "--seed", seed,
+                    "--out", path]).returncode == 0
+    args = ["--method", "ranking", "--train-size", "64", "--test-size", "20", "--rank-images", "20",
+            "--predictor-steps", "10", "--steps", "2", "--batch-size", "8", "--log-every", "1", "--out", out]
+    first = run([*args, "--init", f"{clip}/ckpt.pt"])
+    assert first.returncode == 0, first.stderr
+    assert "golden ranking: 20/20 images" in first.stdout and "predictor step 10/10" in first.stdout
+    assert "frozen CLIP unchanged by training: yes" in first.stdout and "results: method ranking" in first.stdout
+    again = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--rank-images", "24"])
+    assert again.returncode == 0, again.stderr
+    assert "20 of 24 images cached" in again.stdout and "predictor step 10/10" in again.stdout  # 4 more searched
+    third = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--rank-images", "24", "--phase", "predictor"])
+    assert "all 24 images cached" in third.stdout and "predictor step" not in third.stdout  # both cached
+    assert "top-n match" in third.stdout and "results" not in third.stdout  # stopped after the predictor
+    stale = run([*args, "--init", f"{other}/ckpt.pt", "--overwrite"])
+    assert stale.returncode != 0 and "was made with another checkpoint" in stale.stderr
+    assert "Traceback" not in stale.stderr
+    for flags, message in ((["--rank-layer", "4"], "outside the ViT's blocks 0..3"),
+                           (["--rank-keep", "1.2"], r"outside (0, 1]"), ([], "pass --init")):
+        bad = run([*args[:-2], "--out", str(tmp_path / "bad"), *flags] + (["--init", f"{clip}/ckpt.pt"] if flags else []))
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
