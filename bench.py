@@ -241,7 +241,7 @@ def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int
             model, tokenizer, ckpt = train.load_checkpoint(path, device)
             cfg, v = train.saved_config(ckpt), model.cfg.vision
             reducer = make(cfg, v)
-            sets = evaluation.eval_sets(v.image_size, v.patch_size, cfg.seed, n_test)
+            sets = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test)
             m = evaluation.evaluate(model, tokenizer, device, (sets[0], None), n_test, reducer)
             accs.append(50 * (m["image_to_text_R@1"] + m["text_to_image_R@1"]))
             images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)

@@ -419,10 +419,10 @@ def evaluate_checkpoint(path, args) -> dict:
         raise ValueError(f"{path} holds a {kind}: --prune, --tome-r, --relevance, --itm-rerank and "
                          f"--zeroshot-dir are for CLIP checkpoints")
     if kind == "lm":
-        sets = eval_sets(64, 8, cfg.seed, args.n_test, args.val_data, args.image_root)  # only its captions are read
+        sets = eval_sets(64, 8, cfg.scene_seed(), args.n_test, args.val_data, args.image_root)  # only its captions are read
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
-    sets = eval_sets(v.image_size, v.patch_size, cfg.seed, args.n_test, args.val_data, args.image_root,
+    sets = eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), args.n_test, args.val_data, args.image_root,
                      args.zeroshot_dir)
     if kind == "captioner":
         return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
@@ -444,7 +444,7 @@ def evaluate_checkpoint(path, args) -> dict:
             raise ValueError(f"--itm-rerank: {path} was trained without the itm objective")
         metrics.update(itm_rerank(model, tokenizer, sets[0], args.device, args.n_test, args.itm_rerank))
     if args.relevance:
-        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, cfg.seed)
+        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, cfg.scene_seed())
         schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
         metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
                                                      cfg.elip_lambda, schedule)

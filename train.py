@@ -69,6 +69,7 @@ class TrainConfig:
     rank_block: int = 1  # the search's candidates: k x k blocks of patches
     rank_chunk: int = 8  # candidates the search removes per iteration
     rank_images: int = 2000  # training images searched; the last 10% measure the predictor's top-n match
+    rank_cache: str = ""  # the golden rankings' file; default --out/rankings.pt (runs of one CLIP can share it)
     predictor_steps: int = 400
     predictor_loss: str = "listwise"  # listwise (KL) or pairwise (margin)
     num_tokens: int = 4  # learnable tokens appended after pruning, trained for --steps (0: none)
@@ -125,12 +126,17 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: off
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler), off
     seed: int = 0
+    data_seed: int = -1  # the shapes scenes' seed; -1: --seed (Patch Ranking's seeds share one CLIP's data)
     device: str = "auto"
     # bookkeeping
     ckpt_every: int = 0  # 0: only at the end
     stop_after: int = 0  # end this run after N steps, as a job time limit would (the schedule still follows --steps)
     log_every: int = 10
     eval: bool = True  # evaluate at the end
+
+    def scene_seed(self) -> int:
+        """The seed of the shapes scenes (train and test split): --data-seed, else --seed."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -501,7 +507,7 @@ def config_differences(saved: dict, current: dict, prefix="") -> list:
 def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
     if cfg.data:
         return data.CaptionDataset(cfg.data, cfg.image_root, image_size, skip_bad=cfg.skip_bad)
-    return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.seed, cache=True)
+    return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True)
 
 
 def prepare(cfg: TrainConfig, rank: int):
@@ -570,7 +576,7 @@ def prepare(cfg: TrainConfig, rank: int):
             raise ValueError(f"{source} is from another model config ({'; '.join(diffs)})")
     sets = None
     if cfg.eval and rank == 0:
-        sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.seed, cfg.test_size,
+        sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.scene_seed(), cfg.test_size,
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad)
     return dataset, tokenizer, mcfg, ckpt, sets, sources
 
@@ -597,9 +603,9 @@ def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, ran
     layer = model.rcfg.layer
     images_of = lambda i: dataset.get(i)["image"]
     identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, block=cfg.rank_block, chunk=cfg.rank_chunk,
-                    score="similarity", data=cfg.data or "shapes", train_size=cfg.train_size, seed=cfg.seed)
+                    score="similarity", data=cfg.data or "shapes", train_size=cfg.train_size, scenes=cfg.scene_seed())
     n = min(cfg.rank_images, len(dataset))
-    cache, pred_path = os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")
+    cache, pred_path = cfg.rank_cache or os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")
     pred_identity = dict(identity, images=n, steps=cfg.predictor_steps, loss=cfg.predictor_loss, seed=cfg.seed)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)

@@ -115,7 +115,7 @@ def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.p
         raise ValueError(f"{ckpt_path} holds a {ckpt['kind']}: masks are drawn for CLIP checkpoints")
     cfg = train.saved_config(ckpt, method=method or ckpt["config"]["method"])
     v = model.cfg.vision
-    dataset = data.ShapesDataset("test", n, v.image_size, v.patch_size, cfg.seed)
+    dataset = data.ShapesDataset("test", n, v.image_size, v.patch_size, cfg.scene_seed())
     items = [dataset[i] for i in range(n)]
     images = torch.stack([it["image"] for it in items])
     captions = [it["captions"][0] for it in items]
