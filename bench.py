@@ -227,42 +227,50 @@ def tome_markdown(preset, batch_size, rows) -> str:
     return "\n".join(lines)
 
 
-def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int = 1000, device="cpu") -> list:
+def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int = 1000, device="cpu",
+                zeroshot: bool = False) -> list:
     """Accuracy-cost points, the input of `viz.py --tradeoff`. specs: (method, name, checkpoint
-    paths, reducer) with reducer(cfg, vision) -> the reducer to evaluate with (None: all tokens).
-    Per point: the mean R@1 (both directions, shapes test gallery) averaged over the checkpoints
-    (seeds), the image tower's measured images/s (median over the checkpoints) and its forward
-    GFLOPs. Every point is timed in this one call, so the throughputs compare."""
+    paths, make) with make(model, cfg) -> the reducer to evaluate with (None: all tokens) and
+    optionally its own extra forward GFLOPs (a scorer's). Per point: the mean R@1 (both
+    directions, shapes test gallery; zero-shot top-1 too if asked) averaged over the checkpoints
+    (seeds) with their spread, the image tower's measured images/s (median over the checkpoints)
+    and its forward GFLOPs. Every point is timed in this one call, so the throughputs compare."""
     import eval as evaluation
     points = []
     for method, name, paths, make in specs:
-        accs, speeds = [], []
+        runs, speeds = [], []
         for path in paths:
             model, tokenizer, ckpt = train.load_checkpoint(path, device)
             cfg, v = train.saved_config(ckpt), model.cfg.vision
-            reducer = make(cfg, v)
+            made = make(model, cfg)
+            reducer, extra = made if isinstance(made, tuple) else (made, 0.0)
             sets = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test)
-            m = evaluation.evaluate(model, tokenizer, device, (sets[0], None), n_test, reducer)
-            accs.append(50 * (m["image_to_text_R@1"] + m["text_to_image_R@1"]))
+            m = evaluation.evaluate(model, tokenizer, device, (sets[0], sets[1] if zeroshot else None), n_test, reducer)
+            m["accuracy"] = 0.5 * (m["image_to_text_R@1"] + m["text_to_image_R@1"])
+            runs.append({k: 100 * val for k, val in m.items()})
             images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
             with torch.inference_mode():
                 speeds.append(batch_size / timed(lambda: model.visual(images, reducer), repeats))
                 counter = TokenCounter(reducer)
                 model.visual.forward_tokens(images[:1], counter)
-        points.append(dict(method=method, name=name, accuracy=statistics.mean(accs), seeds=len(paths),
-                           img_s=statistics.median(speeds), gflops=vit_forward_flops(model.visual, counter) / 1e9))
+        point = dict(method=method, name=name, seeds=len(paths), img_s=statistics.median(speeds),
+                     gflops=(vit_forward_flops(model.visual, counter) + extra) / 1e9)
+        for k in runs[0]:
+            point[k] = statistics.mean(r[k] for r in runs)
+            point[k + "_std"] = statistics.pstdev(r[k] for r in runs)
+        points.append(point)
     return points
 
 
 def tome_reducer(r: int):
-    """reducer(cfg, vision) for ToMe off the shelf with a constant r (0: none)."""
+    """make(model, cfg) for ToMe off the shelf with a constant r (0: none)."""
     from merge import ToMe, merge_schedule
-    return lambda cfg, v: ToMe(merge_schedule(r, v.depth, 1 + v.num_patches)[0]) if r else None
+    return lambda model, cfg: ToMe(merge_schedule(r, model.cfg.vision.depth, 1 + model.cfg.vision.num_patches)[0]) if r else None
 
 
-def trained_reducer(cfg, v):
+def trained_reducer(model, cfg):
     """The reducer a checkpoint trained with, at inference (no text: ELIP scores without it)."""
-    return train.reducer_fn(cfg, v, cfg.steps, training=False)(None)
+    return train.reducer_fn(cfg, model.cfg.vision, cfg.steps, training=False)(None)
 
 
 def tome_sweep(ckpt_path: str, rs=(0, 2, 4, 6, 8, 10), **kw) -> list:
@@ -280,6 +288,69 @@ def method_points(root: str, seeds=(0, 1, 2), **kw) -> list:
              ("EViT", "EViT (pruned)", ckpts("evit"), trained_reducer)]
     specs += [("ToMe", f"ToMe r={r}", ckpts("none"), tome_reducer(r)) for r in (2, 4, 6, 8)]
     return cost_points(specs, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch Ranking: every way of pruning the same share at the same layer of one frozen CLIP
+
+def vit_gflops(model, reducer) -> float:
+    counter = TokenCounter(reducer)
+    v = model.cfg.vision
+    with torch.no_grad():
+        model.visual.forward_tokens(torch.zeros(1, 3, v.image_size, v.image_size), counter)
+    return vit_forward_flops(model.visual, counter) / 1e9
+
+
+def predictor_flops(predictor) -> float:
+    """Forward FLOPs of the predictor per image (2 per multiply-add of its Linears)."""
+    mixer = predictor.mixer
+    P, d = mixer.token_mlp.fc1.in_features, predictor.dim
+    token = sum(l.weight.numel() for l in (mixer.token_mlp.fc1, mixer.token_mlp.fc2)) * d
+    channel = sum(l.weight.numel() for l in (mixer.channel_mlp.fc1, mixer.channel_mlp.fc2, predictor.head)) * P
+    return 2 * (token + channel)
+
+
+def tome_equal_flops(model, target_gflops: float) -> int:
+    """The constant ToMe r whose forward GFLOPs come closest to target_gflops."""
+    return min(range(model.cfg.vision.num_patches // 2 + 1), key=lambda r: abs(vit_gflops(model, tome_reducer(r)(model, None)) - target_gflops))
+
+
+def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int = 5, batch_size: int = 64,
+                   oracle: bool = True) -> list:
+    """The Patch Ranking table: one frozen CLIP (inside `paths`, Patch Ranking checkpoints of
+    several seeds) pruned at the same layer to the same count by every criterion. Rows without
+    training are measured on the first checkpoint; the predictor rows on all (their seeds)."""
+    import ranking
+    model = train.load_checkpoint(paths[0], device)[0]
+    layer, keep = model.rcfg.layer, ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
+    prune = lambda scorer, extra=0.0: lambda m, cfg: (ranking.RankPrune(layer, keep, scorer), extra)
+    r = tome_equal_flops(model, vit_gflops(model, ranking.RankPrune(layer, keep, ranking.random_scorer())))
+    specs = [("none", "unpruned", paths[:1], lambda m, cfg: None),
+             ("random", "random", paths[:1], prune(ranking.random_scorer(torch.Generator().manual_seed(0)))),
+             ("EViT", "EViT-style [CLS] attention", paths[:1], prune(ranking.cls_attention_scorer(layer))),
+             ("ToMe", f"ToMe r={r} (equal FLOPs)", paths[:1], lambda m, cfg: tome_reducer(r)(m, cfg))]
+    if oracle:
+        specs.append(("golden", "golden ranking (oracle)", paths[:1],
+                      lambda m, cfg: ranking.RankPrune(layer, keep, ranking.golden_scorer(m, layer, k=cfg.rank_block,
+                                                                                          chunk=cfg.rank_chunk))))
+    specs += [("predictor", "predictor", paths,
+               lambda m, cfg: (m.reducer(tokens=False), predictor_flops(m.predictor))),
+              ("predictor", f"predictor + {model.rcfg.num_tokens} learnable tokens", paths,
+               lambda m, cfg: (m.reducer(), predictor_flops(m.predictor)))]
+    return cost_points(specs, batch_size, repeats, n_test, device, zeroshot=True)
+
+
+def ranking_markdown(points: list) -> str:
+    base = points[0]
+    cell = lambda p, k: f"{p[k]:.1f}" + (f" ± {p[k + '_std']:.1f}" if p["seeds"] > 1 else "")
+    lines = ["| pruning at the layer | seeds | zero-shot top-1 | image→text R@1 | text→image R@1 | mean R@1 | "
+             "GFLOPs (image tower) | img/s | measured speed-up | FLOP-allowed speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['name']} | {p['seeds']} | {cell(p, 'zeroshot_top1')} | {cell(p, 'image_to_text_R@1')} | "
+                     f"{cell(p, 'text_to_image_R@1')} | {cell(p, 'accuracy')} | {p['gflops']:.3f} | {p['img_s']:.0f} | "
+                     f"{p['img_s'] / base['img_s']:.2f}x | {base['gflops'] / p['gflops']:.2f}x |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,6 +537,10 @@ def main(argv=None):
     p.add_argument("--method-points", metavar="DIR", default="",
                    help="instead: accuracy, images/s and GFLOPs of none / ELIP / EViT (3 seeds each) and ToMe off "
                         "the shelf on the none runs, from the runs of --all DIR, written as JSON to --points")
+    p.add_argument("--ranking", nargs="+", metavar="CKPT", default=[],
+                   help="instead: the Patch Ranking table (unpruned, random, [CLS] attention, ToMe at equal FLOPs, "
+                        "golden oracle, predictor, predictor + tokens) from --method ranking checkpoints of one CLIP")
+    p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
     p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points: test gallery size")
     p.add_argument("--all", metavar="DIR", default="",
@@ -475,6 +550,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.all:
         print(reproduce_all(args.all, args.quick))
+        return
+    if args.ranking:
+        points = ranking_points(args.ranking, args.n_test, args.device, oracle=not args.no_oracle)
+        with open(args.points, "w") as f:
+            json.dump(points, f, indent=1)
+        table = ranking_markdown(points)
+        print(table)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(table + "\n")
         return
     if args.tome_sweep or args.method_points:
         kw = dict(n_test=args.n_test, device=args.device)

@@ -415,9 +415,12 @@ def evaluate_checkpoint(path, args) -> dict:
     model, tokenizer, ckpt = load_checkpoint(path, args.device)  # train.py: the one reader of checkpoints
     cfg = saved_config(ckpt)
     kind = ckpt.get("kind", "clip")
-    if kind != "clip" and (args.prune or args.tome_r or args.relevance or args.itm_rerank or args.zeroshot_dir):
+    if kind in ("lm", "captioner") and (args.prune or args.tome_r or args.relevance or args.itm_rerank or args.zeroshot_dir):
         raise ValueError(f"{path} holds a {kind}: --prune, --tome-r, --relevance, --itm-rerank and "
                          f"--zeroshot-dir are for CLIP checkpoints")
+    if kind == "ranking" and (args.prune or args.tome_r or args.relevance):
+        raise ValueError(f"{path} holds a Patch Ranking model, evaluated with its own pruning: --prune, --tome-r "
+                         f"and --relevance are for the CLIPs of train.py's other methods")
     if kind == "lm":
         sets = eval_sets(64, 8, cfg.scene_seed(), args.n_test, args.val_data, args.image_root)  # only its captions are read
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
@@ -426,7 +429,7 @@ def evaluate_checkpoint(path, args) -> dict:
                      args.zeroshot_dir)
     if kind == "captioner":
         return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
-    reducer = None
+    reducer = model.reducer() if kind == "ranking" else None  # Patch Ranking: its predictor and learned tokens
     if args.prune:
         make = reducer_fn(cfg, v, ckpt["step"], training=False)
         if make is None:

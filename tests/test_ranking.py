@@ -160,3 +160,30 @@ def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_pat
                            (["--rank-keep", "1.2"], r"outside (0, 1]"), ([], "pass --init")):
         bad = run([*args[:-2], "--out", str(tmp_path / "bad"), *flags] + (["--init", f"{clip}/ckpt.pt"] if flags else []))
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import bench
+    from test_train import ROOT, TINY, run
+    clip, out = str(tmp_path / "clip"), str(tmp_path / "rank")
+    assert run([*TINY, "--depth", "4", "--steps", "2", "--batch-size", "8", "--no-eval", "--out", clip]).returncode == 0
+    assert run(["--method", "ranking", "--init", f"{clip}/ckpt.pt", "--train-size", "64", "--rank-images", "10",
+                "--predictor-steps", "2", "--steps", "1", "--batch-size", "8", "--no-eval", "--out", out]).returncode == 0
+    got = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{out}/ckpt.pt", "--n-test", "10", "--json"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert "image_to_text_R@1" in json.loads(got.stdout.strip().splitlines()[-1])
+    points = bench.ranking_points([f"{out}/ckpt.pt"], n_test=10, repeats=1, batch_size=2)
+    names = [p["name"] for p in points]
+    assert names[0] == "unpruned" and "golden ranking (oracle)" in names and names[-1].endswith("learnable tokens")
+    by = {p["name"]: p for p in points}
+    pruned = by["random"]["gflops"]
+    assert by["EViT-style [CLS] attention"]["gflops"] == by["golden ranking (oracle)"]["gflops"] == pruned
+    assert pruned < by["unpruned"]["gflops"] and pruned < by["predictor"]["gflops"] < by["predictor + 4 learnable tokens"]["gflops"]
+    tome = next(p for p in points if p["method"] == "ToMe")
+    assert abs(tome["gflops"] - pruned) < 0.25 * (by["unpruned"]["gflops"] - pruned)  # equal FLOPs, as near as r allows
+    assert all(0 <= p["zeroshot_top1"] <= 100 for p in points)
+    assert "| unpruned | 1 |" in bench.ranking_markdown(points)
