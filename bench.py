@@ -419,6 +419,7 @@ def captioner_markdown(batch_size, rows) -> str:
 
 QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
          "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
+RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patch Ranking runs
 CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
@@ -438,6 +439,10 @@ def all_runs(root: str, quick: bool) -> dict:
     for seed in (0, 1):
         for name, extra in CAPTIONERS_RUN.items():
             runs[f"{name}_{seed}"] = cap + ["--seed", str(seed)] + [e.format(stage1=3 if quick else 300) for e in extra]
+    for seed in (0, 1, 2):  # Patch Ranking on the default CLIP: one search, three predictors and token sets
+        runs[f"ranking_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--rank-cache",
+                                    f"{root}/rankings.pt", "--data-seed", "0", "--seed", str(seed)] + steps(RANKING_STEPS)
+                                   + (QUICK[-8:] + ["--rank-images", "10", "--predictor-steps", "3"] if quick else []))
     return {name: args + ["--out", f"{root}/{name}", "--overwrite"] for name, args in runs.items()}
 
 
@@ -491,6 +496,11 @@ def reproduce_all(root: str, quick: bool = False) -> str:
         logs = [f"{root}/{n}_{seed}/log.jsonl" for n in ("nomerge", "query1", "evlgen", "query2")]
         sections.append(f"### Captioners, seed {seed}: CIDEr-D curves and time to reach (c)'s final\n\n"
                         + evaluation.curves_table(logs))
+    run_logged(["bench.py", "--ranking", *[f"{root}/ranking_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
+                f"{root}/ranking_points.json", "--out", f"{root}/ranking.md", *n_test], f"{root}/ranking.txt",
+               "bench.py --ranking")
+    with open(f"{root}/ranking.md") as f:
+        sections.append("### Patch Ranking on the default CLIP (40% of the patches pruned at the layer)\n\n" + f.read())
     bench_md = f"{root}/bench.md"
     run_logged(["bench.py", "--out", bench_md] + (["--tome", "tiny64", "--models", "tiny64", "--repeats", "1",
                                                     "--captioner-batch", "8", "--batch-size", "8"] if quick else []), f"{root}/bench.txt", "bench.py")
@@ -502,6 +512,7 @@ def reproduce_all(root: str, quick: bool = False) -> str:
                + (["--n-test", "20"] if quick else []), f"{root}/method_points.txt", "bench.py --method-points")
     for args in (["--ckpt", f"{root}/elip_0/ckpt.pt", "--n", "6", "--out", f"{root}/masks_elip.png"],
                  ["--ckpt", f"{root}/clip/ckpt.pt", "--method", "tome", "--n", "4", "--out", f"{root}/masks_tome.png"],
+                 ["--ckpt", f"{root}/ranking_0/ckpt.pt", "--n", "4", "--out", f"{root}/masks_ranking.png"],
                  ["--curves", *[f"{root}/{n}_0/log.jsonl" for n in CAPTIONERS_RUN], "--metric", "cider_d", "--x", "time",
                   "--out", f"{root}/captioner_curves.png"],
                  ["--tradeoff", f"{root}/points.json", "--out", f"{root}/tradeoff_tome.png"],

@@ -187,7 +187,7 @@ def search_cached(clip: CLIP, images_of, n: int, cache: str, identity: dict, lay
         say(f"golden ranking: all {n} images cached in {cache}")
         return done[:n]
     device = next(clip.parameters()).device
-    t0, start = time.time(), len(done)
+    t0, start, shown = time.time(), len(done), 0.0
     say(f"golden ranking: {start} of {n} images cached, searching the rest")
     while len(done) < n:
         idx = range(len(done), min(n, len(done) + batch_size))
@@ -198,8 +198,9 @@ def search_cached(clip: CLIP, images_of, n: int, cache: str, identity: dict, lay
         tmp = cache + ".tmp"
         torch.save(dict(identity=identity, rankings=done), tmp)
         os.replace(tmp, cache)  # a crash leaves the previous batch's cache, never a torn file
-        rate = (len(done) - start) / (time.time() - t0)
-        say(f"golden ranking: {len(done)}/{n} images, {rate:.1f} images/s")
+        if time.time() - shown > 30 or len(done) >= n:  # a line every half minute, and the last
+            shown = time.time()
+            say(f"golden ranking: {len(done)}/{n} images, {(len(done) - start) / (shown - t0):.2f} images/s")
     return done
 
 

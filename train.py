@@ -543,9 +543,11 @@ def prepare(cfg: TrainConfig, rank: int):
             sources["clip"] = read_checkpoint(cfg.clip)
             expect_kind(sources["clip"], "clip", cfg.clip, "--clip", "train one with `python train.py --method none`")
         probe = captioner_config(cfg, sources, vocab_size=1)
-    dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
     source = ckpt_path if cfg.resume else cfg.init
     ckpt = read_checkpoint(source) if source else None
+    if cfg.method == "ranking":  # the images are the size the CLIP of --init was trained at
+        probe = ranking_config(cfg, ckpt, source).clip
+    dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
     if ckpt is not None:
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
     elif "lm" in sources:  # the frozen LM decides the vocabulary

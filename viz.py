@@ -107,12 +107,14 @@ def mask_grid(images, captions, scenes, stages, patch, title, note=""):
 
 def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.png") -> str:
     """The kept / merged patches of a CLIP checkpoint's reducer on the first n shapes test images,
-    guided by each image's first caption (ELIP) — through train.py's dispatch."""
+    guided by each image's first caption (ELIP) — through train.py's dispatch (a Patch Ranking
+    checkpoint: its predictor)."""
     import data
     import train
     model, tokenizer, ckpt = train.load_checkpoint(ckpt_path)
-    if ckpt.get("kind", "clip") != "clip":
-        raise ValueError(f"{ckpt_path} holds a {ckpt['kind']}: masks are drawn for CLIP checkpoints")
+    kind = ckpt.get("kind", "clip")
+    if kind not in ("clip", "ranking"):
+        raise ValueError(f"{ckpt_path} holds a {kind}: masks are drawn for CLIP checkpoints")
     cfg = train.saved_config(ckpt, method=method or ckpt["config"]["method"])
     v = model.cfg.vision
     dataset = data.ShapesDataset("test", n, v.image_size, v.patch_size, cfg.scene_seed())
@@ -120,6 +122,8 @@ def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.p
     images = torch.stack([it["image"] for it in items])
     captions = [it["captions"][0] for it in items]
     make = train.reducer_fn(cfg, v, step=cfg.steps, training=True)  # None for a method that reduces nothing
+    if kind == "ranking" and not method:  # Patch Ranking: its predictor's choice (the learned tokens hold no patch)
+        make = lambda text: model.reducer()
     note = ""
     if make is None:
         stages = []

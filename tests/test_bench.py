@@ -71,10 +71,12 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     """`bench.py --all --quick`: every run, table and figure of the README at toy size."""
     import os
     text = bench.reproduce_all(str(tmp_path), quick=True)
-    for heading in ("ELIP and EViT against no pruning", "ToMe off the shelf", "Captioners, seed 1", "Cost (bench.py)"):
+    for heading in ("ELIP and EViT against no pruning", "ToMe off the shelf", "Captioners, seed 1", "Cost (bench.py)",
+                    "Patch Ranking on the default CLIP"):
         assert heading in text
     assert "| elip |" in text and "| 8 |" in text and "evlgen_0" in text
-    for png in ("masks_elip", "masks_tome", "captioner_curves", "tradeoff_tome", "tradeoff_methods"):
+    assert "| predictor + 4 learnable tokens | 3 |" in text
+    for png in ("masks_elip", "masks_tome", "masks_ranking", "captioner_curves", "tradeoff_tome", "tradeoff_methods"):
         assert os.path.getsize(tmp_path / f"{png}.png") > 1000
     points = {p["name"]: p for p in json.loads((tmp_path / "method_points.json").read_text())}
     assert {"none", "ELIP (pruned)", "EViT (pruned)", "ToMe r=8"} <= set(points)

@@ -187,3 +187,6 @@ def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
     assert abs(tome["gflops"] - pruned) < 0.25 * (by["unpruned"]["gflops"] - pruned)  # equal FLOPs, as near as r allows
     assert all(0 <= p["zeroshot_top1"] <= 100 for p in points)
     assert "| unpruned | 1 |" in bench.ranking_markdown(points)
+    import viz
+    from test_viz import readable_png
+    assert readable_png(viz.draw_masks(f"{out}/ckpt.pt", n=2, out=str(tmp_path / "masks.png")))
