@@ -304,6 +304,45 @@ def init_weights(m: nn.Module):
         nn.init.zeros_(m.bias)
 
 
+# ----------------------------------------------------------------------------------------------
+# timm checkpoints: the parameter names are already timm's, so loading is shape inference + checks
+
+def timm_config(state: dict, ln_eps: float = 1e-6, act: str = "gelu", head_dim: int = 64) -> ViTConfig:
+    """The ViTConfig of a timm `VisionTransformer` state dict, from its tensor shapes: width and
+    patch size from the patch embedding, depth from the block numbers, image size from the position
+    embeddings, heads = width / head_dim, the MLP ratio, and a pre-norm if `norm_pre` is there.
+    LayerNorm eps and the activation are not in the tensors: timm's defaults unless given."""
+    if "cls_token" not in state or "pos_embed" not in state:
+        raise ValueError("the state dict has no cls_token / pos_embed: this ViT pools the class token")
+    D, _, p, _ = state["patch_embed.proj.weight"].shape
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    side = math.isqrt(state["pos_embed"].shape[1] - 1)
+    if side * side != state["pos_embed"].shape[1] - 1:
+        raise ValueError(f"pos_embed holds {state['pos_embed'].shape[1]} positions: not 1 + a square grid")
+    return ViTConfig(image_size=side * p, patch_size=p, width=D, depth=len(blocks), heads=max(1, D // head_dim),
+                     mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / D, act=act, ln_eps=ln_eps,
+                     pre_norm="norm_pre.weight" in state)
+
+
+TIMM_IGNORED = ("head.weight", "head.bias")  # the classifier: the image feature is the [CLS] before it
+
+
+def load_timm(state: dict, **config) -> ViT:
+    """A ViT with the weights of a timm `VisionTransformer` state dict (class-token pooling).
+    Keys it does not know (layer scale, a global-pool norm, registers ...) or keys it lacks stop
+    with a message listing them: never a partial load."""
+    vit = ViT(timm_config(state, **config))
+    state = {k: v for k, v in state.items() if k not in TIMM_IGNORED}
+    ours = vit.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"the timm state dict does not fit a ViT: missing {missing}, unexpected {unexpected}, "
+                         f"wrong shape {wrong}")
+    vit.load_state_dict(state)
+    return vit.eval()
+
+
 def vit_config(preset: str = "tiny64", **overrides) -> ViTConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown ViT preset {preset!r} (choose from {', '.join(PRESETS)})")

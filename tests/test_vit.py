@@ -145,3 +145,28 @@ def test_parameter_names_follow_timm():
               "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias", "blocks.3.mlp.fc1.weight",
               "blocks.3.mlp.fc2.weight", "norm.weight"):
         assert n in names
+
+
+def test_load_timm_infers_the_config_and_refuses_partial_loads():
+    from vit import load_timm, timm_config
+    src = ViT(ViTConfig(image_size=32, patch_size=8, width=128, depth=3, heads=2, mlp_ratio=2.0)).eval()
+    state = {**src.state_dict(), "head.weight": torch.zeros(10, 128), "head.bias": torch.zeros(10)}
+    cfg = timm_config(state)
+    assert (cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.pre_norm) == \
+        (32, 8, 128, 3, 2, 2.0, False)
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_timm(state)(images), src(images))
+    with pytest.raises(ValueError, match=r"missing \['blocks.2.norm2.bias'\]"):
+        load_timm({k: v for k, v in state.items() if k != "blocks.2.norm2.bias"})
+    with pytest.raises(ValueError, match=r"unexpected \['blocks.0.ls1.gamma'\]"):
+        load_timm({**state, "blocks.0.ls1.gamma": torch.ones(128)})
+
+
+def test_load_timm_matches_timm_itself():
+    timm = pytest.importorskip("timm")
+    from vit import load_timm
+    ref = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2,
+                                                            num_heads=2, num_classes=0, global_pool="token").eval()
+    ours = load_timm(ref.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    assert (ours(images) - ref(images)).abs().max() < 1e-4
