@@ -117,6 +117,24 @@ class CLIP(nn.Module):
             self.itm_head = nn.Linear(t.width, 2)
             self.mlm_head = nn.Linear(t.width, t.vocab_size)
 
+    @classmethod
+    def from_openai(cls, state: dict) -> "CLIP":
+        """A CLIP with the weights of an OpenAI CLIP state dict (the layout open_clip uses too:
+        visual.conv1, visual.class_embedding, visual.transformer.resblocks.N.attn.in_proj_weight,
+        token_embedding, text_projection, logit_scale ...), its config read off the shapes.
+        Vision, text and the logit scale are loaded; the text tower is causal and pools the
+        end-of-text token, as CLIP's is. A key left over or missing stops with the list."""
+        cfg = openai_config(state)
+        model = cls(cfg)
+        ours, theirs = model.state_dict(), openai_to_ours(state, cfg)
+        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        wrong = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(f"the OpenAI CLIP state dict does not fit: missing {missing}, unexpected "
+                             f"{unexpected}, wrong shape {wrong}")
+        model.load_state_dict(theirs)
+        return model.eval()
+
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped as in CLIP so the temperature cannot collapse."""
         return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
@@ -142,10 +160,11 @@ class CLIP(nn.Module):
         """The training objectives; returns a dict of losses with their sum under "loss".
         The text is encoded first, so that `reducer_fn` (ELIP) can see it."""
         text_tokens = self.text.forward_tokens(ids)  # (B, L, Dt)
-        reducer = reducer_fn(self.text_guidance(text_tokens[:, 0])) if reducer_fn else None
+        text_cls = self.text.pooled(text_tokens, ids)  # (B, Dt)
+        reducer = reducer_fn(self.text_guidance(text_cls)) if reducer_fn else None
         image_tokens = self.visual.forward_tokens(images, reducer).x  # (B, N', Dv): pruned or not
         image_feat = F.normalize(self.visual_proj(image_tokens[:, 0]), dim=-1)
-        text_feat = F.normalize(self.text_proj(text_tokens[:, 0]), dim=-1)
+        text_feat = F.normalize(self.text_proj(text_cls), dim=-1)
         losses = {}
         if "itc" in self.cfg.objectives:
             losses["itc"] = contrastive_loss(image_feat, text_feat, self.scale())
@@ -166,6 +185,58 @@ class CLIP(nn.Module):
         with torch.no_grad():
             sim = self.scale() * image_feat @ text_feat.T  # (B, B)
         return matching_loss(self.itm_logits, image_tokens, text_tokens, ids, sim, generator)
+
+
+OPENAI_META = ("input_resolution", "context_length", "vocab_size")  # integers some releases store beside the weights
+
+
+def openai_config(state: dict) -> CLIPConfig:
+    """CLIPConfig of an OpenAI-layout state dict: widths, depths, patch and image size, context,
+    vocabulary and embedding size from the shapes; heads = width / 64, QuickGELU, LayerNorm eps
+    1e-5, a pre-norm on the patches (ln_pre), a causal text tower pooled at end-of-text."""
+    if "visual.conv1.weight" not in state:
+        raise ValueError("not an OpenAI ViT CLIP state dict: no visual.conv1.weight (ResNet CLIPs are not supported)")
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+    D, _, p, _ = state["visual.conv1.weight"].shape
+    side = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)
+    vision = ViTConfig(image_size=side * p, patch_size=p, width=D, depth=count("visual.transformer.resblocks."),
+                       heads=D // 64, act="quick_gelu", ln_eps=1e-5, pre_norm=True)
+    V, W = state["token_embedding.weight"].shape
+    text = TextConfig(vocab_size=V, context_length=state["positional_embedding"].shape[0], width=W,
+                      depth=count("transformer.resblocks."), heads=W // 64, act="quick_gelu", ln_eps=1e-5,
+                      causal=True, pool="eot")
+    return CLIPConfig(vision=vision, text=text, embed_dim=state["text_projection"].shape[1])
+
+
+def openai_to_ours(state: dict, cfg: CLIPConfig) -> dict:
+    """Rename an OpenAI-layout state dict to this project's names (timm's for the ViT)."""
+    block = {"ln_1": "norm1", "ln_2": "norm2", "attn.in_proj_weight": "attn.qkv.weight",
+             "attn.in_proj_bias": "attn.qkv.bias", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.fc1",
+             "mlp.c_proj": "mlp.fc2"}
+    fixed = {"visual.conv1.weight": "visual.patch_embed.proj.weight", "visual.ln_pre": "visual.norm_pre",
+             "visual.ln_post": "visual.norm", "ln_final": "text.norm", "token_embedding": "text.token_embedding"}
+    out = {}
+    for key, value in state.items():
+        if key in OPENAI_META:
+            continue
+        name = key
+        for prefix, ours in (("visual.transformer.resblocks.", "visual.blocks."), ("transformer.resblocks.", "text.blocks.")):
+            if key.startswith(prefix):
+                n, rest = key[len(prefix):].split(".", 1)
+                rest = next((rest.replace(a, b, 1) for a, b in block.items() if rest.startswith(a)), rest)
+                name = f"{ours}{n}.{rest}"
+        name = next((name.replace(a, b, 1) for a, b in fixed.items() if name.startswith(a + ".") or name == a), name)
+        out[name] = value
+    special = {"visual.class_embedding": ("visual.cls_token", lambda t: t.reshape(1, 1, -1)),
+               "visual.positional_embedding": ("visual.pos_embed", lambda t: t.unsqueeze(0)),
+               "positional_embedding": ("text.pos_embed", lambda t: t.unsqueeze(0)),
+               "visual.proj": ("visual_proj.weight", lambda t: t.T), "text_projection": ("text_proj.weight", lambda t: t.T)}
+    for key, (name, f) in special.items():
+        if key in out:
+            out[name] = f(out.pop(key)).contiguous()
+    if "visual.patch_embed.proj.weight" in out:  # OpenAI's patch embedding has no bias
+        out["visual.patch_embed.proj.bias"] = torch.zeros(cfg.vision.width)
+    return out
 
 
 def matching_loss(itm_logits, image_tokens, text_tokens, ids, sim, generator=None):

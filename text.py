@@ -95,10 +95,14 @@ class TextConfig:
     act: str = "gelu"
     ln_eps: float = 1e-6
     dropout: float = 0.0
+    causal: bool = False  # OpenAI CLIP's text transformer is causal; ours (BERT/ALBEF) is bidirectional
+    pool: str = "cls"  # cls: the first token's output; eot: the end-of-text token's (OpenAI: the largest id)
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+        if self.pool not in ("cls", "eot"):
+            raise ValueError(f"text pool {self.pool!r} is not cls or eot")
 
 
 def padding_bias(ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -108,7 +112,8 @@ def padding_bias(ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 
 class TextEncoder(nn.Module):
-    """Bidirectional transformer; the pooled output is the final [CLS] token (BERT/ALBEF style)."""
+    """Bidirectional transformer; the pooled output is the final [CLS] token (BERT/ALBEF style).
+    With `causal` and `pool="eot"` it is OpenAI CLIP's text tower (model.CLIP.from_openai)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -124,13 +129,20 @@ class TextEncoder(nn.Module):
     def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) contextual token features."""
         x = self.token_embedding(ids) + self.pos_embed[:, : ids.shape[1]]
-        bias = padding_bias(ids, x.dtype)
+        # causal: what follows the end-of-text token (padding) is never seen by it, so no padding mask
+        bias = None if self.cfg.causal else padding_bias(ids, x.dtype)
         for block in self.blocks:
-            x = block(x, attn_bias=bias)
+            x = block(x, attn_bias=bias, is_causal=self.cfg.causal)
         return self.norm(x)
 
+    def pooled(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) token features -> (B, D): the [CLS] output, or the end-of-text token's."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return tokens[torch.arange(len(ids), device=ids.device), ids.argmax(-1)]
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(ids)[:, 0]  # (B, D): the [CLS] output
+        return self.pooled(self.forward_tokens(ids), ids)  # (B, D)
 
 
 @dataclass
