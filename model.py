@@ -412,3 +412,58 @@ class Captioner(nn.Module):
         if num_beams == 1:
             return self.lm.greedy(prompt_ids, prefix, max_new_tokens)
         return self.lm.generate(prompt_ids, prefix, max_new_tokens, num_beams)
+
+
+# ----------------------------------------------------------------------------------------------
+# A pretrained CLIP as a train.py checkpoint: `python model.py --openai WEIGHTS --bpe VOCAB --out DIR`
+
+def read_weights(path: str) -> dict:
+    """A state dict from a file: a plain (open_clip) state dict, one nested under "state_dict",
+    or OpenAI's TorchScript archive. Half-precision weights are read as float32."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:
+            raise ValueError(f"{path} is neither a state dict nor a TorchScript archive ({e})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def convert_openai(weights: str, bpe: str, out: str) -> str:
+    """Write OUT/ckpt.pt: the CLIP of an OpenAI-layout file with CLIP's BPE tokenizer, readable
+    by eval.py, viz.py, bench.py and `train.py --method ranking --init`."""
+    import os
+    import train
+    from text import CLIPTokenizer
+    model = CLIP.from_openai(read_weights(weights))
+    tokenizer = CLIPTokenizer.from_file(bpe, context_length=model.cfg.text.context_length)
+    if len(tokenizer) != model.cfg.text.vocab_size:
+        raise ValueError(f"{bpe} makes {len(tokenizer)} tokens but {weights} embeds {model.cfg.text.vocab_size}")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "ckpt.pt")
+    v = model.cfg.vision
+    config = asdict(train.TrainConfig(method="none", image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+                                      depth=v.depth, heads=v.heads, steps=0))
+    train.save_checkpoint(path, dict(kind="clip", config=config, model_config=asdict(model.cfg), model=model.state_dict(),
+                                     step=0, tokenizer=tokenizer.state_dict(), train_seconds=0.0,
+                                     converted_from=os.path.abspath(weights)))
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(description="Convert a pretrained CLIP (OpenAI / open_clip layout) into a train.py checkpoint.")
+    p.add_argument("--openai", required=True, help="the weights: an open_clip state dict or OpenAI's TorchScript file")
+    p.add_argument("--bpe", required=True, help="CLIP's merges file, bpe_simple_vocab_16e6.txt.gz")
+    p.add_argument("--out", required=True, help="folder for ckpt.pt")
+    a = p.parse_args()
+    try:
+        print(convert_openai(a.openai, a.bpe, a.out))
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

@@ -54,7 +54,10 @@ class Tokenizer:
         return dict(itos=self.itos, context_length=self.context_length)
 
     @classmethod
-    def from_state_dict(cls, d) -> "Tokenizer":
+    def from_state_dict(cls, d):
+        """The tokenizer a checkpoint saved: this word tokenizer, or CLIP's BPE (a converted CLIP)."""
+        if d.get("kind") == "clip_bpe":
+            return CLIPTokenizer([m.split() for m in d["merges"]], d["context_length"])
         return cls(d["itos"], d["context_length"])
 
     def encode(self, text: str) -> list:
@@ -176,6 +179,47 @@ class CausalLM(nn.Module):
         nn.init.normal_(self.transformer.wte.weight, std=0.02)
         nn.init.normal_(self.transformer.wpe.weight, std=0.01)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+
+    @classmethod
+    def from_gpt2(cls, state: dict) -> "CausalLM":
+        """A CausalLM with the weights of a GPT-2 state dict (Hugging Face `GPT2Model` or
+        `GPT2LMHeadModel` layout: wte, wpe, h.N.attn.c_attn ... ln_f, with or without the
+        "transformer." prefix), the config read off the shapes (heads = width / 64, tanh GELU,
+        eps 1e-5). GPT-2's Conv1D weights are stored (in, out) and are transposed here."""
+        state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in state.items()}
+        if "wte.weight" not in state:
+            raise ValueError("not a GPT-2 state dict: no wte.weight")
+        V, D = state["wte.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("h.")})
+        model = cls(LMConfig(vocab_size=V, context_length=state["wpe.weight"].shape[0], width=D, depth=depth,
+                             heads=max(1, D // 64)))
+        ours, theirs = model.state_dict(), {}
+        conv1d = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+        for key, value in state.items():
+            parts = key.split(".")
+            if key == "lm_head.weight":
+                if not torch.equal(value, state["wte.weight"]):
+                    raise ValueError("lm_head.weight differs from wte.weight: this LM ties them, as GPT-2 does")
+                continue
+            if parts[0] == "h" and key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # the causal-mask buffers of older releases
+            if parts[0] == "h":
+                rest = ".".join(parts[2:])
+                module = rest.rsplit(".", 1)[0]
+                if module in conv1d:
+                    rest = rest.replace(module, conv1d[module], 1)
+                    value = value.T if parts[-1] == "weight" else value
+                rest = rest.replace("ln_1", "norm1").replace("ln_2", "norm2")
+                key = f"h.{parts[1]}.{rest}"
+            theirs["transformer." + key] = value.contiguous()
+        theirs["lm_head.weight"] = theirs["transformer.wte.weight"]
+        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        wrong = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(f"the GPT-2 state dict does not fit: missing {missing}, unexpected {unexpected}, "
+                             f"wrong shape {wrong}")
+        model.load_state_dict(theirs)
+        return model.eval()
 
     def forward(self, ids: torch.Tensor, prefix: torch.Tensor = None) -> torch.Tensor:
         """(B, L) ids [and (B, P, D) prefix] -> (B, P+L, vocab) next-token logits."""
@@ -309,3 +353,163 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, generator=None, p: float = 0
     random_words = torch.randint(len(SPECIALS), vocab_size, ids.shape, generator=generator, device="cpu").to(ids.device)
     masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_words, masked)
     return masked, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained vocabularies: GPT-2's byte-level BPE and CLIP's BPE, read from files the user gives
+# (nothing is downloaded). Both split text with a regular expression over Unicode letters (\p{L})
+# and numbers (\p{N}); Python's `re` has no \p{..}, so without the `regex` package we use
+# [^\W\d_] for letters and \d for numbers — identical on text whose numerals are decimal digits
+# (other numerals such as "²" or "½" split differently). `pip install regex` makes it exact.
+
+try:
+    import regex as _re_unicode
+    LETTER, NUMBER = r"\p{L}", r"\p{N}"
+except ImportError:
+    _re_unicode = re
+    LETTER, NUMBER = r"[^\W\d_]", r"\d"
+
+
+def bytes_to_unicode() -> dict:
+    """GPT-2's reversible map from the 256 byte values to printable characters (so BPE never
+    sees whitespace or control characters): printable Latin-1 bytes map to themselves, the rest
+    to code points 256 and up, in byte order. The dict's order is the printable bytes first, then
+    the rest — CLIP's vocabulary begins with the characters in exactly this order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = {b: chr(b) for b in keep}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return chars
+
+
+def bpe(word: tuple, ranks: dict) -> tuple:
+    """Merge the adjacent pair with the lowest rank, again and again, until no pair has a rank."""
+    while len(word) > 1:
+        pairs = {(a, b) for a, b in zip(word, word[1:])}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(word):
+            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = tuple(merged)
+    return word
+
+
+def read_merges(lines) -> dict:
+    """Merge rules ("a b" per line, '#' header lines skipped) -> {(a, b): rank}."""
+    pairs = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#")]
+    bad = next((p for p in pairs if len(p) != 2), None)
+    if bad is not None:
+        raise ValueError(f"merge rule {' '.join(bad)!r} is not two symbols")
+    return {p: i for i, p in enumerate(pairs)}
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE from its `vocab.json` and `merges.txt`."""
+
+    PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?{L}+| ?{N}+| ?[^\s{L}{N}]+|\s+(?!\S)|\s+"""
+               .replace("{L}", LETTER).replace("{N}", NUMBER))
+
+    def __init__(self, vocab_path: str, merges_path: str):
+        import json
+        with open(vocab_path, encoding="utf-8") as f:
+            self.encoder = json.load(f)
+        with open(merges_path, encoding="utf-8") as f:
+            self.ranks = read_merges(f.read().splitlines())
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.byte_char = bytes_to_unicode()
+        self.char_byte = {c: b for b, c in self.byte_char.items()}
+        self.split = _re_unicode.compile(self.PATTERN)
+        self.eot = self.encoder.get("<|endoftext|>")
+
+    def encode(self, text: str) -> list:
+        ids = []
+        for piece in self.split.findall(text):
+            symbols = bpe(tuple(self.byte_char[b] for b in piece.encode("utf-8")), self.ranks)
+            missing = [s for s in symbols if s not in self.encoder]
+            if missing:
+                raise ValueError(f"BPE symbols {missing} are not in the vocabulary: vocab.json and merges.txt do not match")
+            ids += [self.encoder[s] for s in symbols]
+        return ids
+
+    def decode(self, ids) -> str:
+        chars = "".join(self.decoder[int(i)] for i in ids)
+        return bytes(self.char_byte[c] for c in chars).decode("utf-8", errors="replace")
+
+
+def clip_clean(text: str) -> str:
+    """CLIP's text cleaning without ftfy (not a dependency): HTML entities unescaped twice,
+    whitespace collapsed, lower case."""
+    import html
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class CLIPTokenizer:
+    """CLIP's BPE from its merges file (`bpe_simple_vocab_16e6.txt.gz`, gzip or plain): the
+    vocabulary is the 256 byte characters, the same with the end-of-word mark "</w>", the first
+    `n_merges` merges, then <|startoftext|> and <|endoftext|>; 77 positions, zero padding."""
+
+    PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|{L}+|{N}|[^\s{L}{N}]+"""
+               .replace("{L}", LETTER).replace("{N}", NUMBER))
+
+    def __init__(self, merges: list, context_length: int = 77):
+        self.merges = [tuple(m) for m in merges]
+        self.ranks = read_merges(" ".join(m) for m in self.merges)
+        chars = list(bytes_to_unicode().values())
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in self.merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {s: i for i, s in enumerate(vocab)}
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.byte_char = bytes_to_unicode()
+        self.char_byte = {c: b for b, c in self.byte_char.items()}
+        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.split = _re_unicode.compile(self.PATTERN, _re_unicode.IGNORECASE)
+        self.context_length = context_length
+
+    @classmethod
+    def from_file(cls, path: str, n_merges: int = 49152 - 256 - 2, context_length: int = 77) -> "CLIPTokenizer":
+        import gzip
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1:n_merges + 1]  # the first line is a version header
+        return cls([tuple(line.split()) for line in lines if line.strip()], context_length)
+
+    def state_dict(self) -> dict:  # saved in checkpoints like the word tokenizer's
+        return dict(kind="clip_bpe", merges=[" ".join(m) for m in self.merges], context_length=self.context_length)
+
+    def __len__(self):
+        return len(self.encoder)
+
+    def encode(self, text: str) -> list:
+        ids = []
+        for piece in self.split.findall(clip_clean(text)):
+            chars = tuple(self.byte_char[b] for b in piece.encode("utf-8"))
+            symbols = bpe(chars[:-1] + (chars[-1] + "</w>",), self.ranks)
+            ids += [self.encoder[s] for s in symbols]
+        return ids
+
+    def __call__(self, texts, context_length: int = None) -> torch.Tensor:
+        """(B, context) ids: <|startoftext|> text <|endoftext|>, cut to fit (end-of-text kept), zeros after."""
+        L = context_length or self.context_length
+        out = torch.zeros(len(texts), L, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.sot] + self.encode(text)[:L - 2] + [self.eot]
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids) -> str:
+        """Up to <|endoftext|>; "</w>" (end of a word) becomes a space."""
+        chars = []
+        for i in (int(i) for i in ids):
+            if i == self.eot:
+                break
+            if i != self.sot:
+                chars.append(self.decoder[i])
+        text = bytes(self.char_byte[c] for c in "".join(chars)).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()

@@ -138,3 +138,132 @@ def test_from_openai_matches_open_clip():
     with torch.no_grad():
         assert (ours.encode_image(images) - ref.encode_image(images, normalize=True)).abs().max() < 1e-4
         assert (ours.encode_text(ids) - ref.encode_text(ids, normalize=True)).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2: a reference forward written from the GPT-2 definition, straight on the state dict
+
+def gpt2_reference(state, ids, heads):
+    """GPT-2's forward: Conv1D layers are x @ W + b with W stored (in, out)."""
+    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], state[p + ".weight"], state[p + ".bias"], 1e-5)
+    conv = lambda x, p: x @ state[p + ".weight"] + state[p + ".bias"]
+    B, L = ids.shape
+    x = state["wte.weight"][ids] + state["wpe.weight"][:L]
+    D = x.shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("h.")})
+    causal = torch.full((L, L), float("-inf")).triu(1)
+    for n in range(depth):
+        q, k, v = conv(ln(x, f"h.{n}.ln_1"), f"h.{n}.attn.c_attn").split(D, -1)
+        q, k, v = (t.view(B, L, heads, D // heads).transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (D // heads) ** 0.5 + causal, -1) @ v
+        x = x + conv(att.transpose(1, 2).reshape(B, L, D), f"h.{n}.attn.c_proj")
+        x = x + conv(F.gelu(conv(ln(x, f"h.{n}.ln_2"), f"h.{n}.mlp.c_fc"), approximate="tanh"), f"h.{n}.mlp.c_proj")
+    return ln(x, "ln_f") @ state["wte.weight"].T
+
+
+def gpt2_state(vocab=40, context=16, D=128, depth=2):
+    state = {"wte.weight": torch.randn(vocab, D) * 0.1, "wpe.weight": torch.randn(context, D) * 0.1,
+             "ln_f.weight": 1 + 0.1 * torch.randn(D), "ln_f.bias": 0.1 * torch.randn(D)}
+    for n in range(depth):
+        for name, shape in (("ln_1", None), ("ln_2", None), ("attn.c_attn", (D, 3 * D)), ("attn.c_proj", (D, D)),
+                            ("mlp.c_fc", (D, 4 * D)), ("mlp.c_proj", (4 * D, D))):
+            w = 1 + 0.1 * torch.randn(D) if shape is None else torch.randn(*shape) * shape[0] ** -0.5
+            state[f"h.{n}.{name}.weight"] = w
+            state[f"h.{n}.{name}.bias"] = 0.1 * torch.randn(D if shape is None else shape[1])
+        state[f"h.{n}.attn.bias"] = torch.ones(1, 1, context, context).tril()  # an old release's mask buffer
+    return state
+
+
+def test_from_gpt2_matches_the_reference_forward():
+    from text import CausalLM
+    state = gpt2_state()
+    ids = torch.randint(0, 40, (2, 10))
+    hf = {**{"transformer." + k: v for k, v in state.items()}, "lm_head.weight": state["wte.weight"]}
+    for layout in (state, hf):  # GPT2Model and GPT2LMHeadModel
+        lm = CausalLM.from_gpt2(layout)
+        assert (lm.cfg.vocab_size, lm.cfg.context_length, lm.cfg.width, lm.cfg.depth, lm.cfg.heads) == (40, 16, 128, 2, 2)
+        with torch.no_grad():
+            assert (lm(ids) - gpt2_reference(state, ids, heads=2)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match=r"missing \['transformer.h.1.norm2.bias'\]"):
+        CausalLM.from_gpt2({k: v for k, v in state.items() if k != "h.1.ln_2.bias"})
+    with pytest.raises(ValueError, match="ties them"):
+        CausalLM.from_gpt2({**hf, "lm_head.weight": torch.zeros(40, 128)})
+
+
+def test_from_gpt2_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from text import CausalLM
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=128, n_layer=2,
+                                                               n_head=2)).eval()
+    ids = torch.randint(0, 40, (2, 10))
+    with torch.no_grad():
+        assert (CausalLM.from_gpt2(ref.state_dict())(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers, on small vocabulary files written here, against hand-worked merges
+
+def test_gpt2_tokenizer_merges_by_rank_and_round_trips(tmp_path):
+    import json
+    from text import GPT2Tokenizer, bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    space = bytes_to_unicode()[ord(" ")]  # "Ġ"
+    merges = ["l l", "h e", "he ll", "hell o", f"{space} w", f"{space}w o"]
+    vocab = {c: i for i, c in enumerate(chars)}
+    for m in merges:
+        vocab["".join(m.split())] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    # "hello" -> h e l l o -> (l l) -> (h e) -> (he ll) -> (hell o); " wow" -> Ġ w o w -> (Ġ w) -> (Ġw o), w
+    assert tok.encode("hello wow") == [vocab["hello"], vocab[space + "wo"], vocab["w"]]
+    for text in ("hello wow", "Héllo, 12 wörld!\n  x", "日本"):
+        assert tok.decode(tok.encode(text)) == text  # byte-level: every string round-trips
+
+
+def test_clip_tokenizer_vocabulary_layout_and_padding(tmp_path):
+    import gzip
+    from text import CLIPTokenizer
+    merges = ["h e", "l l", "he ll", "hell o</w>"]
+    with gzip.open(tmp_path / "bpe.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer.from_file(str(tmp_path / "bpe.txt.gz"), n_merges=len(merges), context_length=8)
+    # the vocabulary: 256 byte characters (printable ASCII first: "!" = 0, "h" = 104 - 33 = 71), the
+    # same with "</w>" (+256), one entry per merge (from 512), then <|startoftext|>, <|endoftext|>
+    assert len(tok) == 512 + 4 + 2 and (tok.sot, tok.eot) == (516, 517)
+    # "Hello" -> cleaned "hello" -> h e l l o</w> -> (h e) (l l) (he ll) (hell o</w>) = merge 3
+    assert tok.encode("  Hello  ") == [512 + 3]
+    assert tok.encode("hi") == [71, 256 + 72]  # no merge: bytes, the last with its end-of-word mark
+    ids = tok(["hello &amp;amp; hi", "hello " * 20])  # HTML entities unescaped twice, as CLIP cleans
+    assert ids.shape == (2, 8) and ids[0, 0] == tok.sot and ids[1, -1] == tok.eot  # cut to fit, end kept
+    assert ids[0].tolist() == [516, 515, 256 + ord("&") - 33, 71, 256 + 72, 517, 0, 0]
+    assert tok.decode(ids[0]) == "hello & hi"
+    from text import Tokenizer  # a checkpoint saves it and reads it back
+    assert torch.equal(Tokenizer.from_state_dict(tok.state_dict())(["hello hi"]), tok(["hello hi"]))
+
+
+def test_a_converted_openai_clip_is_evaluated_and_pruned_by_patch_ranking(tmp_path):
+    import gzip
+    import json
+    import subprocess
+    import sys
+    from test_train import ROOT
+    merges = [f"{a} {b}" for a, b in (("h", "e"), ("l", "l"))]
+    with gzip.open(tmp_path / "bpe.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("#version\n" + "\n".join(merges) + "\n")
+    torch.save(OpenAICLIP(vocab=512 + len(merges) + 2, context=12).state_dict(), tmp_path / "weights.pt")
+    sh = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    made = sh("model.py", "--openai", str(tmp_path / "weights.pt"), "--bpe", str(tmp_path / "bpe.txt.gz"),
+              "--out", str(tmp_path / "clip"))
+    assert made.returncode == 0, made.stderr
+    got = sh("eval.py", "--ckpt", str(tmp_path / "clip/ckpt.pt"), "--n-test", "10", "--json")
+    assert got.returncode == 0, got.stderr
+    assert 0 <= json.loads(got.stdout.strip().splitlines()[-1])["image_to_text_R@1"] <= 1
+    ranked = sh("train.py", "--method", "ranking", "--init", str(tmp_path / "clip/ckpt.pt"), "--rank-layer", "1",
+                "--train-size", "32", "--test-size", "10", "--rank-images", "8", "--predictor-steps", "2", "--steps", "1",
+                "--batch-size", "4", "--out", str(tmp_path / "rank"))
+    assert ranked.returncode == 0, ranked.stderr
+    assert "frozen CLIP unchanged by training: yes" in ranked.stdout
+    bad = sh("model.py", "--openai", str(tmp_path / "bpe.txt.gz"), "--bpe", str(tmp_path / "bpe.txt.gz"), "--out", str(tmp_path / "x"))
+    assert bad.returncode != 0 and "neither a state dict" in bad.stderr and "Traceback" not in bad.stderr
