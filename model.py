@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from merge import MergingBridge
 from text import PAD, CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig, TextEncoder, mask_tokens
-from vit import Tokens, ViT, ViTConfig, init_weights
+from vit import Tokens, ViT, ViTConfig, init_weights, load_exactly
 
 
 @dataclass
@@ -126,13 +126,7 @@ class CLIP(nn.Module):
         end-of-text token, as CLIP's is. A key left over or missing stops with the list."""
         cfg = openai_config(state)
         model = cls(cfg)
-        ours, theirs = model.state_dict(), openai_to_ours(state, cfg)
-        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-        wrong = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
-        if missing or unexpected or wrong:
-            raise ValueError(f"the OpenAI CLIP state dict does not fit: missing {missing}, unexpected "
-                             f"{unexpected}, wrong shape {wrong}")
-        model.load_state_dict(theirs)
+        load_exactly(model, openai_to_ours(state, cfg), "the OpenAI CLIP state dict")
         return model.eval()
 
     def scale(self) -> torch.Tensor:

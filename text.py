@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit import Block, init_weights
+from vit import Block, init_weights, load_exactly
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))  # [CLS] doubles as BOS, [SEP] as EOS
@@ -193,7 +193,7 @@ class CausalLM(nn.Module):
         depth = len({k.split(".")[1] for k in state if k.startswith("h.")})
         model = cls(LMConfig(vocab_size=V, context_length=state["wpe.weight"].shape[0], width=D, depth=depth,
                              heads=max(1, D // 64)))
-        ours, theirs = model.state_dict(), {}
+        theirs = {}
         conv1d = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
         for key, value in state.items():
             parts = key.split(".")
@@ -213,12 +213,7 @@ class CausalLM(nn.Module):
                 key = f"h.{parts[1]}.{rest}"
             theirs["transformer." + key] = value.contiguous()
         theirs["lm_head.weight"] = theirs["transformer.wte.weight"]
-        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-        wrong = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
-        if missing or unexpected or wrong:
-            raise ValueError(f"the GPT-2 state dict does not fit: missing {missing}, unexpected {unexpected}, "
-                             f"wrong shape {wrong}")
-        model.load_state_dict(theirs)
+        load_exactly(model, theirs, "the GPT-2 state dict")
         return model.eval()
 
     def forward(self, ids: torch.Tensor, prefix: torch.Tensor = None) -> torch.Tensor:

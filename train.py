@@ -43,7 +43,7 @@ import ranking
 from ranking import RankingCLIP, RankingConfig
 from model import CLIP, Captioner, CaptionerConfig, CLIPConfig, LanguageModel
 from text import LMConfig, TextConfig, TextEncoder, Tokenizer
-from vit import vit_config
+from vit import load_exactly, vit_config
 
 METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
 
@@ -481,13 +481,10 @@ def saved_config(ckpt: dict, **overrides) -> "TrainConfig":
 
 def load_state(model, state: dict, path: str):
     """load_state_dict that stops with one sentence listing what does not fit."""
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-    wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise DataError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
-    model.load_state_dict(state)
+    try:
+        load_exactly(model, state, f"checkpoint {path}", show=5)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def config_differences(saved: dict, current: dict, prefix="") -> list:

@@ -332,15 +332,20 @@ def load_timm(state: dict, **config) -> ViT:
     Keys it does not know (layer scale, a global-pool norm, registers ...) or keys it lacks stop
     with a message listing them: never a partial load."""
     vit = ViT(timm_config(state, **config))
-    state = {k: v for k, v in state.items() if k not in TIMM_IGNORED}
-    ours = vit.state_dict()
+    load_exactly(vit, {k: v for k, v in state.items() if k not in TIMM_IGNORED}, "the timm state dict")
+    return vit.eval()
+
+
+def load_exactly(module: nn.Module, state: dict, what: str, show: int = 20):
+    """load_state_dict that first stops with one sentence listing every key that is missing,
+    unexpected or of the wrong shape (the first `show` of each): never a partial load."""
+    ours = module.state_dict()
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(f"the timm state dict does not fit a ViT: missing {missing}, unexpected {unexpected}, "
-                         f"wrong shape {wrong}")
-    vit.load_state_dict(state)
-    return vit.eval()
+        raise ValueError(f"{what} does not fit: missing {missing[:show]}, unexpected {unexpected[:show]}, "
+                         f"wrong shape {wrong[:show]}")
+    module.load_state_dict(state)
 
 
 def vit_config(preset: str = "tiny64", **overrides) -> ViTConfig:
