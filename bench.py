@@ -230,8 +230,8 @@ def tome_markdown(preset, batch_size, rows) -> str:
 def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int = 1000, device="cpu",
                 zeroshot: bool = False) -> list:
     """Accuracy-cost points, the input of `viz.py --tradeoff`. specs: (method, name, checkpoint
-    paths, make) with make(model, cfg) -> the reducer to evaluate with (None: all tokens) and
-    optionally its own extra forward GFLOPs (a scorer's). Per point: the mean R@1 (both
+    paths, make) with make(model, cfg) -> the reducer to evaluate with (None: all tokens), or
+    (reducer, a scorer's own forward FLOPs[, False: not timed — an oracle]). Per point: the mean R@1 (both
     directions, shapes test gallery; zero-shot top-1 too if asked) averaged over the checkpoints
     (seeds) with their spread, the image tower's measured images/s (median over the checkpoints)
     and its forward GFLOPs. Every point is timed in this one call, so the throughputs compare."""
@@ -243,14 +243,15 @@ def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int
             model, tokenizer, ckpt = train.load_checkpoint(path, device)
             cfg, v = train.saved_config(ckpt), model.cfg.vision
             made = make(model, cfg)
-            reducer, extra = made if isinstance(made, tuple) else (made, 0.0)
+            reducer, extra, timeable = (made + (True,))[:3] if isinstance(made, tuple) else (made, 0.0, True)
             sets = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test)
             m = evaluation.evaluate(model, tokenizer, device, (sets[0], sets[1] if zeroshot else None), n_test, reducer)
             m["accuracy"] = 0.5 * (m["image_to_text_R@1"] + m["text_to_image_R@1"])
             runs.append({k: 100 * val for k, val in m.items()})
             images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
             with torch.inference_mode():
-                speeds.append(batch_size / timed(lambda: model.visual(images, reducer), repeats))
+                speeds.append(batch_size / timed(lambda: model.visual(images, reducer), repeats) if timeable
+                              else float("nan"))
                 counter = TokenCounter(reducer)
                 model.visual.forward_tokens(images[:1], counter)
         point = dict(method=method, name=name, seeds=len(paths), img_s=statistics.median(speeds),
@@ -330,9 +331,9 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
              ("EViT", "EViT-style [CLS] attention", paths[:1], prune(ranking.cls_attention_scorer(layer))),
              ("ToMe", f"ToMe r={r} (equal FLOPs)", paths[:1], lambda m, cfg: tome_reducer(r)(m, cfg))]
     if oracle:
-        specs.append(("golden", "golden ranking (oracle)", paths[:1],
-                      lambda m, cfg: ranking.RankPrune(layer, keep, ranking.golden_scorer(m, layer, k=cfg.rank_block,
-                                                                                          chunk=cfg.rank_chunk))))
+        specs.append(("golden", "golden ranking (oracle)", paths[:1],  # its search is neither counted nor timed
+                      lambda m, cfg: (ranking.RankPrune(layer, keep, ranking.golden_scorer(
+                          m, layer, k=cfg.rank_block, chunk=cfg.rank_chunk)), 0.0, False)))
     specs += [("predictor", "predictor", paths,
                lambda m, cfg: (m.reducer(tokens=False), predictor_flops(m.predictor))),
               ("predictor", f"predictor + {model.rcfg.num_tokens} learnable tokens", paths,
@@ -348,8 +349,9 @@ def ranking_markdown(points: list) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['name']} | {p['seeds']} | {cell(p, 'zeroshot_top1')} | {cell(p, 'image_to_text_R@1')} | "
-                     f"{cell(p, 'text_to_image_R@1')} | {cell(p, 'accuracy')} | {p['gflops']:.3f} | {p['img_s']:.0f} | "
-                     f"{p['img_s'] / base['img_s']:.2f}x | {base['gflops'] / p['gflops']:.2f}x |")
+                     f"{cell(p, 'text_to_image_R@1')} | {cell(p, 'accuracy')} | {p['gflops']:.3f} | "
+                     + (f"{p['img_s']:.0f} | {p['img_s'] / base['img_s']:.2f}x" if p["img_s"] == p["img_s"] else "— | —")
+                     + f" | {base['gflops'] / p['gflops']:.2f}x |")
     return "\n".join(lines)
 
 
