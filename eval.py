@@ -34,7 +34,7 @@ import data
 from data import DataError
 from elip import ELIP, RandomPrune, scaled_schedule
 from merge import ToMe
-from text import CLS, PAD, normalize
+from text import normalize
 from data import qa_text
 from vit import Observed, Reducer
 
@@ -271,10 +271,10 @@ def batched(n: int, batch_size: int):
 
 @torch.no_grad()
 def caption_images(model, tokenizer, images, device, num_beams=1, batch_size=200, max_new_tokens=30) -> list:
-    """Generated captions (strings) for (N, 3, S, S) images: the soft prompt, then [CLS]."""
+    """Generated captions (strings) for (N, 3, S, S) images: the soft prompt, then the begin id."""
     out = []
     for idx in batched(len(images), batch_size):
-        start = torch.full((len(idx), 1), CLS, dtype=torch.long, device=device)
+        start = torch.full((len(idx), 1), tokenizer.bos_id, dtype=torch.long, device=device)
         new = model.generate(images[idx.start:idx.stop].to(device), start, max_new_tokens, num_beams)
         out += [tokenizer.decode(ids) for ids in new]
     return out
@@ -290,7 +290,7 @@ def answer_questions(model, tokenizer, images, captions, questions, device, batc
         prompts = [qa_text(captions[i], questions[i]) for i in idx]
         ids = tokenizer(prompts)
         # drop the [SEP] and padding after each prompt: group prompts by length so none is padded
-        lengths = (ids != PAD).sum(1) - 1
+        lengths = (ids != tokenizer.pad_id).sum(1) - 1
         for L in lengths.unique().tolist():
             rows = (lengths == L).nonzero().flatten()
             new = model.generate(images[idx.start:idx.stop][rows].to(device), ids[rows, :L].to(device), 3)
@@ -335,7 +335,7 @@ def evaluate_lm(lm, tokenizer, device, sets, n=None) -> dict:
     total = count = 0.0
     for idx in batched(len(captions), 500):
         ids = tokenizer([captions[i] for i in idx]).to(device)
-        tokens = (ids[:, 1:] != PAD).sum().item()
+        tokens = (ids[:, 1:] != tokenizer.pad_id).sum().item()
         total += lm.loss(ids).item() * tokens
         count += tokens
     lm.train(was_training)

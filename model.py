@@ -449,15 +449,44 @@ def convert_openai(weights: str, bpe: str, out: str) -> str:
     return path
 
 
+def convert_gpt2(weights: str, vocab: str, merges: str, out: str) -> str:
+    """Write OUT/ckpt.pt: a GPT-2 (Hugging Face layout) with its tokenizer as a `--method lm`
+    checkpoint, so that `train.py --method evlgen --lm OUT/ckpt.pt` captions with it frozen."""
+    import os
+    import train
+    from text import GPT2Tokenizer
+    lm = CausalLM.from_gpt2(read_weights(weights))
+    tokenizer = GPT2Tokenizer.from_files(vocab, merges, context_length=lm.cfg.context_length)
+    if len(tokenizer) != lm.cfg.vocab_size:
+        raise ValueError(f"{vocab} holds {len(tokenizer)} tokens but {weights} embeds {lm.cfg.vocab_size}")
+    lm.cfg.eos_id = tokenizer.eos_id
+    model = LanguageModel(lm.cfg)
+    model.lm.load_state_dict(lm.state_dict())
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "ckpt.pt")
+    config = asdict(train.TrainConfig(method="lm", steps=0, lm_width=lm.cfg.width, lm_depth=lm.cfg.depth,
+                                      lm_heads=lm.cfg.heads, lm_context=lm.cfg.context_length))
+    train.save_checkpoint(path, dict(kind="lm", config=config, model_config=asdict(lm.cfg), model=model.state_dict(),
+                                     step=0, tokenizer=tokenizer.state_dict(), train_seconds=0.0,
+                                     converted_from=os.path.abspath(weights)))
+    return path
+
+
 if __name__ == "__main__":
     import argparse
     import sys
-    p = argparse.ArgumentParser(description="Convert a pretrained CLIP (OpenAI / open_clip layout) into a train.py checkpoint.")
-    p.add_argument("--openai", required=True, help="the weights: an open_clip state dict or OpenAI's TorchScript file")
-    p.add_argument("--bpe", required=True, help="CLIP's merges file, bpe_simple_vocab_16e6.txt.gz")
+    p = argparse.ArgumentParser(description="Convert pretrained weights into a train.py checkpoint: a CLIP "
+                                            "(OpenAI / open_clip layout) or a GPT-2 (Hugging Face layout).")
+    p.add_argument("--openai", help="CLIP weights: an open_clip state dict or OpenAI's TorchScript file")
+    p.add_argument("--bpe", help="with --openai: CLIP's merges file, bpe_simple_vocab_16e6.txt.gz")
+    p.add_argument("--gpt2", help="GPT-2 weights (GPT2Model or GPT2LMHeadModel state dict)")
+    p.add_argument("--vocab", help="with --gpt2: vocab.json")
+    p.add_argument("--merges", help="with --gpt2: merges.txt")
     p.add_argument("--out", required=True, help="folder for ckpt.pt")
     a = p.parse_args()
+    if bool(a.openai) == bool(a.gpt2) or (a.openai and not a.bpe) or (a.gpt2 and not (a.vocab and a.merges)):
+        p.error("give --openai WEIGHTS --bpe FILE, or --gpt2 WEIGHTS --vocab FILE --merges FILE")
     try:
-        print(convert_openai(a.openai, a.bpe, a.out))
+        print(convert_openai(a.openai, a.bpe, a.out) if a.openai else convert_gpt2(a.gpt2, a.vocab, a.merges, a.out))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -35,6 +35,8 @@ def normalize(text: str) -> list:
 
 
 class Tokenizer:
+    pad_id, bos_id, eos_id = PAD, CLS, SEP  # every tokenizer here names these three
+
     def __init__(self, words: list, context_length: int = 32):
         self.itos = list(SPECIALS) + [w for w in words if w not in SPECIALS]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
@@ -58,6 +60,8 @@ class Tokenizer:
         """The tokenizer a checkpoint saved: this word tokenizer, or CLIP's BPE (a converted CLIP)."""
         if d.get("kind") == "clip_bpe":
             return CLIPTokenizer([m.split() for m in d["merges"]], d["context_length"])
+        if d.get("kind") == "gpt2_bpe":
+            return GPT2Tokenizer(d["encoder"], [m.split() for m in d["merges"]], d["context_length"])
         return cls(d["itos"], d["context_length"])
 
     def encode(self, text: str) -> list:
@@ -158,6 +162,8 @@ class LMConfig:
     act: str = "gelu_tanh"
     ln_eps: float = 1e-5
     dropout: float = 0.0
+    pad_id: int = PAD  # targets with this id are ignored; -1 (a converted GPT-2, which has no pad token) pads
+    eos_id: int = SEP  # generation stops here
 
 
 class CausalLM(nn.Module):
@@ -192,7 +198,7 @@ class CausalLM(nn.Module):
         V, D = state["wte.weight"].shape
         depth = len({k.split(".")[1] for k in state if k.startswith("h.")})
         model = cls(LMConfig(vocab_size=V, context_length=state["wpe.weight"].shape[0], width=D, depth=depth,
-                             heads=max(1, D // 64)))
+                             heads=max(1, D // 64), pad_id=-1, eos_id=V - 1))  # <|endoftext|> is GPT-2's last id
         theirs = {}
         conv1d = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
         for key, value in state.items():
@@ -218,7 +224,7 @@ class CausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, prefix: torch.Tensor = None) -> torch.Tensor:
         """(B, L) ids [and (B, P, D) prefix] -> (B, P+L, vocab) next-token logits."""
-        x = self.transformer.wte(ids)
+        x = self.transformer.wte(ids.clamp(min=0))  # a -1 pad comes after the text: causal, never seen by it
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], 1)
         if x.shape[1] > self.cfg.context_length:
@@ -231,13 +237,13 @@ class CausalLM(nn.Module):
     def loss(self, ids: torch.Tensor, prefix: torch.Tensor = None) -> torch.Tensor:
         """Next-token cross-entropy on the text only ([PAD] targets and prefix positions ignored)."""
         logits = self(ids, prefix)[:, -ids.shape[1]:-1]  # predictions for ids[:, 1:]
-        targets = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -100)
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == self.cfg.pad_id, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, prefix: torch.Tensor = None, max_new_tokens: int = 20,
                  num_beams: int = 1) -> list:
-        """Continue each prompt (B, L0) until [SEP] or `max_new_tokens`; returns B lists of new ids.
+        """Continue each prompt (B, L0) until the end id or `max_new_tokens`; returns B lists of new ids.
         num_beams=1 is greedy decoding; beams keep the `num_beams` best sums of log-probabilities,
         finished hypotheses compared by their mean log-probability (length-normalised)."""
         return [self.beam_search(ids[b:b + 1], None if prefix is None else prefix[b:b + 1],
@@ -250,14 +256,14 @@ class CausalLM(nn.Module):
         new = []
         for _ in range(max_new_tokens):
             nxt = self(ids, prefix)[:, -1].argmax(-1)  # (B,)
-            nxt = nxt.masked_fill(done, PAD)
+            nxt = nxt.masked_fill(done, self.cfg.pad_id)
             new.append(nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
-            done |= nxt == SEP
+            done |= nxt == self.cfg.eos_id
             if done.all():
                 break
-        out = torch.stack(new, 1).tolist()
-        return [row[:row.index(SEP) + 1] if SEP in row else row for row in out]
+        out, eos = torch.stack(new, 1).tolist(), self.cfg.eos_id
+        return [row[:row.index(eos) + 1] if eos in row else row for row in out]
 
     def beam_search(self, ids, prefix, max_new_tokens, k):
         beams = ids  # (1, L0) to start, then (k', L0 + t)
@@ -273,7 +279,7 @@ class CausalLM(nn.Module):
             rows, toks = top.indices // V, top.indices % V
             beams = torch.cat([beams[rows], toks[:, None]], 1)
             scores = top.values
-            done = toks == SEP
+            done = toks == self.cfg.eos_id
             for b in done.nonzero().flatten().tolist():
                 finished.append((scores[b].item() / (t + 1), beams[b, L0:].tolist()))
             beams, scores = beams[~done], scores[~done]
@@ -406,22 +412,40 @@ def read_merges(lines) -> dict:
 
 
 class GPT2Tokenizer:
-    """GPT-2's byte-level BPE from its `vocab.json` and `merges.txt`."""
+    """GPT-2's byte-level BPE from its `vocab.json` and `merges.txt` (`from_files`). <|endoftext|>
+    begins and ends a text; batches are padded with -1 (GPT-2 has no pad token; the LM ignores it)."""
 
     PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?{L}+| ?{N}+| ?[^\s{L}{N}]+|\s+(?!\S)|\s+"""
                .replace("{L}", LETTER).replace("{N}", NUMBER))
+    pad_id = -1
 
-    def __init__(self, vocab_path: str, merges_path: str):
-        import json
-        with open(vocab_path, encoding="utf-8") as f:
-            self.encoder = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            self.ranks = read_merges(f.read().splitlines())
+    def __init__(self, encoder: dict, merges: list, context_length: int = 1024):
+        self.encoder, self.merges = dict(encoder), [tuple(m) for m in merges]
+        self.ranks = read_merges(" ".join(m) for m in self.merges)
         self.decoder = {i: s for s, i in self.encoder.items()}
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
         self.split = _re_unicode.compile(self.PATTERN)
-        self.eot = self.encoder.get("<|endoftext|>")
+        if "<|endoftext|>" not in self.encoder:
+            raise ValueError("the GPT-2 vocabulary has no <|endoftext|>")
+        self.bos_id = self.eos_id = self.encoder["<|endoftext|>"]
+        self.context_length = context_length
+
+    @classmethod
+    def from_files(cls, vocab_path: str, merges_path: str, context_length: int = 1024) -> "GPT2Tokenizer":
+        import json
+        with open(vocab_path, encoding="utf-8") as f:
+            encoder = json.load(f)
+        with open(merges_path, encoding="utf-8") as f:
+            ranks = read_merges(f.read().splitlines())
+        return cls(encoder, sorted(ranks, key=ranks.get), context_length)
+
+    def state_dict(self) -> dict:
+        return dict(kind="gpt2_bpe", encoder=self.encoder, merges=[" ".join(m) for m in self.merges],
+                    context_length=self.context_length)
+
+    def __len__(self):
+        return len(self.encoder)
 
     def encode(self, text: str) -> list:
         ids = []
@@ -433,8 +457,22 @@ class GPT2Tokenizer:
             ids += [self.encoder[s] for s in symbols]
         return ids
 
+    def __call__(self, texts, context_length: int = None) -> torch.Tensor:
+        """(B, L) ids: <|endoftext|> text <|endoftext|>, cut to fit (the end kept), padded with -1."""
+        encoded = [[self.bos_id] + self.encode(t) + [self.eos_id] for t in texts]
+        L = context_length or min(self.context_length, max(len(e) for e in encoded))
+        out = torch.full((len(texts), L), self.pad_id, dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            ids = ids[:L - 1] + [self.eos_id] if len(ids) > L else ids
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
     def decode(self, ids) -> str:
-        chars = "".join(self.decoder[int(i)] for i in ids)
+        """The text up to the first <|endoftext|> after it begins (a leading one is skipped)."""
+        ids = [int(i) for i in ids if int(i) != self.pad_id]
+        ids = ids[1:] if ids[:1] == [self.bos_id] else ids
+        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+        chars = "".join(self.decoder[i] for i in ids)
         return bytes(self.char_byte[c] for c in chars).decode("utf-8", errors="replace")
 
 
@@ -464,6 +502,7 @@ class CLIPTokenizer:
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
         self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.pad_id, self.bos_id, self.eos_id = 0, self.sot, self.eot
         self.split = _re_unicode.compile(self.PATTERN, _re_unicode.IGNORECASE)
         self.context_length = context_length
 

@@ -14,7 +14,9 @@ Note: with accum > 1 a micro-batch's contrastive negatives are its own global mi
 What a run trains (`--method`): a CLIP, with no reduction or with ELIP / EViT / ToMe reducing its
 vision tokens; `lm`, the small language model on caption text alone; `evlgen`, the captioner on
 that FROZEN language model (model.py), whose bridge merges tokens (EVLGen) or uses learned queries
-(BLIP-2; `--stage1-steps` first trains them BLIP-2's way, ITC + ITM, before the LM loss).
+(BLIP-2; `--stage1-steps` first trains them BLIP-2's way, ITC + ITM, before the LM loss);
+`ranking`, Patch Ranking on the frozen CLIP of `--init`: `start_ranking` searches the golden
+rankings and fits the predictor, then the loop trains the learnable tokens alone.
 
 Everything random derives from (seed, stream position) or (seed, step): the data order, the
 caption picked for an image, the crop. So a resumed run continues exactly where it stopped.
@@ -647,10 +649,11 @@ def expect_kind(ckpt: dict, kind: str, path: str, flag: str, how: str):
 
 def check_vocabularies(tokenizer: Tokenizer, sources: dict, source: str):
     """The captioner's words must be the frozen LM's: same ids, same embedding rows."""
-    lm_tok = sources["lm"]["tokenizer"]
-    if tokenizer.itos != lm_tok["itos"]:
+    mine, lm_tok = tokenizer.state_dict(), sources["lm"]["tokenizer"]
+    words = "itos" if "itos" in lm_tok else "encoder"  # the word list, or a BPE's (a converted GPT-2)
+    if mine.get(words) != lm_tok.get(words):
         raise DataError(f"the vocabulary of {source} does not match the language model's ({len(tokenizer)} vs "
-                        f"{len(lm_tok['itos'])} words): use the --lm checkpoint it was trained with")
+                        f"{len(lm_tok[words])} words): use the --lm checkpoint it was trained with")
     if sources["lm"]["model_config"]["vocab_size"] != len(tokenizer):
         raise DataError("the language model checkpoint's vocabulary size does not match its tokenizer")
 

@@ -215,11 +215,18 @@ def test_gpt2_tokenizer_merges_by_rank_and_round_trips(tmp_path):
     vocab["<|endoftext|>"] = len(vocab)
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tok = GPT2Tokenizer.from_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
     # "hello" -> h e l l o -> (l l) -> (h e) -> (he ll) -> (hell o); " wow" -> Ġ w o w -> (Ġ w) -> (Ġw o), w
-    assert tok.encode("hello wow") == [vocab["hello"], vocab[space + "wo"], vocab["w"]]
+    hello_wow = [vocab["hello"], vocab[space + "wo"], vocab["w"]]
+    assert tok.encode("hello wow") == hello_wow
     for text in ("hello wow", "Héllo, 12 wörld!\n  x", "日本"):
         assert tok.decode(tok.encode(text)) == text  # byte-level: every string round-trips
+    eot = vocab["<|endoftext|>"]
+    ids = tok(["hello wow", "hello"])  # begun and ended by <|endoftext|>, padded with -1
+    assert ids.tolist() == [[eot, *hello_wow, eot], [eot, vocab["hello"], eot, -1, -1]]
+    assert tok.decode(ids[1]) == "hello"
+    from text import Tokenizer
+    assert torch.equal(Tokenizer.from_state_dict(tok.state_dict())(["hello wow"]), ids[:1])
 
 
 def test_clip_tokenizer_vocabulary_layout_and_padding(tmp_path):
@@ -267,3 +274,31 @@ def test_a_converted_openai_clip_is_evaluated_and_pruned_by_patch_ranking(tmp_pa
     assert "frozen CLIP unchanged by training: yes" in ranked.stdout
     bad = sh("model.py", "--openai", str(tmp_path / "bpe.txt.gz"), "--bpe", str(tmp_path / "bpe.txt.gz"), "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "neither a state dict" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_converted_gpt2_is_the_frozen_lm_of_the_captioner(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from test_train import ROOT, TINY
+    from text import bytes_to_unicode
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    merges = ["e </w>", "t h", "i n", "th e"]  # any rules will do: captions fall back to bytes
+    merges = [m for m in merges if all(p in vocab for p in m.split())]
+    for m in merges:
+        vocab["".join(m.split())] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    torch.save(gpt2_state(vocab=len(vocab), context=320, D=64, depth=1), tmp_path / "gpt2.pt")
+    sh = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    made = sh("model.py", "--gpt2", str(tmp_path / "gpt2.pt"), "--vocab", str(tmp_path / "vocab.json"),
+              "--merges", str(tmp_path / "merges.txt"), "--out", str(tmp_path / "lm"))
+    assert made.returncode == 0, made.stderr
+    clip = sh("train.py", *TINY, "--steps", "1", "--batch-size", "4", "--no-eval", "--out", str(tmp_path / "clip"))
+    assert clip.returncode == 0, clip.stderr
+    cap = sh("train.py", "--method", "evlgen", "--lm", str(tmp_path / "lm/ckpt.pt"), "--clip", str(tmp_path / "clip/ckpt.pt"),
+             "--steps", "2", "--batch-size", "4", "--train-size", "16", "--test-size", "4", "--warmup", "1",
+             "--out", str(tmp_path / "cap"))
+    assert cap.returncode == 0, cap.stderr
+    assert "frozen language model unchanged by training: yes" in cap.stdout and "cider_d" in cap.stdout
