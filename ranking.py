@@ -108,7 +108,7 @@ def removal_scores(emb, ref, mode="similarity", classes=None, labels=None) -> to
 
 
 @torch.no_grad()
-def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 8,
+def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 2,
                    mode: str = "similarity", classes=None, labels=None, max_rows: int = 256) -> torch.Tensor:
     """Greedy backward elimination on tokens x (B, 1+P, D) entering block `layer` of a frozen CLIP.
     Each iteration scores every remaining candidate of every image (one batch: `embed_subsets`)
