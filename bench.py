@@ -270,8 +270,16 @@ def tome_reducer(r: int):
 
 
 def trained_reducer(model, cfg):
-    """The reducer a checkpoint trained with, at inference (no text: ELIP scores without it)."""
-    return train.reducer_fn(cfg, model.cfg.vision, cfg.steps, training=False)(None)
+    """The reducer a checkpoint trained with, at inference (no text: ELIP scores without it),
+    with ELIP's look-ahead FLOPs: they are real compute the token counts do not show."""
+    reducer = train.reducer_fn(cfg, model.cfg.vision, cfg.steps, training=False)(None)
+    if cfg.method != "elip" or not cfg.lookahead:
+        return reducer
+    counter = TokenCounter(reducer)
+    v = model.cfg.vision
+    with torch.no_grad():
+        model.visual.forward_tokens(torch.zeros(1, 3, v.image_size, v.image_size), counter)
+    return reducer, forward_flops(model, cfg, counter, 0, 1)["lookahead"]
 
 
 def tome_sweep(ckpt_path: str, rs=(0, 2, 4, 6, 8, 10), **kw) -> list:
