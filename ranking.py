@@ -364,9 +364,6 @@ class RankingCLIP(CLIP):
         self.predictor = Predictor(v.width, v.num_patches, cfg.dim)
         self.learned_tokens = nn.Parameter(torch.randn(cfg.num_tokens, v.width) * 0.02)
 
-    def clip_parameters(self):
-        return [p for name, p in self.named_parameters() if not name.startswith(("predictor.", "learned_tokens"))]
-
     def freeze_all_but_tokens(self):
         """What train.py's loop trains: the learnable tokens; the CLIP and the predictor stay as they are."""
         for name, p in self.named_parameters():
