@@ -252,10 +252,8 @@ def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int
             with torch.inference_mode():
                 speeds.append(batch_size / timed(lambda: model.visual(images, reducer), repeats) if timeable
                               else float("nan"))
-                counter = TokenCounter(reducer)
-                model.visual.forward_tokens(images[:1], counter)
         point = dict(method=method, name=name, seeds=len(paths), img_s=statistics.median(speeds),
-                     gflops=(vit_forward_flops(model.visual, counter) + extra) / 1e9)
+                     gflops=vit_gflops(model, reducer) + extra / 1e9)
         for k in runs[0]:
             point[k] = statistics.mean(r[k] for r in runs)
             point[k + "_std"] = statistics.pstdev(r[k] for r in runs)
@@ -269,17 +267,22 @@ def tome_reducer(r: int):
     return lambda model, cfg: ToMe(merge_schedule(r, model.cfg.vision.depth, 1 + model.cfg.vision.num_patches)[0]) if r else None
 
 
+def token_counts(model, reducer) -> TokenCounter:
+    """The per-block token counts of the image tower under `reducer`, from one blank image."""
+    counter = TokenCounter(reducer)
+    v = model.cfg.vision
+    with torch.no_grad():
+        model.visual.forward_tokens(torch.zeros(1, 3, v.image_size, v.image_size), counter)
+    return counter
+
+
 def trained_reducer(model, cfg):
     """The reducer a checkpoint trained with, at inference (no text: ELIP scores without it),
     with ELIP's look-ahead FLOPs: they are real compute the token counts do not show."""
     reducer = train.reducer_fn(cfg, model.cfg.vision, cfg.steps, training=False)(None)
     if cfg.method != "elip" or not cfg.lookahead:
         return reducer
-    counter = TokenCounter(reducer)
-    v = model.cfg.vision
-    with torch.no_grad():
-        model.visual.forward_tokens(torch.zeros(1, 3, v.image_size, v.image_size), counter)
-    return reducer, forward_flops(model, cfg, counter, 0, 1)["lookahead"]
+    return reducer, forward_flops(model, cfg, token_counts(model, reducer), 0, 1)["lookahead"]
 
 
 def tome_sweep(ckpt_path: str, rs=(0, 2, 4, 6, 8, 10), **kw) -> list:
@@ -303,11 +306,7 @@ def method_points(root: str, seeds=(0, 1, 2), **kw) -> list:
 # Patch Ranking: every way of pruning the same share at the same layer of one frozen CLIP
 
 def vit_gflops(model, reducer) -> float:
-    counter = TokenCounter(reducer)
-    v = model.cfg.vision
-    with torch.no_grad():
-        model.visual.forward_tokens(torch.zeros(1, 3, v.image_size, v.image_size), counter)
-    return vit_forward_flops(model.visual, counter) / 1e9
+    return vit_forward_flops(model.visual, token_counts(model, reducer)) / 1e9
 
 
 def predictor_flops(predictor) -> float:
@@ -321,7 +320,8 @@ def predictor_flops(predictor) -> float:
 
 def tome_equal_flops(model, target_gflops: float) -> int:
     """The constant ToMe r whose forward GFLOPs come closest to target_gflops."""
-    return min(range(model.cfg.vision.num_patches // 2 + 1), key=lambda r: abs(vit_gflops(model, tome_reducer(r)(model, None)) - target_gflops))
+    gap = lambda r: abs(vit_gflops(model, tome_reducer(r)(model, None)) - target_gflops)
+    return min(range(model.cfg.vision.num_patches // 2 + 1), key=gap)
 
 
 def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int = 5, batch_size: int = 64,
@@ -332,7 +332,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     import ranking
     model = train.load_checkpoint(paths[0], device)[0]
     layer, keep = model.rcfg.layer, ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
-    prune = lambda scorer, extra=0.0: lambda m, cfg: (ranking.RankPrune(layer, keep, scorer), extra)
+    prune = lambda scorer: lambda m, cfg: ranking.RankPrune(layer, keep, scorer)
     r = tome_equal_flops(model, vit_gflops(model, ranking.RankPrune(layer, keep, ranking.random_scorer())))
     specs = [("none", "unpruned", paths[:1], lambda m, cfg: None),
              ("random", "random", paths[:1], prune(ranking.random_scorer(torch.Generator().manual_seed(0)))),
