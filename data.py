@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import re
 import zlib
 
 import numpy as np
@@ -58,7 +59,9 @@ def cell_name(row: int, col: int, rng=None) -> str:
 
 
 def scene_split(scene) -> str:
-    key = repr(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) for o in scene))
+    """The split a scene belongs to, from its attributes (a video's motions included)."""
+    key = repr(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"]) + ((o["motion"],) if "motion" in o else ())
+                      for o in scene))
     return "test" if zlib.crc32(key.encode()) % TEST_SHARE == 0 else "train"
 
 
@@ -227,6 +230,114 @@ class ShapesDataset(torch.utils.data.Dataset):
         return image, captions, scene, objects
 
 
+# ----------------------------------------------------------------------------------------------
+# Shapes videos: the same scene over T frames, each object moving one way or staying
+
+MOTIONS = ("left", "right", "up", "down", "still")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+MOTION_PHRASES = {"left": ("moves to the left", "moving left", "goes left"),
+                  "right": ("moves to the right", "moving right", "goes right"),
+                  "up": ("moves up", "moving up", "goes up"),
+                  "down": ("moves down", "moving down", "goes down"),
+                  "still": ("stays still", "is still", "standing still")}
+TRAVEL = 0.6  # how far an object moves over the clip, in cells (a cell is a third of the image side)
+
+
+def sample_video_scene(rng) -> list:
+    """1-2 objects in distinct cells, each with a motion; fewer objects than the images, since
+    the caption now has to say how each one moves."""
+    n = rng.choice([1, 2])
+    cells = rng.choice(9, size=n, replace=False)
+    return [dict(shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
+                 size=list(SIZES)[rng.integers(len(SIZES))], row=int(c) // 3, col=int(c) % 3,
+                 jitter=rng.uniform(-0.06, 0.06, size=2).tolist(), motion=MOTIONS[rng.integers(len(MOTIONS))])
+            for c in cells]
+
+
+def caption_video(scene, rng, n: int = 5) -> list:
+    """`n` paraphrases naming every object and its motion, e.g. "a small red circle moves to the
+    left and a large blue square stays still". No cell names: "left" must mean the motion."""
+    openers = ["", "in this video ", "a clip where ", "a video of ", "we see "]
+    caps = []
+    for k in range(n):
+        order = list(range(len(scene))) if k % 2 == 0 else list(rng.permutation(len(scene)))
+        phrases = []
+        for i in order:
+            o = scene[i]
+            how = MOTION_PHRASES[o["motion"]][rng.integers(3)]
+            if rng.random() < 0.5:
+                phrases.append(f"a {o['size']} {o['colour']} {o['shape']} {how}")
+            else:
+                article = "an" if o["colour"] == "orange" else "a"
+                phrases.append(f"{article} {o['colour']} {o['shape']} of {o['size']} size {how}")
+        caps.append(openers[k % len(openers)] + " and ".join(phrases))
+    return caps
+
+
+def moved(scene, t: int, frames: int) -> list:
+    """The scene at frame t: each object's jitter shifted along its motion, centred on its cell
+    over the clip (so its mean position is where the still picture would put it)."""
+    step = (t / (frames - 1) - 0.5) * TRAVEL if frames > 1 else 0.0
+    return [{**o, "jitter": [o["jitter"][0] + step * DIRECTIONS[o["motion"]][0],
+                             o["jitter"][1] + step * DIRECTIONS[o["motion"]][1]]} for o in scene]
+
+
+def motion_of(caption: str, colour: str, shape: str):
+    """The motion a caption gives the object "{colour} {shape}", or None: read in the part of the
+    caption (split at "and" and commas) that names it, as the first motion word there."""
+    for part in re.split(r",| and ", caption):
+        words = part.split()
+        if any(words[j:j + 2] == [colour, shape] for j in range(len(words) - 1)):
+            return next((w for w in words if w in MOTIONS), None)
+    return None
+
+
+class ShapesVideoDataset(ShapesDataset):
+    """`n` captioned clips of `frames` frames: item i is a dict with image (T, 3, S, S), captions
+    (5 str naming each object's motion) and attributes (the objects, with "motion"). The camera
+    is still: one background, objects drawn at their place in each frame. Deterministic from
+    (seed, split, index) like the images, and split by attributes (motions included)."""
+
+    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, frames=4, cache=False):
+        super().__init__(split, n, image_size, patch_size, seed, cache)
+        if frames < 1:
+            raise ValueError(f"a clip needs at least one frame, got {frames}")
+        self.frames = frames
+
+    def scene(self, i: int):
+        for attempt in range(1000):
+            rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i, attempt, 7])  # 7: apart from the images
+            scene = sample_video_scene(rng)
+            if scene_split(scene) == self.split:
+                return scene, rng
+        raise RuntimeError("no scene of this split found")
+
+    def captions(self, i: int) -> list:
+        scene, rng = self.scene(i)
+        return caption_video(scene, rng)
+
+    def texts(self, i: int) -> list:
+        return self.captions(i)  # the language model of the video captioner reads the captions alone
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        item = None if self.cache is None else self.cache.get(i)
+        if item is None:
+            item = self.render(i)
+            if self.cache is not None:
+                self.cache[i] = item
+        frames, captions, scene = item
+        return dict(image=torch.stack([to_tensor(f) for f in frames]), captions=captions, attributes=scene)
+
+    def render(self, i):
+        scene, rng = self.scene(i)
+        captions = caption_video(scene, rng)
+        background = render_background(rng, self.image_size)
+        frames = [render_scene(moved(scene, t, self.frames), background) for t in range(self.frames)]
+        return frames, captions, scene
+
+
 def zeroshot_label(scene) -> str:
     """The zero-shot class of a one-object scene: '{colour} {shape}' (30 classes)."""
     return f"{scene[0]['colour']} {scene[0]['shape']}"
@@ -351,6 +462,7 @@ def read_table(path, delimiter):
 class CaptionDataset(torch.utils.data.Dataset):
     """Images with their captions from a caption file; item i is one image with all its captions
     (several rows naming the same image are grouped, as COCO lists five captions per image)."""
+    what = "image"
 
     def __init__(self, path, image_root="", image_size=224, skip_bad=False):
         self.image_size, self.skip_bad = image_size, skip_bad
@@ -362,14 +474,17 @@ class CaptionDataset(torch.utils.data.Dataset):
             groups.setdefault(full, dict(path=full, captions=[], where=where))["captions"].append(caption.strip())
         self.items, self.missing = [], 0
         for g in groups.values():
-            if os.path.isfile(g["path"]):
+            if self.exists(g["path"]):
                 self.items.append(g)
             elif skip_bad:
                 self.missing += 1
             else:
-                raise DataError(f"image {g['path']} ({g['where']}) does not exist (pass --skip-bad to skip such samples)")
+                raise DataError(f"{self.what} {g['path']} ({g['where']}) does not exist (pass --skip-bad to skip such samples)")
         if not self.items:
             raise DataError(f"caption file {path} lists no usable image")
+
+    def exists(self, path: str) -> bool:
+        return os.path.isfile(path)
 
     def __len__(self):
         return len(self.items)
@@ -395,6 +510,45 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.get(i)
+
+
+class VideoCaptionDataset(CaptionDataset):
+    """Clips with their captions from a caption file (the same formats) whose "image" entries are
+    folders, one per clip, of frame images in name order. Item i's image is (T, 3, S, S): T frames
+    evenly spaced over the clip, each centre-cropped (the same crop for every frame, so motion is
+    not distorted). A clip with fewer than T frames, no frames, or frames of different sizes
+    stops with a message naming its folder and where it was listed (frame counts are checked when
+    the file is read, frame sizes when the clip is); --skip-bad skips missing folders only."""
+    what = "clip folder"
+
+    def __init__(self, path, image_root="", image_size=224, frames=4, skip_bad=False):
+        self.frames = frames
+        super().__init__(path, image_root, image_size, skip_bad)
+        for g in self.items:
+            self.frame_files(g)
+
+    def exists(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def frame_files(self, g) -> list:
+        files = sorted(f for f in os.listdir(g["path"]) if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise DataError(f"clip {g['path']} ({g['where']}) holds no frame images")
+        if len(files) < self.frames:
+            raise DataError(f"clip {g['path']} ({g['where']}) has {len(files)} frame(s), fewer than the {self.frames} "
+                            f"asked for (--frames)")
+        picks = np.linspace(0, len(files) - 1, self.frames).round().astype(int)  # evenly spaced, first and last
+        return [os.path.join(g["path"], files[k]) for k in picks]
+
+    def get(self, i, rng=None):
+        g = self.items[i]
+        frames = [load_image(f, f"clip {g['path']}, {g['where']}") for f in self.frame_files(g)]
+        sizes = sorted({f.size for f in frames})
+        if len(sizes) > 1:
+            raise DataError(f"clip {g['path']} ({g['where']}) has frames of different sizes: "
+                            f"{', '.join(f'{w}x{h}' for w, h in sizes)}")
+        image = torch.stack([to_tensor(resize_center_crop(f, self.image_size)) for f in frames])  # (T, 3, S, S)
+        return dict(image=image, captions=g["captions"], skipped=0)
 
 
 FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]

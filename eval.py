@@ -174,9 +174,14 @@ def zeroshot(model, tokenizer, dataset, device, reducer=None) -> dict:
 
 
 def eval_sets(image_size, patch_size, seed=0, n_test=1000, val_data="", image_root="", zeroshot_dir="",
-              skip_bad=False):
+              skip_bad=False, frames=0):
     """(retrieval gallery or None, zero-shot set or None): the shapes test split by default, else
-    the caption file / class folders given. Built before training, so a bad path stops early."""
+    the caption file / class folders given. Built before training, so a bad path stops early.
+    frames > 0: video clips of that many frames (the shapes videos, or clip folders), no zero-shot."""
+    if frames:
+        gallery = (data.VideoCaptionDataset(val_data, image_root, image_size, frames, skip_bad) if val_data else
+                   data.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames))
+        return gallery, None
     if val_data or zeroshot_dir:
         gallery = data.CaptionDataset(val_data, image_root, image_size, skip_bad=skip_bad) if val_data else None
         folder = data.ImageFolder(zeroshot_dir, image_size) if zeroshot_dir else None
@@ -306,7 +311,9 @@ def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions
     refs = [[c for c, o in zip(captions, owner.tolist()) if o == i] for i in range(len(images))]
     cands = caption_images(model, tokenizer, images, device, num_beams)
     metrics = dict(bleu4=bleu(cands, refs), cider_d=cider_d(cands, refs))
-    if questions and hasattr(dataset, "scene"):
+    if isinstance(dataset, data.ShapesVideoDataset):
+        metrics.update(motion_accuracy(cands, [dataset.scene(i)[0] for i in range(len(images))]))
+    elif questions and hasattr(dataset, "scene"):
         rng = torch.Generator().manual_seed(0)
         qa = [data.scene_questions(dataset.scene(i)[0]) for i in range(len(images))]
         picked = [q[torch.randint(len(q), (1,), generator=rng).item()] for q in qa]
@@ -316,11 +323,25 @@ def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions
     return metrics
 
 
+def motion_accuracy(cands: list, scenes: list) -> dict:
+    """How often a generated caption gives each object of the clip its true motion (the part of
+    the caption naming "{colour} {shape}" must hold the right motion word; an object not named
+    counts as wrong): over all objects (5 choices) and over the moving ones (the direction, 4
+    choices: a model that averages frames cannot tell them apart, 25% at best by guessing)."""
+    hits = [(data.motion_of(c, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still")
+            for c, scene in zip(cands, scenes) for o in scene]
+    moving = [h for h, m in hits if m]
+    return dict(motion_accuracy=sum(h for h, _ in hits) / max(1, len(hits)),
+                direction_accuracy=sum(moving) / max(1, len(moving)))
+
+
 @torch.no_grad()
 def evaluate_captioner(model, tokenizer, device, sets, n=None, num_beams=1, vqa=True) -> dict:
     was_training = model.training
     model.eval()
     metrics = captioning(model, tokenizer, sets[0], device, n, num_beams, vqa)
+    if model.temporal is not None:
+        metrics["temporal_alpha"] = model.temporal.gates()
     model.train(was_training)
     return metrics
 
@@ -402,6 +423,8 @@ def format_table(metrics: dict) -> str:
     lines = [f"{k:<24} {v if k == 'perplexity' else 100 * v:6.2f}" for k, v in metrics.items()
              if isinstance(v, float)]
     lines += [f"example caption: {c}" for c in metrics.get("examples", [])]
+    if "temporal_alpha" in metrics:
+        lines.append("temporal gates (alpha per ViT block): " + " ".join(f"{a:+.3f}" for a in metrics["temporal_alpha"]))
     for name, r in metrics.get("token_relevance", {}).items():
         stages = " ".join(f"{100 * c:5.1f}" for c in r["coverage"])
         kept = " ".join(f"{100 * k:5.1f}" for k in r["kept"])
@@ -421,12 +444,13 @@ def evaluate_checkpoint(path, args) -> dict:
     if kind == "ranking" and (args.prune or args.tome_r or args.relevance):
         raise ValueError(f"{path} holds a Patch Ranking model, evaluated with its own pruning: --prune, --tome-r "
                          f"and --relevance are for the CLIPs of train.py's other methods")
-    if kind == "lm":
-        sets = eval_sets(64, 8, cfg.scene_seed(), args.n_test, args.val_data, args.image_root)  # only its captions are read
+    frames = cfg.frames if cfg.video else 0
+    if kind == "lm":  # only its captions are read
+        sets = eval_sets(64, 8, cfg.scene_seed(), args.n_test, args.val_data, args.image_root, frames=frames)
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
     sets = eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), args.n_test, args.val_data, args.image_root,
-                     args.zeroshot_dir)
+                     args.zeroshot_dir, frames=frames)
     if kind == "captioner":
         return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
     reducer = model.reducer() if kind == "ranking" else None  # Patch Ranking: its predictor and learned tokens

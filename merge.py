@@ -8,7 +8,8 @@ The algorithms, precisely: ../shared/METHODS.md sections 3 and 4.
 
 Read first: `bipartite_soft_matching` (which tokens merge), then `merge_tokens` (how values, sizes
 and sources combine), then `ToMe` (the reducer: merge r tokens between attention and MLP of every
-block) and `MergingBridge` (the same inside EVLGen's bridge).
+block) and `MergingBridge` (the same inside EVLGen's bridge). For video, `TemporalAttention` and
+`TemporalContext` (EVLGen's soft attentive temporal token contextualizing) at the end.
 
 Matching in one paragraph. Split the tokens alternately into A (even positions: [CLS], 2, 4 ...)
 and B (odd). Score every A-B pair by the cosine of their metric (the attention keys averaged
@@ -26,6 +27,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vit import Block, Reducer, Tokens, run_block
 
@@ -174,3 +176,62 @@ class MergingBridge(nn.Module):
         for i, block in enumerate(self.blocks):
             tokens = run_block(block, i, tokens, self.merger)
         return tokens.replace(x=self.norm(tokens.x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Video: soft attentive temporal token contextualizing (EVLGen, METHODS.md section 3)
+#
+# A frozen image ViT sees each of a clip's T frames alone. Between attention and MLP of every
+# block, each spatial position looks at itself in the other frames: small multi-head query/key
+# projections, the tokens themselves as values, the result added through a scalar gate that
+# starts at 0, so at initialisation the ViT is exactly the image model. After the ViT the frames
+# are averaged, and the bridge and the frozen LM see one image's worth of tokens.
+#
+# One addition to the published module: a learned embedding of the frame index on the queries and
+# keys (zero at the start). Without it, attention over frames treats them as a set: reversing the
+# clip permutes the outputs the same way, and after averaging over frames a shape moving left
+# gives exactly what the same shape moving right gives. `frame_embed=False` is the module as
+# published, to measure that.
+
+class TemporalAttention(nn.Module):
+    """x (B*T, N, C), frames of a clip consecutive -> x + alpha * (attention over the T frames at
+    each position). q, k: Linear(C, dim) split into `heads`; v: x split into the same heads."""
+
+    def __init__(self, width: int, heads: int, frames: int, dim: int, frame_embed: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"the temporal query/key width {dim} is not divisible by {heads} heads")
+        self.heads, self.frames = heads, frames
+        self.q = nn.Linear(width, dim)
+        self.k = nn.Linear(width, dim)
+        self.frame_embed = nn.Parameter(torch.zeros(frames, width)) if frame_embed else None
+        self.alpha = nn.Parameter(torch.zeros(()))  # the gate: 0 = the image model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        BT, N, C = x.shape
+        T, H = self.frames, self.heads
+        if BT % T:
+            raise ValueError(f"{BT} frames do not make clips of {T} frames")
+        v = x.view(BT // T, T, N, C).transpose(1, 2)  # (B, N, T, C): each position's frames together
+        h = v if self.frame_embed is None else v + self.frame_embed
+        split = lambda t: t.unflatten(-1, (H, -1)).transpose(2, 3)  # (B, N, T, H*d) -> (B, N, H, T, d)
+        out = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(v))  # (B, N, H, T, C/H)
+        out = out.transpose(2, 3).flatten(-2).transpose(1, 2).reshape(BT, N, C)  # back to (B*T, N, C)
+        return x + self.alpha.to(x.dtype) * out
+
+
+class TemporalContext(nn.Module, Reducer):
+    """One TemporalAttention per ViT block, hooked in between attention and MLP through the seam.
+    Only these modules train in the ViT; the ViT needs no change."""
+
+    def __init__(self, depth: int, width: int, heads: int, frames: int, dim: int = 0, frame_embed: bool = True):
+        nn.Module.__init__(self)
+        self.layers = nn.ModuleList(TemporalAttention(width, heads, frames, dim or width // 2, frame_embed)
+                                    for _ in range(depth))
+
+    def after_attn(self, i, tokens, stats):
+        return tokens.replace(x=self.layers[i](tokens.x))
+
+    def gates(self) -> list:
+        """Each block's alpha: how far the model has moved from frame-by-frame."""
+        return [layer.alpha.item() for layer in self.layers]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from merge import MergingBridge
+from merge import MergingBridge, TemporalContext
 from text import PAD, CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig, TextEncoder, mask_tokens
 from vit import Tokens, ViT, ViTConfig, init_weights, load_exactly
 
@@ -266,6 +266,10 @@ class CaptionerConfig:
     freeze_vit: bool = True
     stage1: bool = False  # also build BLIP-2's stage-1 heads (ITC and ITM between queries and text)
     embed_dim: int = 128
+    frames: int = 1  # > 1: video clips of this many frames, averaged after the ViT
+    temporal: bool = False  # video: EVLGen's temporal contextualizer in every ViT block (the only ViT part trained)
+    temporal_dim: int = 0  # its query/key width; 0: half the ViT width
+    frame_embed: bool = True  # its learned frame-index embedding (without it, the order of frames is lost)
 
     def __post_init__(self):
         self.r = tuple(self.r)
@@ -273,6 +277,8 @@ class CaptionerConfig:
             raise ValueError(f"bridge {self.bridge!r} is unknown (choose {' or '.join(BRIDGES)})")
         if self.bridge == "merge" and len(self.r) != self.bridge_depth:
             raise ValueError(f"r needs one value per bridge layer ({self.bridge_depth}), got {self.r}")
+        if self.temporal and self.frames < 2:
+            raise ValueError(f"the temporal contextualizer needs clips of at least 2 frames, got {self.frames}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -345,6 +351,8 @@ class Captioner(nn.Module):
                                         cfg.prop_attn, t.ln_eps)
         else:
             self.bridge = QueryBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.num_queries, t.ln_eps)
+        self.temporal = TemporalContext(v.depth, v.width, v.heads, cfg.frames, cfg.temporal_dim,
+                                        cfg.frame_embed) if cfg.temporal else None
         self.lm_proj = nn.Linear(t.width, cfg.lm.width)
         self.lm = CausalLM(cfg.lm)
         self.lm.requires_grad_(False)
@@ -368,8 +376,19 @@ class Captioner(nn.Module):
         return self
 
     def visual_tokens(self, images) -> torch.Tensor:
-        with torch.no_grad() if self.cfg.freeze_vit else nullcontext():
-            return self.visual.forward_tokens(images).x  # (B, 1 + P, Dv)
+        """(B, 3, S, S) images or (B, T, 3, S, S) clips -> (B, 1 + P, Dv); a clip's frames go
+        through the ViT together (with the temporal contextualizer, if any) and are averaged."""
+        video = images.dim() == 5
+        if video and images.shape[1] != self.cfg.frames:
+            raise ValueError(f"this captioner takes clips of {self.cfg.frames} frames, got {images.shape[1]}")
+        if not video and self.cfg.frames > 1:
+            raise ValueError(f"this captioner takes clips of {self.cfg.frames} frames, got single images")
+        frozen = self.cfg.freeze_vit and self.temporal is None  # the contextualizer needs gradients through the ViT
+        with torch.no_grad() if frozen else nullcontext():
+            x = self.visual.forward_tokens(images.flatten(0, 1) if video else images, self.temporal).x
+        if video:
+            x = x.unflatten(0, images.shape[:2]).mean(1)  # (B*T, N, D) -> (B, T, N, D) -> (B, N, D)
+        return x
 
     def prompt(self, images, track_source=False) -> Tokens:
         """The soft prompt in LM width, (B, M, D_lm), with the bridge's token sizes and sources."""

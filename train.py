@@ -88,6 +88,12 @@ class TrainConfig:
     lm_heads: int = 2
     lm_context: int = 128  # positions of the LM: soft prompt + caption
     beams: int = 1  # beam size of caption generation at evaluation
+    # video (--method lm / evlgen): clips of --frames frames, shapes videos or clip folders with --data
+    video: bool = False
+    frames: int = 4
+    temporal: bool = True  # EVLGen's temporal contextualizer in the ViT; off: frames averaged only
+    temporal_dim: int = 0  # its query/key width; 0: half the ViT width
+    frame_embed: bool = True  # its frame-index embedding; off: the module as published (blind to frame order)
     eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
     eval_size: int = 200
     eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
@@ -171,6 +177,14 @@ def check_flags(cfg: TrainConfig):
                          "`python train.py --method lm --out lm` and pass --lm lm/ckpt.pt")
     if cfg.method != "evlgen" and (cfg.lm or cfg.clip or cfg.stage1_steps):
         raise ValueError("--lm, --clip and --stage1-steps apply to --method evlgen only")
+    if cfg.video and not captioning:
+        raise ValueError("--video is for the captioner: --method lm (its language model) and --method evlgen")
+    if not cfg.video and (cfg.frames != 4 or not cfg.temporal or cfg.temporal_dim or not cfg.frame_embed):
+        raise ValueError("--frames, --no-temporal, --temporal-dim and --no-frame-embed apply with --video only")
+    if cfg.video and cfg.zeroshot_dir:
+        raise ValueError("--zeroshot-dir classifies images; a --video run is evaluated by captioning its clips")
+    if cfg.video and cfg.frames < 2:
+        raise ValueError(f"--frames {cfg.frames}: a clip needs at least 2 frames")
     if cfg.bridge not in ("merge", "query"):
         raise ValueError(f"--bridge {cfg.bridge} is unknown (choose merge or query)")
     if cfg.stage1_steps and cfg.bridge != "query":
@@ -228,7 +242,9 @@ def captioner_config(cfg: TrainConfig, sources: dict, vocab_size: int) -> Captio
     r, _ = merge_schedule(cfg.bridge_r, depth, 1 + vision.num_patches)
     return CaptionerConfig(vision=vision, lm=lm, text=text, bridge=cfg.bridge, bridge_depth=depth, r=tuple(r),
                            merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, num_queries=cfg.num_queries,
-                           freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim)
+                           freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim,
+                           frames=cfg.frames if cfg.video else 1, temporal=cfg.video and cfg.temporal,
+                           temporal_dim=cfg.temporal_dim, frame_embed=cfg.frame_embed)
 
 
 def objectives(cfg: TrainConfig) -> tuple:
@@ -504,6 +520,11 @@ def config_differences(saved: dict, current: dict, prefix="") -> list:
 # The run
 
 def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
+    if cfg.video:
+        if cfg.data:
+            return data.VideoCaptionDataset(cfg.data, cfg.image_root, image_size, cfg.frames, cfg.skip_bad)
+        return data.ShapesVideoDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cfg.frames,
+                                       cache=True)
     if cfg.data:
         return data.CaptionDataset(cfg.data, cfg.image_root, image_size, skip_bad=cfg.skip_bad)
     return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True)
@@ -538,6 +559,11 @@ def prepare(cfg: TrainConfig, rank: int):
     if cfg.method == "evlgen":
         sources["lm"] = read_checkpoint(cfg.lm)
         expect_kind(sources["lm"], "lm", cfg.lm, "--lm", "make one with `python train.py --method lm`")
+        if saved_config(sources["lm"]).video != cfg.video:
+            kind = "video" if cfg.video else "image"
+            raise ValueError(f"--lm {cfg.lm} was trained on {'image' if cfg.video else 'video'} captions; a {kind} "
+                             f"captioner needs a language model of {kind} captions: `python train.py --method lm"
+                             f"{' --video' if cfg.video else ''}`")
         if cfg.clip:
             sources["clip"] = read_checkpoint(cfg.clip)
             expect_kind(sources["clip"], "clip", cfg.clip, "--clip", "train one with `python train.py --method none`")
@@ -578,7 +604,8 @@ def prepare(cfg: TrainConfig, rank: int):
     sets = None
     if cfg.eval and rank == 0:
         sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.scene_seed(), cfg.test_size,
-                                    cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad)
+                                    cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad,
+                                    cfg.frames if cfg.video else 0)
     return dataset, tokenizer, mcfg, ckpt, sets, sources
 
 
@@ -730,7 +757,8 @@ def run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=None) -> di
     return evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size, make(None) if make else None)
 
 
-HEADLINE = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "bleu4", "cider_d", "vqa_accuracy", "perplexity")
+HEADLINE = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "bleu4", "cider_d", "vqa_accuracy",
+            "motion_accuracy", "direction_accuracy", "perplexity")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -779,7 +807,7 @@ def train(cfg: TrainConfig) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained) | {len(dataset)} training "
-              f"{'captions' if cfg.method == 'lm' else 'images'} | global batch "
+              f"{'captions' if cfg.method == 'lm' else 'clips' if cfg.video else 'images'} | global batch "
               f"{cfg.batch_size * world * cfg.accum} = {cfg.batch_size} x {world} process(es) x {cfg.accum} "
               f"accumulation | {device} | amp {cfg.amp}", flush=True)
         if getattr(dataset, "missing", 0):
@@ -833,6 +861,9 @@ def train(cfg: TrainConfig) -> dict:
     if master and isinstance(model, Captioner):
         print(f"frozen language model unchanged by training: {'yes' if lm_unchanged(model, sources) else 'NO'}",
               flush=True)
+        if model.temporal is not None:
+            print("temporal gates (alpha per ViT block, 0 at the start): "
+                  + " ".join(f"{a:+.3f}" for a in model.temporal.gates()), flush=True)
     if master and isinstance(model, RankingCLIP) and cfg.init:
         print(f"frozen CLIP unchanged by training: {'yes' if clip_unchanged(model, ckpt) else 'NO'}", flush=True)
     if master and cfg.eval and step == total:

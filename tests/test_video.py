@@ -1,0 +1,225 @@
+"""Video: the moving-shapes clips, clip folders from disk, the temporal contextualizer (identity at
+the start, attention over frames at each position, only it learns in the ViT), motion accuracy."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from eval import motion_accuracy
+from merge import TemporalAttention, TemporalContext
+from model import Captioner, CaptionerConfig
+from text import LMConfig, TextConfig
+from vit import ViT, ViTConfig
+
+from test_train import ROOT, TINY, run
+
+
+def colour_centroids(frames, colour):
+    """(T, 2) mean x, y of the pixels painted exactly in `colour`, frame by frame."""
+    out = []
+    for f in frames:
+        ys, xs = np.nonzero((f == np.array(data.COLOURS[colour])).all(-1))
+        out.append((xs.mean(), ys.mean()))
+    return np.array(out)
+
+
+def test_objects_move_the_way_their_captions_say():
+    ds = data.ShapesVideoDataset("train", 60, image_size=64, frames=4)
+    seen = set()
+    for i in range(len(ds)):
+        frames, captions, scene = ds.render(i)
+        if len(scene) != 1:
+            continue  # one object: its pixels are the pixels of its colour
+        o = scene[0]
+        c = colour_centroids(frames, o["colour"])
+        shift = c[-1] - c[0]  # pixels, image y grows downwards
+        want = np.array(data.DIRECTIONS[o["motion"]]) * data.TRAVEL * 64 / 3
+        assert np.abs(shift - want).max() < 3.5, (o, shift, want)  # rasterising and the image edge move it a little
+        assert all(data.motion_of(cap, o["colour"], o["shape"]) == o["motion"] for cap in captions), captions
+        seen.add(o["motion"])
+    assert seen == set(data.MOTIONS)
+
+
+def test_clips_are_deterministic_and_splits_disjoint():
+    a, b = data.ShapesVideoDataset("train", 5), data.ShapesVideoDataset("train", 5)
+    assert torch.equal(a[3]["image"], b[3]["image"]) and a[3]["captions"] == b[3]["captions"]
+    assert a[0]["image"].shape == (4, 3, 64, 64)
+    key = lambda s: repr(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"], o["motion"]) for o in s))
+    train, test = data.ShapesVideoDataset("train", 400), data.ShapesVideoDataset("test", 100)
+    assert not {key(train.scene(i)[0]) for i in range(400)} & {key(test.scene(i)[0]) for i in range(100)}
+
+
+def test_motion_of_and_motion_accuracy_by_hand():
+    cap = "a small red circle moves to the left and a blue square of large size stays still"
+    assert data.motion_of(cap, "red", "circle") == "left"
+    assert data.motion_of(cap, "blue", "square") == "still"
+    assert data.motion_of(cap, "green", "cross") is None
+    scenes = [[dict(colour="red", shape="circle", motion="left"), dict(colour="blue", shape="square", motion="still")],
+              [dict(colour="green", shape="cross", motion="up")]]
+    cands = [cap, "a green cross moves down"]
+    # objects: left right, still right, up wrong -> 2 of 3; moving ones: left right, up wrong -> 1 of 2
+    assert motion_accuracy(cands, scenes) == dict(motion_accuracy=2 / 3, direction_accuracy=1 / 2)
+
+
+def test_the_contextualizer_is_the_identity_at_initialisation():
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2)).eval()
+    ctx = TemporalContext(depth=3, width=32, heads=2, frames=4)
+    for layer in ctx.layers:  # everything random but the gate: the output must still be the input
+        torch.nn.init.normal_(layer.frame_embed)
+    x = torch.randn(2 * 4, 3, 32, 32)
+    assert torch.equal(vit.forward_tokens(x, ctx).x, vit.forward_tokens(x).x)
+    t = torch.randn(8, 17, 32)
+    assert torch.equal(ctx.layers[0](t), t)
+
+
+def attention_over_frames_by_loop(layer, x, T, H):
+    """The definition, one clip and one spatial position at a time."""
+    BT, N, C = x.shape
+    out = torch.empty_like(x)
+    for b in range(BT // T):
+        for n in range(N):
+            v = x[b * T:(b + 1) * T, n]  # (T, C): this position in every frame of clip b
+            h = v + layer.frame_embed
+            q, k = layer.q(h).view(T, H, -1), layer.k(h).view(T, H, -1)
+            heads = []
+            for j in range(H):
+                w = (q[:, j] @ k[:, j].T / q.shape[-1] ** 0.5).softmax(-1)  # (T, T)
+                heads.append(w @ v.view(T, H, -1)[:, j])
+            out[b * T:(b + 1) * T, n] = v + layer.alpha * torch.cat(heads, -1)
+    return out
+
+
+@pytest.mark.parametrize("B,T,N,C,H,dim", [(2, 4, 5, 12, 3, 6), (3, 2, 1, 8, 2, 4), (1, 5, 7, 16, 4, 8)])
+def test_attention_over_frames_matches_the_definition(B, T, N, C, H, dim):
+    torch.manual_seed(B * T)
+    layer = TemporalAttention(C, H, T, dim).double()
+    with torch.no_grad():
+        layer.alpha.fill_(0.7)
+        layer.frame_embed.normal_()
+    x = torch.randn(B * T, N, C, dtype=torch.double)
+    out = layer(x)
+    assert out.shape == (B * T, N, C)
+    torch.testing.assert_close(out, attention_over_frames_by_loop(layer, x, T, H))
+
+
+def test_without_the_frame_embedding_frame_order_is_lost():
+    """The published module treats frames as a set: the frame average cannot tell a clip from its
+    reverse (left from right). The frame embedding breaks that symmetry."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 16)  # (B, T, N, C)
+    reverse = x.flip(1)
+    for embed, same in ((False, True), (True, False)):
+        layer = TemporalAttention(16, 2, 4, 8, frame_embed=embed)
+        with torch.no_grad():
+            layer.alpha.fill_(1.0)
+            if embed:
+                layer.frame_embed.normal_()
+        avg = lambda clip: layer(clip.flatten(0, 1)).view(2, 4, 9, 16).mean(1)
+        assert torch.allclose(avg(x), avg(reverse), atol=1e-6) == same
+
+
+def tiny_video_captioner(**kw):
+    cfg = CaptionerConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+                          lm=LMConfig(vocab_size=30, context_length=40, width=32, depth=1, heads=2),
+                          text=TextConfig(vocab_size=30, context_length=40, width=32, depth=2, heads=2),
+                          frames=3, **kw)
+    torch.manual_seed(0)
+    return Captioner(cfg)
+
+
+def test_only_the_contextualizer_learns_inside_the_vit():
+    model = tiny_video_captioner(temporal=True).train()
+    with torch.no_grad():
+        for layer in model.temporal.layers:
+            layer.alpha.fill_(0.5)  # at 0, only the gates would get a gradient
+    clips, ids = torch.randn(2, 3, 3, 32, 32), torch.randint(4, 30, (2, 6))
+    model(clips, ids)["loss"].backward()
+    assert all(p.grad is None for p in model.visual.parameters())
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.temporal.parameters())
+    assert all(p.grad is not None for p in model.bridge.parameters())
+
+
+def test_a_new_video_captioner_is_frame_averaging_and_checks_the_clip_length():
+    with_ctx, without = tiny_video_captioner(temporal=True).eval(), tiny_video_captioner(temporal=False).eval()
+    without.load_state_dict({k: v for k, v in with_ctx.state_dict().items() if not k.startswith("temporal.")})
+    clips = torch.randn(2, 3, 3, 32, 32)
+    by_hand = torch.stack([without.visual.forward_tokens(c).x for c in clips]).mean(1)  # each clip's frames, averaged
+    torch.testing.assert_close(with_ctx.visual_tokens(clips), by_hand)
+    assert torch.equal(with_ctx.visual_tokens(clips), without.visual_tokens(clips))
+    with pytest.raises(ValueError, match="clips of 3 frames, got 2"):
+        with_ctx.visual_tokens(clips[:, :2])
+
+
+def write_clip(folder, sizes):
+    folder.mkdir(parents=True)
+    for k, size in enumerate(sizes):
+        Image.new("RGB", size, (20 * k, 0, 0)).save(folder / f"{k:03d}.png")
+
+
+def test_clip_folders_give_evenly_spaced_frames_and_name_bad_clips(tmp_path):
+    write_clip(tmp_path / "good", [(40, 30)] * 5)
+    write_clip(tmp_path / "short", [(40, 30)] * 2)
+    write_clip(tmp_path / "mixed", [(40, 30), (40, 30), (30, 40), (40, 30)])
+    (tmp_path / "empty").mkdir()
+    def caption_file(name, clips):
+        path = tmp_path / name
+        path.write_text(json.dumps([dict(image=c, caption="a red square moves up") for c in clips]))
+        return str(path)
+    clip = data.VideoCaptionDataset(caption_file("good.json", ["good"]), str(tmp_path), image_size=16, frames=4)[0]
+    assert clip["image"].shape == (4, 3, 16, 16)
+    red = data.denormalize(clip["image"][:, :, 8, 8].T[..., None, None].permute(1, 0, 2, 3))[:, 0, 0, 0] * 255
+    torch.testing.assert_close(red, torch.tensor([0.0, 20, 60, 80]), atol=1.0, rtol=0)  # frames 0, 1, 3, 4 of 5
+    with pytest.raises(data.DataError, match=r"clip .*short .*has 2 frame\(s\), fewer than the 4"):
+        data.VideoCaptionDataset(caption_file("s.json", ["good", "short"]), str(tmp_path), 16, frames=4)
+    with pytest.raises(data.DataError, match=r"clip .*empty .*holds no frame images"):
+        data.VideoCaptionDataset(caption_file("e.json", ["empty"]), str(tmp_path), 16, frames=4)
+    mixed = data.VideoCaptionDataset(caption_file("m.json", ["mixed"]), str(tmp_path), 16, frames=4)
+    with pytest.raises(data.DataError, match=r"clip .*mixed .*frames of different sizes: 30x40, 40x30"):
+        mixed.get(0)
+    with pytest.raises(data.DataError, match=r"clip folder .*nowhere .*does not exist"):
+        data.VideoCaptionDataset(caption_file("n.json", ["nowhere"]), str(tmp_path), 16, frames=4)
+
+
+def test_video_lm_then_video_captioner_end_to_end(tmp_path):
+    clip, lm, cap = (str(tmp_path / n) for n in ("clip", "lm", "cap"))
+    small = [*TINY, "--batch-size", "8", "--steps", "3"]
+    assert run([*small, "--out", clip]).returncode == 0
+    r = run([*small, "--method", "lm", "--video", "--lm-width", "32", "--lm-depth", "1", "--out", lm])
+    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
+    r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
+             f"{clip}/ckpt.pt", "--lr", "0.05", "--out", cap])
+    assert r.returncode == 0, r.stderr
+    assert "frozen language model unchanged by training: yes" in r.stdout and "direction_accuracy" in r.stdout
+    gates = [float(a) for a in r.stdout.split("temporal gates (alpha per ViT block, 0 at the start):")[1].split()[:2]]
+    assert all(a != 0.0 for a in gates)  # the gates moved
+    state = torch.load(f"{cap}/ckpt.pt", weights_only=True)["model"]
+    clip_state = torch.load(f"{clip}/ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, clip_state[k]) for k, v in state.items() if k.startswith("visual."))
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{cap}/ckpt.pt", "--n-test", "5"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "motion_accuracy" in r.stdout and "temporal gates" in r.stdout, r.stderr
+    # an image LM cannot caption videos: its words lack the motions
+    image_lm = str(tmp_path / "image_lm")
+    assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--no-eval", "--out", image_lm]).returncode == 0
+    r = run([*small, "--method", "evlgen", "--video", "--lm", f"{image_lm}/ckpt.pt", "--out", str(tmp_path / "y")])
+    assert r.returncode != 0 and "trained on image captions" in r.stderr and "--method lm --video" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_video_flags_and_clips_stop_with_one_sentence(tmp_path):
+    r = run(["--video", "--out", str(tmp_path / "a")])
+    assert r.returncode != 0 and "--video is for the captioner" in r.stderr and "Traceback" not in r.stderr
+    r = run(["--method", "lm", "--frames", "8", "--out", str(tmp_path / "b")])
+    assert r.returncode != 0 and "apply with --video only" in r.stderr
+    write_clip(tmp_path / "clips" / "short", [(16, 16)] * 2)
+    (tmp_path / "caps.json").write_text(json.dumps([dict(image="short", caption="a red square moves up")]))
+    r = run(["--method", "lm", "--video", "--data", str(tmp_path / "caps.json"), "--image-root", str(tmp_path / "clips"),
+             "--no-eval", "--out", str(tmp_path / "c")])
+    assert r.returncode != 0 and "short" in r.stderr and "fewer than the 4" in r.stderr and "Traceback" not in r.stderr
