@@ -433,6 +433,12 @@ RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patc
 CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
+VIDEO_STEPS = 300  # the video captioners' steps (their LM: 450, as the image one)
+VIDEO_RUNS = {"video_avg": ["--no-temporal"], "video_noorder": ["--no-frame-embed"], "video_ctx": []}
+VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
+               "video_noorder": "+ temporal contextualizer as published (no frame embedding)",
+               "video_ctx": "+ temporal contextualizer with the frame embedding (default)"}
+
 
 def all_runs(root: str, quick: bool) -> dict:
     """name -> train.py arguments of every run the README's tables come from (quick: tiny models
@@ -449,6 +455,11 @@ def all_runs(root: str, quick: bool) -> dict:
     for seed in (0, 1):
         for name, extra in CAPTIONERS_RUN.items():
             runs[f"{name}_{seed}"] = cap + ["--seed", str(seed)] + [e.format(stage1=3 if quick else 300) for e in extra]
+    runs["lm_video"] = ["--method", "lm", "--video"] + q + steps(450) + (["--lm-width", "32"] if quick else [])
+    for seed in (0, 1):
+        for name, extra in VIDEO_RUNS.items():
+            runs[f"{name}_{seed}"] = (["--method", "evlgen", "--video", "--lm", f"{root}/lm_video/ckpt.pt", "--clip",
+                                       f"{root}/clip/ckpt.pt", "--seed", str(seed)] + q + steps(VIDEO_STEPS) + extra)
     for seed in (0, 1, 2):  # Patch Ranking on the default CLIP: one search, three predictors and token sets
         runs[f"ranking_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--rank-cache",
                                     f"{root}/rankings.pt", "--data-seed", "0", "--seed", str(seed)] + steps(RANKING_STEPS)
@@ -464,6 +475,23 @@ def run_logged(cmd: list, log_path: str, what: str):
         code = subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT).returncode
     if code:
         raise SystemExit(f"error: {what} failed (exit {code}); its output is in {log_path}")
+
+
+def video_table(root: str, n_test: list) -> str:
+    """Markdown: CIDEr-D, BLEU-4 and motion accuracy of the video captioners of --all (mean and
+    std over their seeds), the gates they learned and their training time."""
+    rows = ["| model | CIDEr-D | BLEU-4 | motion accuracy (5 choices) | direction accuracy (moving objects, 4) | "
+            "mean abs(alpha) | training min/run |", "|---|---|---|---|---|---|---|"]
+    for name, label in VIDEO_NAMES.items():
+        ckpts = [f"{root}/{name}_{seed}/ckpt.pt" for seed in (0, 1)]
+        m = eval_json(["--ckpt", *ckpts, *n_test], root, f"eval_{name}")
+        cell = lambda k: f"{100 * m['mean'][k]['mean']:.1f} ± {100 * m['mean'][k]['std']:.1f}"
+        gates = [abs(a) for run in m["runs"] for a in run.get("temporal_alpha", [])]
+        alpha = f"{sum(gates) / len(gates):.3f}" if gates else "—"
+        minutes = statistics.mean(torch.load(c, weights_only=True)["train_seconds"] / 60 for c in ckpts)
+        rows.append(f"| {label} | {cell('cider_d')} | {cell('bleu4')} | {cell('motion_accuracy')} | "
+                    f"{cell('direction_accuracy')} | {alpha} | {minutes:.1f} |")
+    return "\n".join(rows)
 
 
 def eval_json(args: list, root: str, name: str) -> dict:
@@ -506,6 +534,7 @@ def reproduce_all(root: str, quick: bool = False) -> str:
         logs = [f"{root}/{n}_{seed}/log.jsonl" for n in ("nomerge", "query1", "evlgen", "query2")]
         sections.append(f"### Captioners, seed {seed}: CIDEr-D curves and time to reach (c)'s final\n\n"
                         + evaluation.curves_table(logs))
+    sections.append("### Video captioning: the temporal contextualizer (2 seeds)\n\n" + video_table(root, n_test))
     run_logged(["bench.py", "--ranking", *[f"{root}/ranking_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
                 f"{root}/ranking_points.json", "--out", f"{root}/ranking.md", *n_test], f"{root}/ranking.txt",
                "bench.py --ranking")
