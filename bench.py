@@ -433,7 +433,7 @@ RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patc
 CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
-VIDEO_STEPS = 300  # the video captioners' steps (their LM: 450, as the image one)
+VIDEO_STEPS, VIDEO_BATCH = 300, 64  # the video captioners' (their LM: 450 steps of 128, as the image one)
 VIDEO_RUNS = {"video_avg": ["--no-temporal"], "video_noorder": ["--no-frame-embed"], "video_ctx": []}
 VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
                "video_noorder": "+ temporal contextualizer as published (no frame embedding)",
@@ -459,7 +459,8 @@ def all_runs(root: str, quick: bool) -> dict:
     for seed in (0, 1):
         for name, extra in VIDEO_RUNS.items():
             runs[f"{name}_{seed}"] = (["--method", "evlgen", "--video", "--lm", f"{root}/lm_video/ckpt.pt", "--clip",
-                                       f"{root}/clip/ckpt.pt", "--seed", str(seed)] + q + steps(VIDEO_STEPS) + extra)
+                                       f"{root}/clip/ckpt.pt", "--seed", str(seed)] + q + steps(VIDEO_STEPS) + extra
+                                      + ([] if quick else ["--batch-size", str(VIDEO_BATCH)]))
     for seed in (0, 1, 2):  # Patch Ranking on the default CLIP: one search, three predictors and token sets
         runs[f"ranking_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--rank-cache",
                                     f"{root}/rankings.pt", "--data-seed", "0", "--seed", str(seed)] + steps(RANKING_STEPS)
