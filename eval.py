@@ -325,8 +325,8 @@ def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions
 
 def motion_accuracy(cands: list, scenes: list) -> dict:
     """How often a generated caption gives each object of the clip its true motion (the part of
-    the caption naming "{colour} {shape}" must hold the right motion word; an object not named
-    counts as wrong): over all objects (5 choices) and over the moving ones (the direction, 4
+    the caption naming its colour, `data.motion_of`, must hold the right motion word; an object not
+    named counts as wrong): over all objects (5 choices) and over the moving ones (the direction, 4
     choices: a model that averages frames cannot tell them apart, 25% at best by guessing)."""
     hits = [(data.motion_of(c, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still")
             for c, scene in zip(cands, scenes) for o in scene]

@@ -58,12 +58,15 @@ def test_motion_of_and_motion_accuracy_by_hand():
     cap = "a small red circle moves to the left and a blue square of large size stays still"
     assert data.motion_of(cap, "red", "circle") == "left"
     assert data.motion_of(cap, "blue", "square") == "still"
-    assert data.motion_of(cap, "green", "cross") is None
+    assert data.motion_of(cap, "green", "cross") is None  # not named
+    assert data.motion_of(cap, "red", "square") == "left"  # found by its colour: the shape is often wrong
+    two_reds = "a red circle goes up and a red cross moving down"
+    assert data.motion_of(two_reds, "red", "cross") == "down" and data.motion_of(two_reds, "red", "diamond") == "up"
     scenes = [[dict(colour="red", shape="circle", motion="left"), dict(colour="blue", shape="square", motion="still")],
-              [dict(colour="green", shape="cross", motion="up")]]
-    cands = [cap, "a green cross moves down"]
-    # objects: left right, still right, up wrong -> 2 of 3; moving ones: left right, up wrong -> 1 of 2
-    assert motion_accuracy(cands, scenes) == dict(motion_accuracy=2 / 3, direction_accuracy=1 / 2)
+              [dict(colour="green", shape="cross", motion="up")], [dict(colour="purple", shape="cross", motion="down")]]
+    cands = [cap, "a green cross moves down", "a purple cross"]
+    # objects: left right, still right, up wrong, down missing -> 2 of 4; moving ones: left only -> 1 of 3
+    assert motion_accuracy(cands, scenes) == dict(motion_accuracy=2 / 4, direction_accuracy=1 / 3)
 
 
 def test_the_contextualizer_is_the_identity_at_initialisation():
