@@ -758,7 +758,7 @@ def run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=None) -> di
 
 
 HEADLINE = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "bleu4", "cider_d", "vqa_accuracy",
-            "motion_accuracy", "direction_accuracy", "perplexity")
+            "motion_accuracy", "direction_accuracy", "direction_accuracy_one_object", "perplexity")
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -65,8 +65,11 @@ def test_motion_of_and_motion_accuracy_by_hand():
     scenes = [[dict(colour="red", shape="circle", motion="left"), dict(colour="blue", shape="square", motion="still")],
               [dict(colour="green", shape="cross", motion="up")], [dict(colour="purple", shape="cross", motion="down")]]
     cands = [cap, "a green cross moves down", "a purple cross"]
-    # objects: left right, still right, up wrong, down missing -> 2 of 4; moving ones: left only -> 1 of 3
-    assert motion_accuracy(cands, scenes) == dict(motion_accuracy=2 / 4, direction_accuracy=1 / 3)
+    # objects: left right, still right, up wrong, down missing -> 2 of 4; moving ones: left only -> 1 of 3;
+    # one-object clips: "down" for up, nothing for down -> 0 of 2
+    assert motion_accuracy(cands, scenes) == dict(motion_accuracy=2 / 4, direction_accuracy=1 / 3,
+                                                  direction_accuracy_one_object=0.0)
+    assert motion_accuracy(["a blue circle goes up"], [scenes[1]])["direction_accuracy_one_object"] == 1.0
 
 
 def test_the_contextualizer_is_the_identity_at_initialisation():
