@@ -75,24 +75,29 @@ def sample_scene(rng) -> list:
             for c in cells]
 
 
-def caption_scene(scene, rng, n: int = 5) -> list:
-    """`n` paraphrases of the same content: every object's size, colour, shape and cell."""
-    openers = ["", "there is ", "an image of ", "a picture showing ", "a scene with "]
+def object_phrase(o: dict, tail: str, rng) -> str:
+    """One object in words, in one of two phrasings, followed by `tail` (its place or motion)."""
+    if rng.random() < 0.5:
+        return f"a {o['size']} {o['colour']} {o['shape']} {tail}"
+    article = "an" if o["colour"] == "orange" else "a"
+    return f"{article} {o['colour']} {o['shape']} of {o['size']} size {tail}"
+
+
+def paraphrases(scene, rng, n: int, openers: list, tail, join) -> list:
+    """`n` captions of a scene: an opener, then every object's phrase (in scene order for even k,
+    shuffled for odd k) joined by `join`; tail(object) says where it is or how it moves."""
     caps = []
     for k in range(n):
         order = list(range(len(scene))) if k % 2 == 0 else list(rng.permutation(len(scene)))
-        phrases = []
-        for i in order:
-            o = scene[i]
-            where = cell_name(o["row"], o["col"], rng)
-            if rng.random() < 0.5:
-                phrases.append(f"a {o['size']} {o['colour']} {o['shape']} {where}")
-            else:
-                article = "an" if o["colour"] == "orange" else "a"
-                phrases.append(f"{article} {o['colour']} {o['shape']} of {o['size']} size {where}")
-        body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-        caps.append(openers[k % len(openers)] + body)
+        caps.append(openers[k % len(openers)] + join([object_phrase(scene[i], tail(scene[i]), rng) for i in order]))
     return caps
+
+
+def caption_scene(scene, rng, n: int = 5) -> list:
+    """`n` paraphrases of the same content: every object's size, colour, shape and cell."""
+    openers = ["", "there is ", "an image of ", "a picture showing ", "a scene with "]
+    join = lambda p: p[0] if len(p) == 1 else ", ".join(p[:-1]) + " and " + p[-1]
+    return paraphrases(scene, rng, n, openers, lambda o: cell_name(o["row"], o["col"], rng), join)
 
 
 def scene_questions(scene) -> list:
@@ -264,20 +269,7 @@ def caption_video(scene, rng, n: int = 5) -> list:
     """`n` paraphrases naming every object and its motion, e.g. "a small red circle moves to the
     left and a large blue square stays still". No cell names: "left" must mean the motion."""
     openers = ["", "in this video ", "a clip where ", "a video of ", "we see "]
-    caps = []
-    for k in range(n):
-        order = list(range(len(scene))) if k % 2 == 0 else list(rng.permutation(len(scene)))
-        phrases = []
-        for i in order:
-            o = scene[i]
-            how = MOTION_PHRASES[o["motion"]][rng.integers(3)]
-            if rng.random() < 0.5:
-                phrases.append(f"a {o['size']} {o['colour']} {o['shape']} {how}")
-            else:
-                article = "an" if o["colour"] == "orange" else "a"
-                phrases.append(f"{article} {o['colour']} {o['shape']} of {o['size']} size {how}")
-        caps.append(openers[k % len(openers)] + " and ".join(phrases))
-    return caps
+    return paraphrases(scene, rng, n, openers, lambda o: MOTION_PHRASES[o["motion"]][rng.integers(3)], " and ".join)
 
 
 def moved(scene, t: int, frames: int) -> list:
