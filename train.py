@@ -94,6 +94,7 @@ class TrainConfig:
     temporal: bool = True  # EVLGen's temporal contextualizer in the ViT; off: frames averaged only
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its frame-index embedding; off: the module as published (blind to frame order)
+    temporal_lr_scale: float = 1.0  # the contextualizer's learning rate = this x --lr (its gradients start at zero)
     eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
     eval_size: int = 200
     eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
@@ -179,8 +180,10 @@ def check_flags(cfg: TrainConfig):
         raise ValueError("--lm, --clip and --stage1-steps apply to --method evlgen only")
     if cfg.video and not captioning:
         raise ValueError("--video is for the captioner: --method lm (its language model) and --method evlgen")
-    if not cfg.video and (cfg.frames != 4 or not cfg.temporal or cfg.temporal_dim or not cfg.frame_embed):
-        raise ValueError("--frames, --no-temporal, --temporal-dim and --no-frame-embed apply with --video only")
+    if not cfg.video and (cfg.frames != 4 or not cfg.temporal or cfg.temporal_dim or not cfg.frame_embed
+                          or cfg.temporal_lr_scale != 1.0):
+        raise ValueError("--frames, --no-temporal, --temporal-dim, --no-frame-embed and --temporal-lr-scale apply "
+                         "with --video only")
     if cfg.video and cfg.zeroshot_dir:
         raise ValueError("--zeroshot-dir classifies images; a --video run is evaluated by captioning its clips")
     if cfg.video and cfg.frames < 2:
@@ -404,15 +407,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(model, weight_decay: float) -> list:
-    """No weight decay on norms, biases, embeddings and the temperature (as open_clip/timm)."""
-    decay, no_decay = [], []
+def param_groups(model, weight_decay: float, temporal_lr_scale: float = 1.0) -> list:
+    """No weight decay on norms, biases, embeddings and the temperature (as open_clip/timm); the
+    video contextualizer's parameters in groups of their own whose learning rate is scaled."""
+    groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.ndim < 2 or "embed" in name or "token" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        scale = temporal_lr_scale if name.startswith("temporal.") else 1.0
+        groups.setdefault((exempt, scale), []).append(p)
+    return [dict(params=ps, weight_decay=0.0 if exempt else weight_decay, lr_scale=scale)
+            for (exempt, scale), ps in sorted(groups.items())]
 
 
 def amp_settings(amp: str, device: torch.device):
@@ -688,7 +694,7 @@ def check_vocabularies(tokenizer: Tokenizer, sources: dict, source: str):
 def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device, rank, world, make_reducer):
     """One optimizer step over `accum` micro-batches; returns (mean losses, images skipped)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
+        group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)  # checkpoints before the scale: 1
     losses, skipped = {}, 0
     for micro in range(cfg.accum):
         images, ids, bad = next(batches)
@@ -784,7 +790,7 @@ def train(cfg: TrainConfig) -> dict:
         start_captioner(model, sources)
     if isinstance(model, RankingCLIP):
         model.freeze_all_but_tokens()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.temporal_lr_scale), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   fused=device.type == "cuda")
     autocast, scaler = amp_settings(cfg.amp, device)
     if ckpt is not None and cfg.resume:
