@@ -229,3 +229,16 @@ def test_bad_video_flags_and_clips_stop_with_one_sentence(tmp_path):
     r = run(["--method", "lm", "--video", "--data", str(tmp_path / "caps.json"), "--image-root", str(tmp_path / "clips"),
              "--no-eval", "--out", str(tmp_path / "c")])
     assert r.returncode != 0 and "short" in r.stderr and "fewer than the 4" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_contextualizer_has_its_own_learning_rate_scale():
+    import train
+    model = tiny_video_captioner(temporal=True)
+    groups = train.param_groups(model, 0.1, temporal_lr_scale=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each once
+    for g in groups:
+        assert all(names[id(p)].startswith("temporal.") == (g["lr_scale"] == 10.0) for p in g["params"])
+    assert {n for g in groups if g["weight_decay"] == 0 for n in map(lambda p: names[id(p)], g["params"])} >= {
+        "temporal.layers.0.alpha", "temporal.layers.0.frame_embed"}
