@@ -38,6 +38,7 @@ VARIANTS = {  # name -> TrainConfig overrides
     "evit": dict(method="evit"),
     "elip": dict(method="elip"),
     "elip_no_lookahead": dict(method="elip", lookahead=False),
+    "elip_paper": dict(method="elip", fused_prop_attn=False),  # as published: no attention bias
     "tome": dict(method="tome"),
 }
 
@@ -302,6 +303,51 @@ def method_points(root: str, seeds=(0, 1, 2), **kw) -> list:
     return cost_points(specs, **kw)
 
 
+@torch.no_grad()
+def fused_attention_probe(ckpt_path: str, n_test: int = 1000, device="cpu", batch_size=250) -> list:
+    """Retrieval R@1 of one CLIP checkpoint pruned at inference at ELIP's schedule (scaled to its
+    depth), for four ways of choosing the kept tokens (ELIP's look-ahead without text, EViT's
+    previous-block [CLS] attention, random, and the ground-truth object patches) with the fused
+    token attending as in the papers (one token) or with proportional attention (log size)."""
+    import eval as evaluation
+    import data
+    from elip import ELIP, RandomPrune, scaled_schedule
+    model, tokenizer, ckpt = train.load_checkpoint(ckpt_path, device)
+    v = model.cfg.vision
+    dataset = data.ShapesDataset("test", n_test, v.image_size, v.patch_size, train.saved_config(ckpt).scene_seed())
+    images, captions, owner = evaluation.load_gallery(dataset, n_test)
+    masks = torch.stack([dataset[i]["patch_mask"] for i in range(len(images))])
+    texts = evaluation.encode_texts(model, tokenizer, captions, device)
+    S, P = scaled_schedule(v.depth), v.num_patches
+    scorers = {"ELIP look-ahead (no text)": lambda prop, m, g: ELIP(S, P, None, prop_attn=prop),
+               "EViT's [CLS] attention (previous block)": lambda prop, m, g: ELIP(S, P, None, lookahead=False, prop_attn=prop),
+               "random": lambda prop, m, g: RandomPrune(S, P, g, prop_attn=prop),
+               "the object patches (ground truth)": lambda prop, m, g: evaluation.ObjectPrune(S, P, m, prop, g)}
+
+    def recall(make=None) -> dict:
+        g, feats = torch.Generator().manual_seed(0), []
+        for s in range(0, len(images), batch_size):
+            reducer = make(masks[s:s + batch_size].to(device), g) if make else None
+            x = model.visual.forward_tokens(images[s:s + batch_size].to(device), reducer, track_source=True).x[:, 0]
+            feats.append(torch.nn.functional.normalize(model.visual_proj(x), dim=-1))
+        return evaluation.retrieval_metrics(torch.cat(feats), texts, owner.to(device))
+
+    full = recall()
+    rows = [dict(scoring="none (all tokens)", fused="—", **full)]
+    for name, make in scorers.items():
+        for prop in (False, True):
+            rows.append(dict(scoring=name, fused="proportional (ours)" if prop else "one token (papers)",
+                             **recall(lambda m, g: make(prop, m, g))))
+    return rows
+
+
+def probe_markdown(rows: list) -> str:
+    lines = ["| kept tokens chosen by | fused token attends as | image→text R@1 | text→image R@1 |", "|---|---|---|---|"]
+    lines += [f"| {r['scoring']} | {r['fused']} | {100 * r['image_to_text_R@1']:.1f} | {100 * r['text_to_image_R@1']:.1f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Patch Ranking: every way of pruning the same share at the same layer of one frozen CLIP
 
@@ -429,6 +475,12 @@ def captioner_markdown(batch_size, rows) -> str:
 
 QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
          "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
+PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", []), "evit": ("evit", []),  # name: (method, extra flags)
+                "elip_paper": ("elip", ["--no-fused-prop-attn"]), "evit_paper": ("evit", ["--no-fused-prop-attn"])}
+PRUNING_NAMES = {"none": "`none`", "elip": "`elip` (`--keep-warmup 0`; default: fused token with proportional attention)",
+                 "elip_paper": "`elip` as published (`--keep-warmup 0 --no-fused-prop-attn`)",
+                 "evit": "`evit` (default: fused token with proportional attention)",
+                 "evit_paper": "`evit` as published (`--no-fused-prop-attn`)"}
 RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patch Ranking runs
 CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
@@ -445,10 +497,10 @@ def all_runs(root: str, quick: bool) -> dict:
     q = QUICK if quick else []
     steps = (lambda n: ["--steps", "3"]) if quick else (lambda n: ["--steps", str(n)])
     runs = {"clip": q + steps(450), "lm": ["--method", "lm"] + q + steps(450) + (["--lm-width", "32"] if quick else [])}
-    for method in ("none", "elip", "evit"):
+    for name, (method, extra) in PRUNING_RUNS.items():
         for seed in (0, 1, 2):
-            runs[f"{method}_{seed}"] = (["--method", method, "--objectives", "itc,itm,mlm", "--seed", str(seed)] + q
-                                       + steps(300) + (["--keep-warmup", "0"] if method == "elip" else []))
+            runs[f"{name}_{seed}"] = (["--method", method, "--objectives", "itc,itm,mlm", "--seed", str(seed)] + q
+                                      + steps(300) + (["--keep-warmup", "0"] if method == "elip" else []) + extra)
     cap = ["--method", "evlgen", "--lm", f"{root}/lm/ckpt.pt", "--clip", f"{root}/clip/ckpt.pt", "--eval-every",
            "1" if quick else "25", "--eval-size", "10" if quick else "500"] + q + steps(300)
     for seed in (0, 1):
@@ -498,6 +550,27 @@ def video_table(root: str, n_test: list) -> str:
     return "\n".join(rows)
 
 
+def elip_table(root: str, n_test: list) -> str:
+    """Markdown: R@1 of the ITC+ITM+MLM runs of --all (3 seeds each), evaluated with all tokens and
+    with the pruning each trained with, and the gap of the pruned mean R@1 to `none`'s."""
+    rows = ["| run | i2t R@1, all tokens | t2i R@1, all tokens | i2t R@1, pruned | t2i R@1, pruned | "
+            "zero-shot top-1, all tokens | mean R@1, pruned, minus none's |", "|---|---|---|---|---|---|---|"]
+    cell = lambda m, k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" if m else "—"
+    mean_r1 = lambda m: 50 * (m["image_to_text_R@1"]["mean"] + m["text_to_image_R@1"]["mean"])
+    baseline = None
+    for name, label in PRUNING_NAMES.items():
+        ckpts = [f"{root}/{name}_{seed}/ckpt.pt" for seed in (0, 1, 2)]
+        full = eval_json(["--ckpt", *ckpts, *n_test], root, f"eval_{name}")["mean"]
+        pruned = eval_json(["--ckpt", *ckpts, "--prune", *n_test], root, f"eval_{name}_prune")["mean"] \
+            if name != "none" else None
+        baseline = mean_r1(full) if name == "none" else baseline
+        gap = f"{mean_r1(pruned) - baseline:+.1f}" if pruned else "—"
+        rows.append(f"| {label} | {cell(full, 'image_to_text_R@1')} | {cell(full, 'text_to_image_R@1')} | "
+                    f"{cell(pruned, 'image_to_text_R@1')} | {cell(pruned, 'text_to_image_R@1')} | "
+                    f"{cell(full, 'zeroshot_top1')} | {gap} |")
+    return "\n".join(rows)
+
+
 def eval_json(args: list, root: str, name: str) -> dict:
     run_logged(["eval.py", "--json", *args], f"{root}/{name}.json", f"eval.py {' '.join(args)}")
     with open(f"{root}/{name}.json") as f:
@@ -516,17 +589,12 @@ def reproduce_all(root: str, quick: bool = False) -> str:
         print(f"[{(time.time() - t0) / 60:5.1f} min] train.py {name}", flush=True)
         run_logged(["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
     n_test = ["--n-test", "20" if quick else "1000"]
-    rows = ["| method | i2t R@1, all tokens | t2i R@1, all tokens | i2t R@1, pruned | t2i R@1, pruned | zero-shot top-1 |",
-            "|---|---|---|---|---|---|"]
-    for method in ("none", "elip", "evit"):
-        ckpts = [f"{root}/{method}_{seed}/ckpt.pt" for seed in (0, 1, 2)]
-        full = eval_json(["--ckpt", *ckpts, *n_test], root, f"eval_{method}")["mean"]
-        pruned = eval_json(["--ckpt", *ckpts, "--prune", *n_test], root, f"eval_{method}_prune")["mean"] \
-            if method != "none" else None
-        cell = lambda m, k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" if m else "—"
-        rows.append(f"| {method} | {cell(full, 'image_to_text_R@1')} | {cell(full, 'text_to_image_R@1')} | "
-                    f"{cell(pruned, 'image_to_text_R@1')} | {cell(pruned, 'text_to_image_R@1')} | {cell(full, 'zeroshot_top1')} |")
-    sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + "\n".join(rows))
+    sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + elip_table(root, n_test))
+    run_logged(["bench.py", "--fused-probe", f"{root}/none_0/ckpt.pt", "--out", f"{root}/probe.md", *n_test],
+               f"{root}/probe.txt", "bench.py --fused-probe")
+    with open(f"{root}/probe.md") as f:
+        sections.append("### The none_0 CLIP pruned at inference: which tokens, and the fused token's attention\n\n"
+                        + f.read())
     tome_rows = ["| r per block | image→text R@1 | text→image R@1 | zero-shot top-1 |", "|---|---|---|---|"]
     for r in ("0", "4", "8", "12"):
         m = eval_json(["--ckpt", f"{root}/clip/ckpt.pt", *n_test] + (["--tome-r", r] if r != "0" else []), root, f"tome_{r}")
@@ -594,9 +662,12 @@ def main(argv=None):
     p.add_argument("--ranking", nargs="+", metavar="CKPT", default=[],
                    help="instead: the Patch Ranking table (unpruned, random, [CLS] attention, ToMe at equal FLOPs, "
                         "golden oracle, predictor, predictor + tokens) from --method ranking checkpoints of one CLIP")
+    p.add_argument("--fused-probe", metavar="CKPT", default="",
+                   help="instead: R@1 of this CLIP pruned at inference at ELIP's schedule, by ELIP / EViT / random / "
+                        "ground-truth object scores, the fused token attending as one token or proportionally")
     p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
-    p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points: test gallery size")
+    p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking: test gallery size")
     p.add_argument("--all", metavar="DIR", default="",
                    help="instead: every run behind the README's results, then its tables (DIR/results.md) and "
                         "figures (DIR/*.png); finished runs are kept, so an interrupted --all continues")
@@ -604,6 +675,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.all:
         print(reproduce_all(args.all, args.quick))
+        return
+    if args.fused_probe:
+        table = probe_markdown(fused_attention_probe(args.fused_probe, args.n_test, args.device))
+        print(table)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(table + "\n")
         return
     if args.ranking:
         points = ranking_points(args.ranking, args.n_test, args.device, oracle=not args.no_oracle)

@@ -20,6 +20,12 @@ with lambda = 1 and EViT's schedule is EViT (`evit`).
 
 Everything is batched: one topk, one gather and one weighted sum per stage, no per-sample loops
 and no copies of blocks (the look-ahead calls the real blocks under no_grad).
+
+Ours, on by default in train.py (`--no-fused-prop-attn` is the papers'): the fused token stands for
+every pruned patch but, as one key among many, draws the attention of one. With `prop_attn` it
+attends with log(size) added to its logits (ToMe's proportional attention), as if its patches
+were all still there. On the small shapes model that decides whether pruning works at all: see
+the README's "ELIP and EViT against no pruning".
 """
 import math
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from vit import Reducer, Tokens
+from vit import Reducer, Tokens, size_bias
 
 AUTHORS_DEPTH = 12
 AUTHORS_SCHEDULE = dict(begin_layers=(2, 4, 10), num_layers=(2, 6, 2), keep_ratios=(0.90, 0.65, 0.40))
@@ -114,14 +120,17 @@ def prune_and_fuse(tokens: Tokens, scores: torch.Tensor, keep: int) -> Tokens:
 class ELIP(Reducer):
     """The reducer. `text` (B, D_vit) is the detached text [CLS] in ViT width, or None (no
     guidance: lambda is then 1). `keep_scale` multiplies every keep ratio's pruned share, for
-    EViT's keep-rate warm-up (0: no pruning, 1: the schedule)."""
+    EViT's keep-rate warm-up (0: no pruning, 1: the schedule). `prop_attn` (ours, off in the
+    papers): the fused token attends with ToMe's proportional attention, log of the number of
+    patches it stands for, so the attention the pruned tokens drew is not lost with them."""
 
     def __init__(self, schedule: Schedule, num_patches: int, text: Optional[torch.Tensor] = None,
-                 lam: float = 0.8, lookahead: bool = True, keep_scale: float = 1.0):
+                 lam: float = 0.8, lookahead: bool = True, keep_scale: float = 1.0, prop_attn: bool = False):
         if not lookahead and schedule.begin_layers[0] < 1:
             raise ValueError("ELIP without look-ahead scores with the previous block's attention: "
                              "the first stage must begin at block 1 or later")
-        self.schedule, self.text, self.lookahead = schedule, text, lookahead
+        self.schedule, self.text, self.lookahead, self.prop_attn = schedule, text, lookahead, prop_attn
+        self.num_tokens = 1 + num_patches
         self.lam = 1.0 if text is None else lam
         self.stages = {b: (n, self.scaled_keep(k, num_patches, keep_scale)) for b, n, k in
                        zip(schedule.begin_layers, schedule.num_layers, schedule.keep_counts(num_patches))}
@@ -131,24 +140,31 @@ class ELIP(Reducer):
     def scaled_keep(keep, num_patches, keep_scale):
         return num_patches - math.floor((num_patches - keep) * keep_scale + 1e-9)
 
+    def attn_bias(self, tokens):
+        # only once a fused token exists: before that log(size) is all zeros and SDPA's fast path is kept
+        if not self.prop_attn or tokens.size.shape[1] == self.num_tokens:
+            return None
+        return size_bias(tokens.size)
+
     # with look-ahead: prune before the stage's first block
     def before_block(self, i, tokens, vit):
         if not self.lookahead or i not in self.stages:
             return tokens
         n, keep = self.stages[i]
-        self.scores[i] = self.score_lookahead(vit, i, n, tokens.x)
+        self.scores[i] = self.score_lookahead(vit, i, n, tokens.x, self.attn_bias(tokens))
         return self.prune(tokens, self.scores[i], keep)
 
     @torch.no_grad()
-    def score_lookahead(self, vit, begin, n, x) -> torch.Tensor:
+    def score_lookahead(self, vit, begin, n, x, bias=None) -> torch.Tensor:
         """Head-averaged attention of the text-aware [CLS] over the tokens, at the stage's last
-        block, after running a detached copy through the stage: (B, N-1)."""
+        block, after running a detached copy through the stage (with the real forward's attention
+        bias): (B, N-1)."""
         x = x.detach().clone()
         if self.text is not None:
             x[:, 0] = self.lam * x[:, 0] + (1 - self.lam) * self.text.to(x.dtype)
         for j in range(begin, begin + n - 1):
-            x = vit.blocks[j](x)
-        return vit.blocks[begin + n - 1].cls_attention(x)[:, 1:]  # the last block: its [CLS] row only
+            x = vit.blocks[j](x, bias)
+        return vit.blocks[begin + n - 1].cls_attention(x, bias)[:, 1:]  # the last block: its [CLS] row only
 
     # without look-ahead: prune between attention and MLP of the block before the stage
     def wants(self, i):
@@ -164,17 +180,20 @@ class ELIP(Reducer):
         return prune_and_fuse(tokens, scores, min(keep, scores.shape[1]))
 
 
-def evit(depth: int, num_patches: int, keep_rate: float = EVIT_KEEP, keep_scale: float = 1.0) -> ELIP:
+def evit(depth: int, num_patches: int, keep_rate: float = EVIT_KEEP, keep_scale: float = 1.0,
+         prop_attn: bool = False) -> ELIP:
     """EViT = ELIP with no text (lambda = 1), no look-ahead, and EViT's schedule."""
-    return ELIP(evit_schedule(depth, keep_rate), num_patches, text=None, lookahead=False, keep_scale=keep_scale)
+    return ELIP(evit_schedule(depth, keep_rate), num_patches, text=None, lookahead=False, keep_scale=keep_scale,
+                prop_attn=prop_attn)
 
 
 class RandomPrune(ELIP):
     """The control for token relevance: ELIP's schedule and fusion, random scores."""
 
-    def __init__(self, schedule: Schedule, num_patches: int, generator: Optional[torch.Generator] = None):
-        super().__init__(schedule, num_patches, text=None)
+    def __init__(self, schedule: Schedule, num_patches: int, generator: Optional[torch.Generator] = None,
+                 prop_attn: bool = False):
+        super().__init__(schedule, num_patches, text=None, prop_attn=prop_attn)
         self.generator = generator
 
-    def score_lookahead(self, vit, begin, n, x):
+    def score_lookahead(self, vit, begin, n, x, bias=None):
         return torch.rand(x.shape[0], x.shape[1] - 1, generator=self.generator).to(x.device)

@@ -408,19 +408,38 @@ def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batc
     return dict(coverage=torch.cat(coverage).mean(0).tolist(), kept=torch.cat(kept).mean(0).tolist())
 
 
-def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None) -> dict:
+class ObjectPrune(ELIP):
+    """The control that knows the answer: ELIP's schedule and fusion, each token scored by the share
+    of its patches the objects cover (the ground truth `patch_mask` (B, P)), ties broken at random.
+    Needs the forward's source tracking."""
+
+    def __init__(self, schedule, num_patches, patch_mask, prop_attn=True, generator=None):
+        super().__init__(schedule, num_patches, prop_attn=prop_attn)
+        self.patch_mask, self.generator = patch_mask.float(), generator
+
+    def before_block(self, i, tokens, vit):
+        if i not in self.stages:
+            return tokens
+        held = tokens.source[:, 1:, 1:]  # (B, N-1, P)
+        score = (held * self.patch_mask[:, None]).sum(-1) / held.sum(-1).clamp(min=1)
+        score = score + 1e-3 * torch.rand(score.shape, generator=self.generator).to(score.device)
+        self.scores[i] = score
+        return self.prune(tokens, score, self.stages[i][1])
+
+
+def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None, prop_attn=True) -> dict:
     """Token relevance at one ELIP schedule (default: the authors' scaled to the model's depth) for
     ELIP, ELIP without its text, ELIP without look-ahead, EViT's scoring (no text, previous
-    block's [CLS] attention) and random scores."""
+    block's [CLS] attention) and random scores; the fused token's attention as `prop_attn`."""
     v = model.cfg.vision
     schedule, P = schedule or scaled_schedule(v.depth), v.num_patches
     generator = torch.Generator().manual_seed(0)
     reducers = {
-        "elip": lambda t: ELIP(schedule, P, t, lam),
-        "elip_no_text": lambda t: ELIP(schedule, P, None),  # lambda = 1: the look-ahead alone
-        "elip_no_lookahead": lambda t: ELIP(schedule, P, t, lam, lookahead=False),
-        "evit_scoring": lambda t: ELIP(schedule, P, None, lookahead=False),
-        "random": lambda t: RandomPrune(schedule, P, generator),
+        "elip": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn),
+        "elip_no_text": lambda t: ELIP(schedule, P, None, prop_attn=prop_attn),  # lambda = 1: the look-ahead alone
+        "elip_no_lookahead": lambda t: ELIP(schedule, P, t, lam, lookahead=False, prop_attn=prop_attn),
+        "evit_scoring": lambda t: ELIP(schedule, P, None, lookahead=False, prop_attn=prop_attn),
+        "random": lambda t: RandomPrune(schedule, P, generator, prop_attn=prop_attn),
     }
     return {name: token_relevance(model, tokenizer, dataset, device, make, n) for name, make in reducers.items()}
 
@@ -479,8 +498,9 @@ def evaluate_checkpoint(path, args) -> dict:
     if args.relevance:
         shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, cfg.scene_seed())
         schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
+        prop_attn = cfg.fused_prop_attn if cfg.method in ("elip", "evit") else True  # as trained, else ours
         metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
-                                                     cfg.elip_lambda, schedule)
+                                                     cfg.elip_lambda, schedule, prop_attn)
     return metrics
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit import Block, Reducer, Tokens, run_block
+from vit import Block, Reducer, Tokens, run_block, size_bias
 
 MERGE_MODES = ("wavg", "mean")  # ToMe's size-weighted average; EVLGen's plain average
 
@@ -118,11 +118,6 @@ def merge_schedule(r: Union[int, Sequence[int]], depth: int, num_tokens: int, de
         n -= out[-1]
     note = f"r capped at what the tokens allow ({'; '.join(capped)})" if capped else ""
     return out, note
-
-
-def size_bias(size: torch.Tensor) -> torch.Tensor:
-    """Proportional attention: (B, N) sizes -> (B, 1, 1, N) additive logits log(size)."""
-    return size.log()[:, None, None, :]
 
 
 class ToMe(Reducer):

@@ -56,6 +56,8 @@ class TrainConfig:
     objectives: str = "auto"  # comma-separated itc,itm,mlm; auto: itc for none, all three otherwise
     elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
     lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
+    fused_prop_attn: bool = True  # ELIP/EViT (ours): the fused token attends with log(size); off: the papers'
+
     keep_warmup: float = 0.1  # share of the steps over which the pruned share grows from 0 to the schedule's
     begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
     num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
@@ -300,9 +302,10 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
     if cfg.method == "elip":
         schedule = elip_schedule(cfg, depth)
-        return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead, keep_scale)
+        return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead, keep_scale,
+                                 cfg.fused_prop_attn)
     if cfg.method == "evit":
-        return lambda text: evit(depth, P, keep_scale=keep_scale)
+        return lambda text: evit(depth, P, keep_scale=keep_scale, prop_attn=cfg.fused_prop_attn)
     if cfg.method == "tome":
         r = tome_schedule(cfg, depth, 1 + P)[0]
         return lambda text: ToMe(r, cfg.prop_attn, cfg.merge_mode)
@@ -497,10 +500,15 @@ def load_checkpoint(path: str, device="cpu"):
     return model.eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
 
 
+# fields added after checkpoints existed, whose default differs from what those checkpoints did
+BEFORE_FIELD = {"fused_prop_attn": False}
+
+
 def saved_config(ckpt: dict, **overrides) -> "TrainConfig":
-    """The TrainConfig a checkpoint was trained with (fields added since then keep their defaults)."""
+    """The TrainConfig a checkpoint was trained with (fields added since then keep their defaults,
+    or what the code did before them: BEFORE_FIELD)."""
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{**saved, **overrides})
+    return TrainConfig(**{**BEFORE_FIELD, **saved, **overrides})
 
 
 def load_state(model, state: dict, path: str):

@@ -178,6 +178,12 @@ class Tokens:
         return Tokens(take(self.x), take(self.size), None if self.source is None else take(self.source))
 
 
+def size_bias(size: torch.Tensor) -> torch.Tensor:
+    """Proportional attention (ToMe): (B, N) sizes -> (B, 1, 1, N) additive logits log(size), so a
+    token standing for s originals gets the attention s identical copies of it would get."""
+    return size.log()[:, None, None, :]
+
+
 class Reducer:
     """The seam. Subclass and override what you need; the defaults change nothing."""
 

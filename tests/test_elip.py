@@ -63,22 +63,28 @@ def test_prune_and_fuse_weights_sum_to_one_and_carry_no_gradient():
     torch.testing.assert_close(out.source[:, -1, 1:].sum(1), torch.full((2,), 3.0))
 
 
-def test_lookahead_scores_equal_a_hand_written_lookahead():
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_lookahead_scores_equal_a_hand_written_lookahead(prop_attn):
     vit = small_vit()
+    with torch.no_grad():  # larger weights: attention far from uniform, so a missed bias shows
+        for block in vit.blocks:
+            block.attn.qkv.weight.mul_(10)
+            block.attn.proj.weight.mul_(10)
     images, text = torch.randn(3, 3, 32, 32), torch.randn(3, 32)
     schedule = scaled_schedule(6)  # stage 0: before block 1, one block; stage 1: blocks 2..4
-    elip = ELIP(schedule, 16, text=text, lam=0.8)
+    elip = ELIP(schedule, 16, text=text, lam=0.8, prop_attn=prop_attn)
     out = vit.forward_tokens(images, elip, track_source=True)
     # by hand, stage 1: run to block 2 with stage 0's pruning, then look ahead through blocks 2..4
     tokens = vit.embed(images, track_source=True)
     tokens = tokens.replace(x=vit.blocks[0](tokens.x))
     tokens = prune_and_fuse(tokens, elip.scores[1], 14)
-    tokens = tokens.replace(x=vit.blocks[1](tokens.x))
+    bias = tokens.size.log()[:, None, None, :] if prop_attn else None  # the fused token: log 2
+    tokens = tokens.replace(x=vit.blocks[1](tokens.x, bias))
     x = tokens.x.clone()
     x[:, 0] = 0.8 * x[:, 0] + 0.2 * text
     for j in (2, 3):
-        x = vit.blocks[j](x)
-    _, probs = plain_attention(vit.blocks[4].attn, vit.blocks[4].norm1(x))
+        x = vit.blocks[j](x, bias)
+    _, probs = plain_attention(vit.blocks[4].attn, vit.blocks[4].norm1(x), bias)
     torch.testing.assert_close(elip.scores[2], probs[:, :, 0, 1:].mean(1), atol=1e-5, rtol=1e-4)
     assert out.x.shape[1] == 1 + 6 + 1  # 16 patches: keep 14, 10, then 6 (+ the fused token)
     torch.testing.assert_close(out.size.sum(1), torch.full((3,), 17.0))
@@ -118,3 +124,23 @@ def test_keep_scale_warms_up_from_no_pruning():
     none = vit.forward_tokens(images)
     warm = vit.forward_tokens(images, evit(6, 16, keep_scale=0.0))
     torch.testing.assert_close(warm.x, none.x)
+
+
+def test_fused_prop_attn_equals_the_pruned_tokens_as_copies_of_the_fused_one():
+    """With proportional attention the fused token of size s acts in attention exactly as s
+    identical copies of it would: checked against a plain block run on such a sequence."""
+    vit = small_vit(depth=2)
+    images = torch.randn(3, 3, 32, 32)
+    schedule = Schedule((1,), (1,), (0.5,))  # before block 1: keep 8 of 16 patches, fuse 8
+    elip = ELIP(schedule, 16, prop_attn=True)
+    out = vit.forward_tokens(images, elip)
+    tokens = vit.embed(images)
+    assert elip.attn_bias(tokens) is None  # nothing fused yet: SDPA without a mask
+    tokens = prune_and_fuse(tokens.replace(x=vit.blocks[0](tokens.x)), elip.scores[1], 8)
+    assert tokens.size[:, -1].tolist() == [8.0] * 3
+    copies = torch.cat([tokens.x[:, :-1], tokens.x[:, -1:].expand(-1, 8, -1)], 1)  # (B, 1+8+8, D)
+    by_hand = vit.norm(vit.blocks[1](copies))
+    torch.testing.assert_close(out.x[:, :-1], by_hand[:, :9], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.x[:, -1:], by_hand[:, 9:10], atol=1e-5, rtol=1e-4)
+    authors = vit.forward_tokens(images, ELIP(schedule, 16))  # the papers': no bias, a different result
+    assert not torch.allclose(authors.x[:, 0], out.x[:, 0], atol=1e-4)

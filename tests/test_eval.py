@@ -65,6 +65,21 @@ def test_token_relevance_records_every_stage():
     assert all(0 <= c <= 1 for c in r["coverage"])
 
 
+def test_object_prune_keeps_the_object_patches_first():
+    from elip import Schedule
+    from vit import ViT, ViTConfig
+    vit = ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2)).eval()
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 5, 6]] = True  # fewer object patches than kept tokens: all of them stay
+    mask[1, [0, 3, 4, 7, 8, 9, 10, 11, 12, 15]] = True  # more: only object patches stay
+    reducer = evaluation.ObjectPrune(Schedule((1,), (1,), (0.5,)), 16, mask)  # keep 8
+    out = vit.forward_tokens(torch.randn(2, 3, 32, 32), reducer, track_source=True)
+    kept = [set(out.source[b, 1:9, 1:].nonzero()[:, 1].tolist()) for b in range(2)]  # the 8 un-fused patches
+    assert {1, 5, 6} <= kept[0] and len(kept[0]) == 8
+    assert kept[1] <= set(mask[1].nonzero()[:, 0].tolist()) and len(kept[1]) == 8
+    assert out.size[:, -1].tolist() == [8.0, 8.0]  # the rest fused into one
+
+
 def test_itm_rerank_reorders_only_the_top_k():
     import data
     from model import CLIP, CLIPConfig

@@ -93,6 +93,18 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_fused_prop_attn_reaches_the_reducer_and_older_checkpoints_keep_the_papers():
+    vision = train.model_config(TrainConfig(), 30).vision
+    for method in ("elip", "evit"):
+        for on in (True, False):
+            reducer = train.reducer_fn(TrainConfig(method=method, fused_prop_attn=on), vision, 0)(None)
+            assert reducer.prop_attn is on
+    assert TrainConfig().fused_prop_attn  # new runs: ours
+    before = {"config": {"method": "elip", "steps": 300}}  # a checkpoint written before the flag existed
+    assert train.saved_config(before).fused_prop_attn is False  # it trained as the papers do
+    assert train.saved_config({"config": {"method": "elip", "fused_prop_attn": True}}).fused_prop_attn
+
+
 def test_init_starts_from_a_checkpoints_weights(tmp_path):
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
     common = [*TINY[:2], "--depth", "6", *TINY[4:], "--batch-size", "8", "--no-eval"]
