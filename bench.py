@@ -378,8 +378,9 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     import ranking
     model = train.load_checkpoint(paths[0], device)[0]
     layer, keep = model.rcfg.layer, ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
-    prune = lambda scorer: lambda m, cfg: ranking.RankPrune(layer, keep, scorer)
-    r = tome_equal_flops(model, vit_gflops(model, ranking.RankPrune(layer, keep, ranking.random_scorer())))
+    fuse = model.rcfg.fuse  # every row prunes the way the checkpoints did: dropping, or fusing the rest
+    prune = lambda scorer: lambda m, cfg: ranking.RankPrune(layer, keep, scorer, fuse=fuse)
+    r = tome_equal_flops(model, vit_gflops(model, ranking.RankPrune(layer, keep, ranking.random_scorer(), fuse=fuse)))
     specs = [("none", "unpruned", paths[:1], lambda m, cfg: None),
              ("random", "random", paths[:1], prune(ranking.random_scorer(torch.Generator().manual_seed(0)))),
              ("EViT", "EViT-style [CLS] attention", paths[:1], prune(ranking.cls_attention_scorer(layer))),
@@ -387,7 +388,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     if oracle:
         specs.append(("golden", "golden ranking (oracle)", paths[:1],  # its search is neither counted nor timed
                       lambda m, cfg: (ranking.RankPrune(layer, keep, ranking.golden_scorer(
-                          m, layer, k=cfg.rank_block, chunk=cfg.rank_chunk)), 0.0, False)))
+                          m, layer, k=cfg.rank_block, chunk=cfg.rank_chunk, fuse=fuse), fuse=fuse), 0.0, False)))
     specs += [("predictor", "predictor", paths,
                lambda m, cfg: (m.reducer(tokens=False), predictor_flops(m.predictor))),
               ("predictor", f"predictor + {model.rcfg.num_tokens} learnable tokens", paths,
@@ -482,6 +483,7 @@ PRUNING_NAMES = {"none": "`none`", "elip": "`elip` (`--keep-warmup 0`; default: 
                  "evit": "`evit` (default: fused token with proportional attention)",
                  "evit_paper": "`evit` as published (`--no-fused-prop-attn`)"}
 RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patch Ranking runs
+RANKING_RUNS = {"ranking": ["--no-rank-fuse"], "ranking_fuse": []}  # the pruned patches dropped (the paper) / fused
 CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
@@ -512,10 +514,12 @@ def all_runs(root: str, quick: bool) -> dict:
             runs[f"{name}_{seed}"] = (["--method", "evlgen", "--video", "--lm", f"{root}/lm_video/ckpt.pt", "--clip",
                                        f"{root}/clip/ckpt.pt", "--seed", str(seed)] + q + steps(VIDEO_STEPS) + extra
                                       + ([] if quick else ["--batch-size", str(VIDEO_BATCH)]))
-    for seed in (0, 1, 2):  # Patch Ranking on the default CLIP: one search, three predictors and token sets
-        runs[f"ranking_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--rank-cache",
-                                    f"{root}/rankings.pt", "--data-seed", "0", "--seed", str(seed)] + steps(RANKING_STEPS)
-                                   + (QUICK[-8:] + ["--rank-images", "10", "--predictor-steps", "3"] if quick else []))
+    for name, extra in RANKING_RUNS.items():  # Patch Ranking on the default CLIP: one search, three predictors and token sets
+        for seed in (0, 1, 2):
+            runs[f"{name}_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--rank-cache",
+                                       f"{root}/{name.replace('ranking', 'rankings')}.pt", "--data-seed", "0", "--seed",
+                                       str(seed)] + steps(RANKING_STEPS) + extra
+                                      + (QUICK[-8:] + ["--rank-images", "10", "--predictor-steps", "3"] if quick else []))
     return {name: args + ["--out", f"{root}/{name}", "--overwrite"] for name, args in runs.items()}
 
 
@@ -607,11 +611,13 @@ def reproduce_all(root: str, quick: bool = False) -> str:
         sections.append(f"### Captioners, seed {seed}: CIDEr-D curves and time to reach (c)'s final\n\n"
                         + evaluation.curves_table(logs))
     sections.append("### Video captioning: the temporal contextualizer\n\n" + video_table(root, n_test))
-    run_logged(["bench.py", "--ranking", *[f"{root}/ranking_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
-                f"{root}/ranking_points.json", "--out", f"{root}/ranking.md", *n_test], f"{root}/ranking.txt",
-               "bench.py --ranking")
-    with open(f"{root}/ranking.md") as f:
-        sections.append("### Patch Ranking on the default CLIP (40% of the patches pruned at the layer)\n\n" + f.read())
+    for name, title in (("ranking", "dropped, as published: --no-rank-fuse"), ("ranking_fuse", "fused into one token: the default")):
+        run_logged(["bench.py", "--ranking", *[f"{root}/{name}_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
+                    f"{root}/{name}_points.json", "--out", f"{root}/{name}.md", *n_test], f"{root}/{name}.txt",
+                   "bench.py --ranking")
+        with open(f"{root}/{name}.md") as f:
+            sections.append(f"### Patch Ranking on the default CLIP (40% of the patches pruned at the layer, {title})"
+                            f"\n\n" + f.read())
     bench_md = f"{root}/bench.md"
     run_logged(["bench.py", "--out", bench_md] + (["--tome", "tiny64", "--models", "tiny64", "--repeats", "1",
                                                     "--captioner-batch", "8", "--batch-size", "8"] if quick else []), f"{root}/bench.txt", "bench.py")
@@ -623,7 +629,7 @@ def reproduce_all(root: str, quick: bool = False) -> str:
                + (["--n-test", "20"] if quick else []), f"{root}/method_points.txt", "bench.py --method-points")
     for args in (["--ckpt", f"{root}/elip_0/ckpt.pt", "--n", "6", "--out", f"{root}/masks_elip.png"],
                  ["--ckpt", f"{root}/clip/ckpt.pt", "--method", "tome", "--n", "4", "--out", f"{root}/masks_tome.png"],
-                 ["--ckpt", f"{root}/ranking_0/ckpt.pt", "--n", "4", "--out", f"{root}/masks_ranking.png"],
+                 ["--ckpt", f"{root}/ranking_fuse_0/ckpt.pt", "--n", "4", "--out", f"{root}/masks_ranking.png"],
                  ["--curves", *[f"{root}/{n}_0/log.jsonl" for n in CAPTIONERS_RUN], "--metric", "cider_d", "--x", "time",
                   "--out", f"{root}/captioner_curves.png"],
                  ["--tradeoff", f"{root}/points.json", "--out", f"{root}/tradeoff_tome.png"],

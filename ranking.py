@@ -15,6 +15,10 @@ Morgado, WACV 2025, arXiv 2409.14607). Three steps, each below:
      the rest) and a few learnable tokens appended to the pruned sequence, trained with the
      contrastive loss while everything else stays frozen, to win back what pruning lost.
 
+Ours, by flag (`fuse`, train.py's `--rank-fuse`; the paper drops): the patches not kept are
+averaged into one token that attends with log(their count) — ELIP's fused token with proportional
+attention — in the search as in pruning, so the ranking is found for the pruning it will serve.
+
 Read first: `embed_subsets` (how one image's candidates become one batch), `golden_ranking`, then
 `Predictor`, `RankPrune` and `RankingCLIP`. train.py's `--method ranking` runs the three phases;
 `search_cached` keeps the rankings on disk with the identity of the checkpoint they came from.
@@ -30,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import CLIP, CLIPConfig, contrastive_loss
-from vit import Mlp, Reducer, Tokens
+from elip import prune_and_fuse
+from vit import Mlp, Reducer, Tokens, size_bias
 
 SCORE_MODES = ("similarity", "label", "max")
 
@@ -70,10 +75,13 @@ def embed_from(clip: CLIP, layer: int, x: torch.Tensor, attn_bias=None) -> torch
 
 
 @torch.no_grad()
-def embed_subsets(clip: CLIP, layer: int, x: torch.Tensor, keep: torch.Tensor, max_rows: int = 256) -> torch.Tensor:
+def embed_subsets(clip: CLIP, layer: int, x: torch.Tensor, keep: torch.Tensor, max_rows: int = 256,
+                  fuse: bool = False) -> torch.Tensor:
     """The embedding of every subset of patches of every image in one batch: x (B, 1+P, D) the
     tokens entering `layer`, keep (B, n, P) bool, n subsets per image. Subsets of different sizes
-    are padded and the padding masked out of attention, which equals removing it. -> (B, n, E)."""
+    are padded and the padding masked out of attention, which equals removing it. With `fuse`
+    the removed patches are not dropped but averaged into one token appended at the end, attended
+    with log(their count) (as `RankPrune(fuse=True)` prunes). -> (B, n, E)."""
     B, n, P = keep.shape
     keep = keep.reshape(B * n, P)
     counts = keep.sum(1)
@@ -85,12 +93,15 @@ def embed_subsets(clip: CLIP, layer: int, x: torch.Tensor, keep: torch.Tensor, m
         rows = slice(s, s + max_rows)
         patches = x[:, 1:][image[rows, None], idx[rows]]  # (r, L, D)
         seq = torch.cat([x[image[rows], :1], patches], 1)  # (r, 1+L, D)
-        bias = None
-        if (counts[rows] < L).any():
-            valid = torch.arange(L, device=x.device) < counts[rows, None]  # (r, L)
-            valid = torch.cat([valid.new_ones(valid.shape[0], 1), valid], 1)
-            bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, float("-inf"))
-            bias = bias[:, None, None, :]  # (r, 1, 1, 1+L): no query attends to padding
+        valid = torch.arange(L, device=x.device) < counts[rows, None]  # (r, L)
+        logits = torch.zeros(valid.shape[0], 1 + L, dtype=x.dtype, device=x.device)
+        logits[:, 1:].masked_fill_(~valid, float("-inf"))  # no query attends to padding
+        if fuse:
+            removed = (~keep[rows]).to(x.dtype)  # (r, P)
+            size = removed.sum(1, keepdim=True)  # (r, 1); 0 (nothing removed): log 0 masks the token out
+            fused = (removed[..., None] * x[image[rows], 1:]).sum(1, keepdim=True) / size.clamp(min=1)[..., None]
+            seq, logits = torch.cat([seq, fused], 1), torch.cat([logits, size.log()], 1)  # (r, 2+L, D), (r, 2+L)
+        bias = logits[:, None, None, :] if fuse or (counts[rows] < L).any() else None
         out.append(embed_from(clip, layer, seq, bias))
     return torch.cat(out).view(B, n, -1)
 
@@ -109,7 +120,8 @@ def removal_scores(emb, ref, mode="similarity", classes=None, labels=None) -> to
 
 @torch.no_grad()
 def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 2,
-                   mode: str = "similarity", classes=None, labels=None, max_rows: int = 256) -> torch.Tensor:
+                   mode: str = "similarity", classes=None, labels=None, max_rows: int = 256,
+                   fuse: bool = False) -> torch.Tensor:
     """Greedy backward elimination on tokens x (B, 1+P, D) entering block `layer` of a frozen CLIP.
     Each iteration scores every remaining candidate of every image (one batch: `embed_subsets`)
     and removes the `chunk` least harmful, best first. Returns (B, P) patch indices, most
@@ -131,7 +143,7 @@ def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 
         cand = alive.nonzero()[:, 1].view(B, -1)  # (B, n): every image has the same number left
         alive_patches = (alive.float() @ member.float()) > 0  # (B, P)
         keep = alive_patches[:, None, :] & ~member[cand]  # (B, n, P): all that is left but candidate j
-        scores = removal_scores(embed_subsets(clip, layer, x, keep, max_rows), ref, mode, classes, labels)
+        scores = removal_scores(embed_subsets(clip, layer, x, keep, max_rows, fuse), ref, mode, classes, labels)
         out = cand.gather(1, scores.topk(min(chunk, cand.shape[1]), dim=1).indices)  # least harmful first
         alive.scatter_(1, out, False)
         removed.append(out)
@@ -179,7 +191,8 @@ def search_cached(clip: CLIP, images_of, n: int, cache: str, identity: dict, lay
     if os.path.exists(cache):
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved.get("identity") != identity:
-            diff = [k for k in identity if saved.get("identity", {}).get(k) != identity[k]]
+            old = saved.get("identity", {})
+            diff = [k for k in {**old, **identity} if old.get(k) != identity.get(k)]
             raise ValueError(f"ranking cache {cache} was made with another {', '.join(diff) or 'identity'}: "
                              f"delete it (or point the search elsewhere) to search again")
         done = saved["rankings"]
@@ -303,17 +316,27 @@ def predictor_match(clip: CLIP, predictor: Predictor, images: torch.Tensor, rank
 class RankPrune(Reducer):
     """At the input of block `layer`: score the patches (`scorer(x, vit)` -> (B, P), higher =
     keep), keep [CLS] and the top `keep` patches in original order, append `extra` tokens (the
-    learnable ones: they hold no patch)."""
+    learnable ones: they hold no patch). `fuse` (ours; the paper drops): the other patches are
+    averaged into one token that attends with log(their count), as ELIP's fused token does here."""
 
-    def __init__(self, layer: int, keep: int, scorer, extra=None):
-        self.layer, self.keep, self.scorer, self.extra = layer, keep, scorer, extra
+    def __init__(self, layer: int, keep: int, scorer, extra=None, fuse: bool = False):
+        self.layer, self.keep, self.scorer, self.extra, self.fuse = layer, keep, scorer, extra, fuse
+
+    def attn_bias(self, tokens):
+        # from the pruning layer on (the sequence has its pruned length); before it all sizes are 1
+        pruned_length = 1 + self.keep + 1 + (0 if self.extra is None else self.extra.shape[0])
+        return size_bias(tokens.size) if self.fuse and tokens.size.shape[1] == pruned_length else None
 
     def before_block(self, i, tokens, vit):
         if i != self.layer:
             return tokens
         B = tokens.x.shape[0]
         top = self.scorer(tokens.x, vit).topk(self.keep, dim=1).indices.sort(1).values  # (B, K)
-        kept = tokens.gather(torch.cat([top.new_zeros(B, 1), top + 1], 1))
+        if self.fuse:  # scores 2 for the kept, 1 for the rest: the same top-K, a plain mean for the fused one
+            kept = prune_and_fuse(tokens, torch.ones(B, tokens.x.shape[1] - 1, device=top.device).scatter(1, top, 2.0),
+                                  self.keep)
+        else:
+            kept = tokens.gather(torch.cat([top.new_zeros(B, 1), top + 1], 1))
         if self.extra is None:
             return kept
         n = self.extra.shape[0]
@@ -343,6 +366,7 @@ class RankingConfig:
     keep: float = 0.6  # share of the patch tokens kept
     dim: int = 64  # the predictor's channels after pooling
     num_tokens: int = 4  # learnable tokens appended after pruning (0: none)
+    fuse: bool = False  # ours: fuse the pruned patches into one token (proportional attention) instead of dropping
 
     def __post_init__(self):
         pruning_layer(self.clip.vision.depth, self.layer)
@@ -373,7 +397,8 @@ class RankingCLIP(CLIP):
         """Pruning at the configured layer by `scorer` (default: the predictor), with the learnable tokens."""
         scorer = scorer or (lambda x, vit: self.predictor(x[:, 1:]))
         extra = self.learned_tokens if tokens and self.rcfg.num_tokens else None
-        return RankPrune(self.rcfg.layer, keep_count(self.rcfg.keep, self.cfg.vision.num_patches), scorer, extra)
+        return RankPrune(self.rcfg.layer, keep_count(self.rcfg.keep, self.cfg.vision.num_patches), scorer, extra,
+                         self.rcfg.fuse)
 
     def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
         """The learnable tokens' objective: the contrastive loss of the pruned image tower."""

@@ -77,6 +77,7 @@ class TrainConfig:
     predictor_steps: int = 400
     predictor_loss: str = "listwise"  # listwise (KL) or pairwise (margin)
     num_tokens: int = 4  # learnable tokens appended after pruning, trained for --steps (0: none)
+    rank_fuse: bool = True  # ours: fuse the pruned patches into one token (proportional attention); off: the paper's
     # captioning (EVLGen): --method lm makes the frozen language model, --method evlgen trains on it
     lm: str = ""  # checkpoint of --method lm: the frozen language model (and the vocabulary)
     clip: str = ""  # checkpoint of a CLIP (--method none): its ViT, frozen, and its text blocks start the bridge
@@ -501,7 +502,7 @@ def load_checkpoint(path: str, device="cpu"):
 
 
 # fields added after checkpoints existed, whose default differs from what those checkpoints did
-BEFORE_FIELD = {"fused_prop_attn": False}
+BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False}
 
 
 def saved_config(ckpt: dict, **overrides) -> "TrainConfig":
@@ -634,7 +635,7 @@ def ranking_config(cfg: TrainConfig, ckpt: dict, path: str) -> RankingConfig:
         ranking.keep_count(cfg.rank_keep, clip.vision.num_patches)
     except ValueError as e:
         raise ValueError(f"--rank-layer / --rank-keep: {e}") from None
-    return RankingConfig(clip=clip, layer=layer, keep=cfg.rank_keep, num_tokens=cfg.num_tokens)
+    return RankingConfig(clip=clip, layer=layer, keep=cfg.rank_keep, num_tokens=cfg.num_tokens, fuse=cfg.rank_fuse)
 
 
 def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, rank: int, world: int, say) -> bool:
@@ -645,14 +646,15 @@ def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, ran
     layer = model.rcfg.layer
     images_of = lambda i: dataset.get(i)["image"]
     identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, block=cfg.rank_block, chunk=cfg.rank_chunk,
-                    score="similarity", data=cfg.data or "shapes", train_size=cfg.train_size, scenes=cfg.scene_seed())
+                    score="similarity", data=cfg.data or "shapes", train_size=cfg.train_size, scenes=cfg.scene_seed(),
+                    **(dict(fuse=True) if model.rcfg.fuse else {}))  # caches of dropping searches predate the key
     n = min(cfg.rank_images, len(dataset))
     cache, pred_path = cfg.rank_cache or os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")
     pred_identity = dict(identity, images=n, steps=cfg.predictor_steps, loss=cfg.predictor_loss, seed=cfg.seed)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         golden = ranking.search_cached(model, images_of, n, cache, identity, layer, k=cfg.rank_block,
-                                       chunk=cfg.rank_chunk, say=say)
+                                       chunk=cfg.rank_chunk, fuse=model.rcfg.fuse, say=say)
         saved = torch.load(pred_path, weights_only=True) if os.path.exists(pred_path) else {}
         if cfg.phase != "search" and saved.get("identity") != pred_identity:
             n_fit = max(1, n - n // 10)  # the last 10% are held out

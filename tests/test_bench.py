@@ -75,7 +75,9 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
                     "Patch Ranking on the default CLIP"):
         assert heading in text
     assert "| elip |" in text and "| 8 |" in text and "evlgen_0" in text
-    assert "| predictor + 4 learnable tokens | 3 |" in text
+    assert text.count("| predictor + 4 learnable tokens | 3 |") == 2  # pruned patches dropped, and fused
+    assert "fused into one token: the default" in text and "`elip` as published" in text
+    assert "| the object patches (ground truth) | proportional (ours) |" in text  # the fused-attention probe
     for png in ("masks_elip", "masks_tome", "masks_ranking", "captioner_curves", "tradeoff_tome", "tradeoff_methods"):
         assert os.path.getsize(tmp_path / f"{png}.png") > 1000
     points = {p["name"]: p for p in json.loads((tmp_path / "method_points.json").read_text())}

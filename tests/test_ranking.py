@@ -16,6 +16,16 @@ def tiny_clip(image_size=32, depth=4, dtype=torch.float64):
     return ranking.RankingCLIP(ranking.RankingConfig(clip=cfg, layer=1, num_tokens=2)).to(dtype).eval()
 
 
+def without(x, patches, fuse):
+    """The sequence x (1, 1+P, D) with only `patches` kept; with `fuse`, the mean of the others
+    appended once per patch it stands for (what proportional attention computes, without a bias)."""
+    seq = x[:, [0] + [1 + p for p in patches]]
+    gone = [p for p in range(x.shape[1] - 1) if p not in patches]
+    if fuse and gone:
+        seq = torch.cat([seq, x[:, [1 + p for p in gone]].mean(1, keepdim=True).expand(-1, len(gone), -1)], 1)
+    return seq
+
+
 def brute_force_greedy(clip, x, layer, groups, chunk, score):
     """The same greedy rule, one image and one candidate at a time, no batching or padding."""
     ref = ranking.embed_from(clip, layer, x)
@@ -24,7 +34,7 @@ def brute_force_greedy(clip, x, layer, groups, chunk, score):
         scores = []
         for g in alive:
             patches = sorted(p for h in alive if h != g for p in groups[h])
-            scores.append(score(ranking.embed_from(clip, layer, x[:, [0] + [1 + p for p in patches]]), ref))
+            scores.append(score(ranking.embed_from(clip, layer, without(x, patches, fuse=False)), ref))
         best = sorted(range(len(alive)), key=lambda j: -scores[j])[:chunk]
         removed += [alive[j] for j in best]
         alive = [g for j, g in enumerate(alive) if j not in best]
@@ -42,6 +52,49 @@ def test_greedy_search_equals_brute_force(k, chunk):
     cos = lambda e, r: (e * r).sum().item()
     for b in range(2):
         assert got[b].tolist() == brute_force_greedy(clip, x[b:b + 1], 1, groups, chunk, cos)
+
+
+@pytest.mark.parametrize("k,chunk", [(1, 2), (2, 1)])
+def test_greedy_search_with_fusion_follows_the_greedy_rule(k, chunk):
+    """With fusion, removing the first single patch only moves it to the end (a fused token of
+    one patch is that patch): every candidate ties there, so instead of comparing orders, each
+    removal is checked to be among the best by a one-at-a-time evaluation, up to ties."""
+    clip = tiny_clip(image_size=40)
+    x = ranking.layer_input(clip, torch.randn(2, 3, 40, 40, dtype=torch.float64), 1)
+    groups = [row.nonzero()[:, 0].tolist() for row in ranking.candidate_groups((5, 5), k)]
+    group_of = {p: g for g, ps in enumerate(groups) for p in ps}
+    got = ranking.golden_ranking(clip, x, 1, grid=(5, 5), k=k, chunk=chunk, fuse=True)
+    for b in range(2):
+        ref = ranking.embed_from(clip, 1, x[b:b + 1])
+        removal = list(reversed(list(dict.fromkeys(group_of[p] for p in got[b].tolist()))))
+        alive = set(range(len(groups)))
+        while alive:
+            scores = {g: (ranking.embed_from(clip, 1, without(x[b:b + 1], sorted(p for h in alive - {g} for p in groups[h]),
+                                                               fuse=True)) * ref).sum().item() for g in alive}
+            take, removal = removal[:min(chunk, len(alive))], removal[min(chunk, len(alive)):]
+            bar = sorted(scores.values(), reverse=True)[len(take) - 1]
+            assert all(scores[g] >= bar - 1e-9 for g in take)
+            alive -= set(take)
+    assert not torch.equal(got, ranking.golden_ranking(clip, x, 1, grid=(5, 5), k=k, chunk=chunk))  # it matters
+
+
+def test_fused_pruning_keeps_the_top_tokens_and_averages_the_rest():
+    clip = tiny_clip()
+    clip.rcfg.fuse = True
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = ranking.layer_input(clip, images, 1)
+    scores = torch.rand(2, 16, dtype=torch.float64)
+    K = ranking.keep_count(0.6, 16)
+    out = clip.visual.forward_tokens(images, clip.reducer(lambda x, vit: scores), track_source=True)
+    assert out.x.shape[1] == 1 + K + 1 + 2  # [CLS], the kept patches, the fused one, the learnable tokens
+    assert out.size[:, :1 + K + 1].sum(1).tolist() == [17.0, 17.0]  # sizes add up
+    # by hand: the kept patches, the mean of the rest once per patch it holds, the learnable tokens
+    for b in range(2):
+        top = sorted(scores[b].topk(K).indices.tolist())
+        seq = torch.cat([without(x[b:b + 1], top, fuse=True), clip.learned_tokens[None].to(x.dtype)], 1)
+        for block in clip.visual.blocks[1:]:
+            seq = block(seq)
+        torch.testing.assert_close(out.x[b, 0], clip.visual.norm(seq)[0, 0])
 
 
 def test_label_and_max_modes_score_a_class_logit():
@@ -156,6 +209,8 @@ def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_pat
     stale = run([*args, "--init", f"{other}/ckpt.pt", "--overwrite"])
     assert stale.returncode != 0 and "was made with another checkpoint" in stale.stderr
     assert "Traceback" not in stale.stderr
+    dropping = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--no-rank-fuse"])  # the cache fused
+    assert dropping.returncode != 0 and "was made with another fuse" in dropping.stderr
     for flags, message in ((["--rank-layer", "4"], "outside the ViT's blocks 0..3"),
                            (["--rank-keep", "1.2"], r"outside (0, 1]"), ([], "pass --init")):
         bad = run([*args[:-2], "--out", str(tmp_path / "bad"), *flags] + (["--init", f"{clip}/ckpt.pt"] if flags else []))
