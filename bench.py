@@ -487,7 +487,8 @@ RANKING_RUNS = {"ranking": ["--no-rank-fuse"], "ranking_fuse": []}  # the pruned
 CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
-VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 800, 64, (0,)  # the video captioners' (their LM: 450 steps of 128)
+LM_STEPS = 2000  # the frozen LMs': enough to learn to use their context (450 are not: README, EVLGen)
+VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 800, 64, (0,)  # the video captioners' (their LM: LM_STEPS of 128)
 VIDEO_RUNS = {"video_avg": ["--no-temporal"], "video_ctx": []}
 VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
                "video_ctx": "+ temporal contextualizer with the frame embedding (default)"}
@@ -498,7 +499,7 @@ def all_runs(root: str, quick: bool) -> dict:
     and a few steps, to check the pipeline, not the figures)."""
     q = QUICK if quick else []
     steps = (lambda n: ["--steps", "3"]) if quick else (lambda n: ["--steps", str(n)])
-    runs = {"clip": q + steps(450), "lm": ["--method", "lm"] + q + steps(450) + (["--lm-width", "32"] if quick else [])}
+    runs = {"clip": q + steps(450), "lm": ["--method", "lm"] + q + steps(LM_STEPS) + (["--lm-width", "32"] if quick else [])}
     for name, (method, extra) in PRUNING_RUNS.items():
         for seed in (0, 1, 2):
             runs[f"{name}_{seed}"] = (["--method", method, "--objectives", "itc,itm,mlm", "--seed", str(seed)] + q
@@ -508,7 +509,7 @@ def all_runs(root: str, quick: bool) -> dict:
     for seed in (0, 1):
         for name, extra in CAPTIONERS_RUN.items():
             runs[f"{name}_{seed}"] = cap + ["--seed", str(seed)] + [e.format(stage1=3 if quick else 300) for e in extra]
-    runs["lm_video"] = ["--method", "lm", "--video"] + q + steps(450) + (["--lm-width", "32"] if quick else [])
+    runs["lm_video"] = ["--method", "lm", "--video"] + q + steps(LM_STEPS) + (["--lm-width", "32"] if quick else [])
     for seed in VIDEO_SEEDS:
         for name, extra in VIDEO_RUNS.items():
             runs[f"{name}_{seed}"] = (["--method", "evlgen", "--video", "--lm", f"{root}/lm_video/ckpt.pt", "--clip",

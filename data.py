@@ -117,6 +117,14 @@ def qa_text(caption: str, question: str, answer: str = "") -> str:
     return f"{caption} question: {question} answer: {answer}".rstrip()
 
 
+def in_context(caption: str, text: str) -> str:
+    """A language-model text in context: a description of the scene, then the text itself. A
+    frozen LM is steered by a soft prompt only as far as it learned to use what its context
+    says; a large LM learns that from documents, a small one that sees one caption at a time
+    does not (train.py --lm-in-context)."""
+    return f"{caption} {text}"
+
+
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Pixels inside a shape of radius r, given offsets from its centre (y grows downwards)."""
     if shape == "circle":

@@ -353,10 +353,29 @@ def evaluate_captioner(model, tokenizer, device, sets, n=None, num_beams=1, vqa=
 
 
 @torch.no_grad()
+def continuation_nll(lm, tokenizer, firsts: list, seconds: list, device) -> tuple:
+    """(summed negative log-likelihood, token count) of each second text, end id included, read
+    after its first text: `data.in_context(first, second)` scored on the second's tokens only."""
+    ids = tokenizer([data.in_context(a, b) for a, b in zip(firsts, seconds)]).to(device)
+    begin = (tokenizer(firsts) != tokenizer.pad_id).sum(1).to(device) - 1  # [begin] + the first's words
+    logits = lm(ids)[:, :-1]  # position t predicts token t + 1
+    targets = ids[:, 1:].masked_fill(ids[:, 1:] == tokenizer.pad_id, -100)
+    targets = targets.masked_fill(torch.arange(targets.shape[1], device=device)[None] < begin[:, None] - 1, -100)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
+                          reduction="sum")
+    return nll.item(), (targets != -100).sum().item()
+
+
+@torch.no_grad()
 def evaluate_lm(lm, tokenizer, device, sets, n=None) -> dict:
-    """Perplexity of the language model on the test captions (every reference)."""
+    """Perplexity of the language model on the test captions (every reference), alone and, to
+    see whether it uses its context, after another reference of the same scene (`in_context`)
+    and after a reference of the next scene (`other_context`): if the two are equal, the LM
+    ignores what its context says, and so will it ignore a soft prompt."""
     gallery = sets[0]
-    captions = [c for i in range(min(n or len(gallery), len(gallery))) for c in gallery.captions(i)]
+    n = min(n or len(gallery), len(gallery))
+    refs = [gallery.captions(i) for i in range(n)]
+    captions = [c for caps in refs for c in caps]
     was_training = lm.training
     lm.eval()
     total = count = 0.0
@@ -365,8 +384,16 @@ def evaluate_lm(lm, tokenizer, device, sets, n=None) -> dict:
         tokens = (ids[:, 1:] != tokenizer.pad_id).sum().item()
         total += lm.loss(ids).item() * tokens
         count += tokens
+    out = dict(perplexity=math.exp(total / count))
+    if n > 1 and all(len(caps) > 1 for caps in refs):
+        seconds = [caps[1] for caps in refs]
+        for name, shift in (("in_context", 0), ("other_context", 1)):
+            firsts = [refs[(i + shift) % n][0] for i in range(n)]
+            sums = [continuation_nll(lm, tokenizer, [firsts[i] for i in idx], [seconds[i] for i in idx], device)
+                    for idx in batched(n, 500)]
+            out[f"perplexity_{name}"] = math.exp(sum(s for s, _ in sums) / sum(c for _, c in sums))
     lm.train(was_training)
-    return dict(perplexity=math.exp(total / count))
+    return out
 
 
 class StageRecorder(Observed):

@@ -90,6 +90,7 @@ class TrainConfig:
     lm_depth: int = 2
     lm_heads: int = 2
     lm_context: int = 128  # positions of the LM: soft prompt + caption
+    lm_in_context: bool = True  # ours: each LM text follows another caption of its scene; off: one text alone
     beams: int = 1  # beam size of caption generation at evaluation
     # video (--method lm / evlgen): clips of --frames frames, shapes videos or clip folders with --data
     video: bool = False
@@ -375,17 +376,23 @@ def lm_texts(dataset, i: int) -> list:
 
 class Pairs(torch.utils.data.Dataset):
     """(image, one caption) for a (dataset index, stream position) key; the caption choice and
-    any augmentation are seeded by the position, so they are the same on every rerun."""
+    any augmentation are seeded by the position, so they are the same on every rerun. Without
+    images (the LM): one text, or with `context` one text after another caption of its scene."""
 
-    def __init__(self, dataset, tokenizer, seed, images=True):
-        self.dataset, self.tokenizer, self.seed, self.images = dataset, tokenizer, seed, images
+    def __init__(self, dataset, tokenizer, seed, images=True, context=False):
+        self.dataset, self.tokenizer, self.seed, self.images, self.context = dataset, tokenizer, seed, images, context
 
     def __getitem__(self, key):
         i, pos = key
         rng = np.random.default_rng([self.seed, pos, 1])
         if not self.images:  # the language model reads text alone: captions (and, on shapes, Q&A)
             texts = lm_texts(self.dataset, i)
-            return torch.zeros(0), texts[int(rng.integers(len(texts)))], 0
+            text = texts[int(rng.integers(len(texts)))]
+            if self.context:  # another reference when there is one (a lone caption is its own context)
+                caps = self.dataset.captions(i)
+                others = [c for c in caps if not text.startswith(c)] or caps
+                text = data.in_context(others[int(rng.integers(len(others)))], text)
+            return torch.zeros(0), text, 0
         item = self.dataset.get(i, rng)
         caps = item["captions"]
         return item["image"], caps[int(rng.integers(len(caps)))], item.get("skipped", 0)
@@ -502,7 +509,7 @@ def load_checkpoint(path: str, device="cpu"):
 
 
 # fields added after checkpoints existed, whose default differs from what those checkpoints did
-BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False}
+BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False}
 
 
 def saved_config(ckpt: dict, **overrides) -> "TrainConfig":
@@ -774,7 +781,8 @@ def run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=None) -> di
 
 
 HEADLINE = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "bleu4", "cider_d", "vqa_accuracy",
-            "motion_accuracy", "direction_accuracy", "direction_accuracy_one_object", "perplexity")
+            "motion_accuracy", "direction_accuracy", "direction_accuracy_one_object", "perplexity", "perplexity_in_context",
+            "perplexity_other_context")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -813,7 +821,7 @@ def train(cfg: TrainConfig) -> dict:
                     find_unused_parameters=two_stage) if world > 1 else model
 
     total = cfg.stage1_steps + cfg.steps
-    pairs = Pairs(dataset, tokenizer, cfg.seed, images=cfg.method != "lm")
+    pairs = Pairs(dataset, tokenizer, cfg.seed, images=cfg.method != "lm", context=cfg.lm_in_context)
     sampler = MicroBatches(EpochPermutations(len(dataset), cfg.seed), step * cfg.accum, total * cfg.accum,
                            cfg.batch_size, rank, world)
     loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=pairs.collate,
@@ -887,7 +895,7 @@ def train(cfg: TrainConfig) -> dict:
         log.write(json.dumps(dict(step=step, time=train_seconds, eval=metrics)) + "\n")
     if master:
         log.close()
-        shown = " | ".join(f"{k} {v:.2f}" if k == "perplexity" else f"{k} {100 * v:.1f}"
+        shown = " | ".join(f"{k} {v:.2f}" if k.startswith("perplexity") else f"{k} {100 * v:.1f}"
                            for k, v in metrics.items() if k in HEADLINE)
         note = f" | {skipped} unreadable image(s) skipped" if skipped else ""
         if step < total:

@@ -94,7 +94,7 @@ def test_lm_then_evlgen_end_to_end_and_the_frozen_lm_is_unchanged(tmp_path):
     small = [*TINY, "--batch-size", "8", "--steps", "3"]
     assert run([*small, "--out", clip]).returncode == 0
     r = run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--out", lm])
-    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
+    assert r.returncode == 0 and "perplexity_in_context" in r.stdout, r.stderr
     r = run([*small, "--method", "evlgen", "--lm", f"{lm}/ckpt.pt", "--clip", f"{clip}/ckpt.pt", "--bridge-r", "40",
              "--eval-every", "2", "--eval-size", "5", "--out", cap])
     assert r.returncode == 0, r.stderr
@@ -130,6 +130,37 @@ def test_language_model_packs_texts_into_full_rows():
     ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 5, 6, 7, 3]])
     assert pack(ids, 4).tolist() == [[2, 7, 8, 3], [2, 9, 3, 2], [5, 6, 7, 3]]
     assert pack(ids, 5).tolist() == [[2, 7, 8, 3, 2], [9, 3, 2, 5, 6]]  # the tail that does not fill a row is dropped
+
+
+def test_lm_texts_follow_another_caption_of_their_scene():
+    ds = data.ShapesDataset("train", 20)
+    plain, ctx = (train.Pairs(ds, None, seed=0, images=False, context=c) for c in (False, True))
+    for key in [(i, pos) for i in range(20) for pos in range(3)]:
+        text, with_context = plain[key][1], ctx[key][1]
+        assert text in train.lm_texts(ds, key[0])  # the same text is drawn either way
+        assert with_context.endswith(" " + text)
+        first = with_context[:-len(text) - 1]
+        assert first in ds.captions(key[0]) and not text.startswith(first)  # another reference, never itself
+
+
+def test_in_context_perplexity_equals_scoring_token_by_token():
+    from eval import continuation_nll
+    from text import CausalLM
+    tok = Tokenizer(["red", "blue", "circle", "square", "a", "big"])
+    torch.manual_seed(0)
+    lm = CausalLM(LMConfig(vocab_size=len(tok), context_length=20, width=16, depth=2, heads=2)).eval()
+    firsts, seconds = ["a red circle", "big blue square a", "a"], ["blue square", "a", "big red circle a"]
+    with torch.no_grad():
+        nll, count = continuation_nll(lm, tok, firsts, seconds, "cpu")
+        expected, n = 0.0, 0
+        for a, b in zip(firsts, seconds):  # each token of the second text (and the end id), one forward each
+            ids = tok([data.in_context(a, b)])[0]
+            ids = ids[ids != tok.pad_id]
+            for t in range(len(tok([a])[0][tok([a])[0] != tok.pad_id]) - 1, len(ids)):
+                expected -= torch.log_softmax(lm(ids[None, :t])[0, -1], -1)[ids[t]].item()
+                n += 1
+    assert count == n == sum(len(b.split()) + 1 for b in seconds)
+    assert nll == pytest.approx(expected, rel=1e-5)
 
 
 def test_two_process_ddp_runs_both_stages_of_the_query_bridge(tmp_path):
