@@ -555,6 +555,48 @@ def video_table(root: str, n_test: list) -> str:
     return "\n".join(rows)
 
 
+CAPTIONER_NAMES = {"evlgen": "EVLGen (merge, r = 16)", "nomerge": "(a) no merging",
+                   "query1": "(b) learned queries, one stage", "query2": "(c) learned queries, two stages"}
+
+
+def captioner_table(root: str, seeds=(0, 1)) -> str:
+    """Markdown: the captioners of --all, one row per seed — final metrics (the last evaluation of
+    each log), training time, and the time each first reached the two-stage baseline's (c) final
+    CIDEr-D on its curve — then the CIDEr-D curves side by side, seed by seed ((c) counted from the
+    start of its LM loss)."""
+    import eval as evaluation
+    logs = {(n, s): [json.loads(line) for line in open(f"{root}/{n}_{s}/log.jsonl")] for n in CAPTIONERS_RUN
+            for s in seeds}
+    curves = {k: evaluation.read_curve(f"{root}/{k[0]}_{k[1]}/log.jsonl", "cider_d") for k in logs}
+    rows = ["| captioner | seed | BLEU-4 | CIDEr-D | Q&A acc. | training time | time to reach (c)'s final CIDEr-D "
+            "| share of (c)'s total |", "|---|---|---|---|---|---|---|---|"]
+    for name, label in CAPTIONER_NAMES.items():
+        for s in seeds:
+            last = [r for r in logs[name, s] if "eval" in r][-1]
+            stage1 = [r["time"] for r in logs[name, s] if "itc" in r]
+            target, total = curves["query2", s][-1][2], curves["query2", s][-1][1]
+            reach = evaluation.time_to_reach(curves[name, s], target)
+            m = last["eval"]
+            rows.append(f"| {label if s == seeds[0] else ''} | {s} | {100 * m['bleu4']:.1f} | {100 * m['cider_d']:.1f}"
+                        f" | {100 * m['vqa_accuracy']:.1f} | {last['time']:.0f} s"
+                        + (f" (stage 1: {stage1[-1]:.0f} s)" if stage1 else "")
+                        + (" | never | — |" if reach is None else f" | {reach:.0f} s | {reach / total:.2f} |"))
+    targets = ", ".join(f"{100 * curves['query2', s][-1][2]:.1f} for seed {s}" for s in seeds)
+    steps = sorted({st for (n, _), c in curves.items() if n != "query2" for st, _, _ in c})
+    stage1_steps = {s: max([r["step"] for r in logs["query2", s] if "itc" in r], default=0) for s in seeds}
+    head = ["", f"(c)'s final CIDEr-D: {targets}. CIDEr-D along the curves (seed " + " / ".join(map(str, seeds))
+            + "; steps of the LM loss):", "", "| captioner | " + " | ".join(map(str, steps)) + " |",
+            "|---|" + "---|" * len(steps)]
+    for name, label in CAPTIONER_NAMES.items():
+        cells = []
+        for st in steps:
+            vals = [[v for at, _, v in curves[name, s] if at == st + (stage1_steps[s] if name == "query2" else 0)]
+                    for s in seeds]
+            cells.append(" / ".join(f"{100 * v[0]:.0f}" if v else "—" for v in vals))
+        head.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows + head)
+
+
 def elip_table(root: str, n_test: list) -> str:
     """Markdown: R@1 of the ITC+ITM+MLM runs of --all (3 seeds each), evaluated with all tokens and
     with the pruning each trained with, and the gap of the pruned mean R@1 to `none`'s."""
@@ -607,6 +649,8 @@ def reproduce_all(root: str, quick: bool = False) -> str:
                          f"{100 * m['zeroshot_top1']:.1f} |")
     sections.append("### ToMe off the shelf on the default CLIP\n\n" + "\n".join(tome_rows))
     import eval as evaluation
+    sections.append("### Captioners: final metrics, time to reach (c)'s final CIDEr-D, curves\n\n"
+                    + captioner_table(root))
     for seed in (0, 1):
         logs = [f"{root}/{n}_{seed}/log.jsonl" for n in ("nomerge", "query1", "evlgen", "query2")]
         sections.append(f"### Captioners, seed {seed}: CIDEr-D curves and time to reach (c)'s final\n\n"

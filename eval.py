@@ -472,7 +472,7 @@ def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=
 
 
 def format_table(metrics: dict) -> str:
-    lines = [f"{k:<24} {v if k == 'perplexity' else 100 * v:6.2f}" for k, v in metrics.items()
+    lines = [f"{k:<25} {v if k.startswith('perplexity') else 100 * v:6.2f}" for k, v in metrics.items()
              if isinstance(v, float)]
     lines += [f"example caption: {c}" for c in metrics.get("examples", [])]
     if "temporal_alpha" in metrics:
@@ -611,8 +611,8 @@ def main(argv=None):
         print(json.dumps(dict(mean=summary, runs=runs)))
         return
     for k, s in summary.items():
-        f = 1 if k == "perplexity" else 100  # fractions print as percentages
-        print(f"{k:<24} {f * s['mean']:6.2f} +- {f * s['std']:5.2f}  (mean +- std over {s['n']} checkpoints)")
+        f = 1 if k.startswith("perplexity") else 100  # fractions print as percentages
+        print(f"{k:<25} {f * s['mean']:6.2f} +- {f * s['std']:5.2f}  (mean +- std over {s['n']} checkpoints)")
     for path, r in zip(args.ckpt, runs):
         for name, rel in r.get("token_relevance", {}).items():
             print(f"{path}: relevance {name:<18} " + " ".join(f"{100 * c:5.1f}" for c in rel["coverage"]))

@@ -72,6 +72,7 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     import os
     text = bench.reproduce_all(str(tmp_path), quick=True)
     for heading in ("ELIP and EViT against no pruning", "ToMe off the shelf", "Captioners, seed 1", "Cost (bench.py)",
+                    "Captioners: final metrics",
                     "Patch Ranking on the default CLIP"):
         assert heading in text
     assert "| elip |" in text and "| 8 |" in text and "evlgen_0" in text
