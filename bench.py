@@ -648,13 +648,8 @@ def reproduce_all(root: str, quick: bool = False) -> str:
         tome_rows.append(f"| {r} | {100 * m['image_to_text_R@1']:.1f} | {100 * m['text_to_image_R@1']:.1f} | "
                          f"{100 * m['zeroshot_top1']:.1f} |")
     sections.append("### ToMe off the shelf on the default CLIP\n\n" + "\n".join(tome_rows))
-    import eval as evaluation
     sections.append("### Captioners: final metrics, time to reach (c)'s final CIDEr-D, curves\n\n"
                     + captioner_table(root))
-    for seed in (0, 1):
-        logs = [f"{root}/{n}_{seed}/log.jsonl" for n in ("nomerge", "query1", "evlgen", "query2")]
-        sections.append(f"### Captioners, seed {seed}: CIDEr-D curves and time to reach (c)'s final\n\n"
-                        + evaluation.curves_table(logs))
     sections.append("### Video captioning: the temporal contextualizer\n\n" + video_table(root, n_test))
     for name, title in (("ranking", "dropped, as published: --no-rank-fuse"), ("ranking_fuse", "fused into one token: the default")):
         run_logged(["bench.py", "--ranking", *[f"{root}/{name}_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
