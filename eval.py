@@ -471,8 +471,13 @@ def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=
     return {name: token_relevance(model, tokenizer, dataset, device, make, n) for name, make in reducers.items()}
 
 
+def shown_scale(key: str) -> int:
+    """Metrics are fractions, printed as percentages; perplexities are printed as they are."""
+    return 1 if key.startswith("perplexity") else 100
+
+
 def format_table(metrics: dict) -> str:
-    lines = [f"{k:<25} {v if k.startswith('perplexity') else 100 * v:6.2f}" for k, v in metrics.items()
+    lines = [f"{k:<25} {shown_scale(k) * v:6.2f}" for k, v in metrics.items()
              if isinstance(v, float)]
     lines += [f"example caption: {c}" for c in metrics.get("examples", [])]
     if "temporal_alpha" in metrics:
@@ -611,7 +616,7 @@ def main(argv=None):
         print(json.dumps(dict(mean=summary, runs=runs)))
         return
     for k, s in summary.items():
-        f = 1 if k.startswith("perplexity") else 100  # fractions print as percentages
+        f = shown_scale(k)
         print(f"{k:<25} {f * s['mean']:6.2f} +- {f * s['std']:5.2f}  (mean +- std over {s['n']} checkpoints)")
     for path, r in zip(args.ckpt, runs):
         for name, rel in r.get("token_relevance", {}).items():

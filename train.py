@@ -895,7 +895,7 @@ def train(cfg: TrainConfig) -> dict:
         log.write(json.dumps(dict(step=step, time=train_seconds, eval=metrics)) + "\n")
     if master:
         log.close()
-        shown = " | ".join(f"{k} {v:.2f}" if k.startswith("perplexity") else f"{k} {100 * v:.1f}"
+        shown = " | ".join(f"{k} {v:.2f}" if evaluation.shown_scale(k) == 1 else f"{k} {100 * v:.1f}"
                            for k, v in metrics.items() if k in HEADLINE)
         note = f" | {skipped} unreadable image(s) skipped" if skipped else ""
         if step < total:
