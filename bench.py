@@ -38,7 +38,8 @@ VARIANTS = {  # name -> TrainConfig overrides
     "evit": dict(method="evit"),
     "elip": dict(method="elip"),
     "elip_no_lookahead": dict(method="elip", lookahead=False),
-    "elip_paper": dict(method="elip", fused_prop_attn=False),  # as published: no attention bias
+    "elip_no_rollout": dict(method="elip", rollout=False),  # the last block's [CLS] row, as published
+    "elip_paper": dict(method="elip", fused_prop_attn=False, rollout=False),  # as published
     "tome": dict(method="tome"),
 }
 
@@ -93,6 +94,8 @@ def forward_flops(model, cfg: TrainConfig, counter, n_out, text_len) -> dict:
             N = counter.mlp[b - 1] if b else 1 + P  # the sequence entering block b, unpruned
             # n - 1 whole blocks, then the last block's qkv projection and one row of logits
             lookahead += (n - 1) * block_flops(N, N, v.width, v.mlp_ratio) + 2 * N * v.width * 3 * v.width + 2 * N * v.width
+            if cfg.rollout:  # each earlier block's attention logits again, and the row carried back through them
+                lookahead += (n - 1) * (2 * N * N * v.width + 2 * N * N)
     text = t.depth * block_flops(text_len, text_len, t.width, t.mlp_ratio)
     objectives = model.cfg.objectives
     fusion_one = model.cfg.fusion_depth * block_flops(text_len, text_len, t.width, 4.0, n_out, v.width)
@@ -476,10 +479,14 @@ def captioner_markdown(batch_size, rows) -> str:
 
 QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
          "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
-PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", []), "evit": ("evit", []),  # name: (method, extra flags)
-                "elip_paper": ("elip", ["--no-fused-prop-attn"]), "evit_paper": ("evit", ["--no-fused-prop-attn"])}
-PRUNING_NAMES = {"none": "`none`", "elip": "`elip` (`--keep-warmup 0`; default: fused token with proportional attention)",
-                 "elip_paper": "`elip` as published (`--keep-warmup 0 --no-fused-prop-attn`)",
+PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", []), "elip_last_row": ("elip", ["--no-rollout"]),
+                "evit": ("evit", []),  # name: (method, extra flags)
+                "elip_paper": ("elip", ["--no-fused-prop-attn", "--no-rollout"]),
+                "evit_paper": ("evit", ["--no-fused-prop-attn"])}
+PRUNING_NAMES = {"none": "`none`",
+                 "elip": "`elip` (`--keep-warmup 0`; default: proportional attention and rollout)",
+                 "elip_last_row": "`elip --no-rollout` (proportional attention; the last block's row, as published)",
+                 "elip_paper": "`elip` as published (`--keep-warmup 0 --no-fused-prop-attn --no-rollout`)",
                  "evit": "`evit` (default: fused token with proportional attention)",
                  "evit_paper": "`evit` as published (`--no-fused-prop-attn`)"}
 RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patch Ranking runs
@@ -618,6 +625,30 @@ def elip_table(root: str, n_test: list) -> str:
     return "\n".join(rows)
 
 
+RELEVANCE_MODELS = {"none": "trained with `--method none`", "elip": "trained with `--method elip` (default)",
+                    "elip_last_row": "trained with `--method elip --no-rollout`"}
+SCORINGS = {"elip": "ELIP (look-ahead, text, scored as the model trained; `none`: rollout)",
+            "elip_no_text": "ELIP without the text (lambda 1)", "elip_no_rollout": "ELIP, the last block's row alone",
+            "elip_no_lookahead": "ELIP without look-ahead", "evit_scoring": "EViT's ([CLS] attention of the previous block)",
+            "random": "random"}
+
+
+def relevance_markdown(root: str, n: int = 500) -> str:
+    """Markdown: token relevance (object coverage after each ELIP stage) of the none / elip /
+    elip --no-rollout runs of --all, mean ± std over their 3 seeds, for every scoring."""
+    rows = ["| model (3 seeds) | kept tokens chosen by | stage 1 | stage 2 | stage 3 |", "|---|---|---|---|---|"]
+    for model, label in RELEVANCE_MODELS.items():
+        ckpts = [f"{root}/{model}_{seed}/ckpt.pt" for seed in (0, 1, 2)]
+        runs = eval_json(["--ckpt", *ckpts, "--relevance", "--n-test", str(n)], root, f"relevance_{model}")["runs"]
+        for name, scoring in SCORINGS.items():
+            if name not in runs[0]["token_relevance"]:
+                continue
+            c = torch.tensor([r["token_relevance"][name]["coverage"] for r in runs]) * 100  # (seeds, stages)
+            cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(c.mean(0).tolist(), c.std(0).tolist()))
+            rows.append(f"| {label if name == 'elip' else ''} | {scoring} | {cells} |")
+    return "\n".join(rows)
+
+
 def eval_json(args: list, root: str, name: str) -> dict:
     run_logged(["eval.py", "--json", *args], f"{root}/{name}.json", f"eval.py {' '.join(args)}")
     with open(f"{root}/{name}.json") as f:
@@ -637,6 +668,7 @@ def reproduce_all(root: str, quick: bool = False) -> str:
         run_logged(["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
     n_test = ["--n-test", "20" if quick else "1000"]
     sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + elip_table(root, n_test))
+    sections.append("### Token relevance (3 seeds)\n\n" + relevance_markdown(root, 20 if quick else 500))
     run_logged(["bench.py", "--fused-probe", f"{root}/none_0/ckpt.pt", "--out", f"{root}/probe.md", *n_test],
                f"{root}/probe.txt", "bench.py --fused-probe")
     with open(f"{root}/probe.md") as f:

@@ -26,6 +26,15 @@ every pruned patch but, as one key among many, draws the attention of one. With 
 attends with log(size) added to its logits (ToMe's proportional attention), as if its patches
 were all still there. On the small shapes model that decides whether pruning works at all: see
 the README's "ELIP and EViT against no pruning".
+
+Ours too, on by default (`--no-rollout` is the papers'): the look-ahead reads the [CLS] row at the
+stage's LAST block, but the tokens there are mixtures of the tokens entering the stage, the ones
+being pruned. Deep in a trained model the [CLS] attends to a few tokens that have already gathered
+each object, and the object's other tokens then score below the background. With `rollout` the
+row is carried back through the stage's earlier blocks by attention rollout (Abnar & Zuidema
+2020): each block maps a token to 0.5 itself (the residual) + 0.5 its head-averaged attention
+row, so token j's score is the share of what the [CLS] reads at the last block that came from
+token j. See the README's "Token relevance".
 """
 import math
 from dataclasses import dataclass
@@ -125,11 +134,13 @@ class ELIP(Reducer):
     patches it stands for, so the attention the pruned tokens drew is not lost with them."""
 
     def __init__(self, schedule: Schedule, num_patches: int, text: Optional[torch.Tensor] = None,
-                 lam: float = 0.8, lookahead: bool = True, keep_scale: float = 1.0, prop_attn: bool = False):
+                 lam: float = 0.8, lookahead: bool = True, keep_scale: float = 1.0, prop_attn: bool = False,
+                 rollout: bool = False):
         if not lookahead and schedule.begin_layers[0] < 1:
             raise ValueError("ELIP without look-ahead scores with the previous block's attention: "
                              "the first stage must begin at block 1 or later")
         self.schedule, self.text, self.lookahead, self.prop_attn = schedule, text, lookahead, prop_attn
+        self.rollout = rollout
         self.num_tokens = 1 + num_patches
         self.lam = 1.0 if text is None else lam
         self.stages = {b: (n, self.scaled_keep(k, num_patches, keep_scale)) for b, n, k in
@@ -158,13 +169,20 @@ class ELIP(Reducer):
     def score_lookahead(self, vit, begin, n, x, bias=None) -> torch.Tensor:
         """Head-averaged attention of the text-aware [CLS] over the tokens, at the stage's last
         block, after running a detached copy through the stage (with the real forward's attention
-        bias): (B, N-1)."""
+        bias): (B, N-1). With `rollout`, that row is carried back through the attention maps of the
+        stage's earlier blocks to the tokens entering the stage, the ones being pruned."""
         x = x.detach().clone()
         if self.text is not None:
             x[:, 0] = self.lam * x[:, 0] + (1 - self.lam) * self.text.to(x.dtype)
+        maps = []
         for j in range(begin, begin + n - 1):
-            x = vit.blocks[j](x, bias)
-        return vit.blocks[begin + n - 1].cls_attention(x, bias)[:, 1:]  # the last block: its [CLS] row only
+            x, stats = vit.blocks[j].attend(x, bias, want=("attn_map",) if self.rollout else ())
+            maps += [stats["attn_map"]] if self.rollout else []
+            x = vit.blocks[j].feed_forward(x)
+        score = vit.blocks[begin + n - 1].cls_attention(x, bias)  # the last block: its [CLS] row only, (B, N)
+        for a in reversed(maps):  # a token leaving block j is half itself (the residual), half what it attended to
+            score = 0.5 * score + 0.5 * (score[:, None] @ a)[:, 0]
+        return score[:, 1:]
 
     # without look-ahead: prune between attention and MLP of the block before the stage
     def wants(self, i):

@@ -454,16 +454,19 @@ class ObjectPrune(ELIP):
         return self.prune(tokens, score, self.stages[i][1])
 
 
-def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None, prop_attn=True) -> dict:
+def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None, prop_attn=True,
+                    rollout=True) -> dict:
     """Token relevance at one ELIP schedule (default: the authors' scaled to the model's depth) for
-    ELIP, ELIP without its text, ELIP without look-ahead, EViT's scoring (no text, previous
-    block's [CLS] attention) and random scores; the fused token's attention as `prop_attn`."""
+    ELIP, ELIP without its text, ELIP scored by the last block's row alone (the papers', when
+    `rollout`), ELIP without look-ahead, EViT's scoring (no text, previous block's [CLS]
+    attention) and random scores; the fused token's attention as `prop_attn`."""
     v = model.cfg.vision
     schedule, P = schedule or scaled_schedule(v.depth), v.num_patches
     generator = torch.Generator().manual_seed(0)
     reducers = {
-        "elip": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn),
-        "elip_no_text": lambda t: ELIP(schedule, P, None, prop_attn=prop_attn),  # lambda = 1: the look-ahead alone
+        "elip": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn, rollout=rollout),
+        "elip_no_text": lambda t: ELIP(schedule, P, None, prop_attn=prop_attn, rollout=rollout),  # lambda = 1
+        **({"elip_no_rollout": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn)} if rollout else {}),
         "elip_no_lookahead": lambda t: ELIP(schedule, P, t, lam, lookahead=False, prop_attn=prop_attn),
         "evit_scoring": lambda t: ELIP(schedule, P, None, lookahead=False, prop_attn=prop_attn),
         "random": lambda t: RandomPrune(schedule, P, generator, prop_attn=prop_attn),
@@ -531,8 +534,9 @@ def evaluate_checkpoint(path, args) -> dict:
         shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, cfg.scene_seed())
         schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
         prop_attn = cfg.fused_prop_attn if cfg.method in ("elip", "evit") else True  # as trained, else ours
+        rollout = cfg.rollout if cfg.method == "elip" else True
         metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
-                                                     cfg.elip_lambda, schedule, prop_attn)
+                                                     cfg.elip_lambda, schedule, prop_attn, rollout)
     return metrics
 
 
@@ -621,6 +625,9 @@ def main(argv=None):
     for path, r in zip(args.ckpt, runs):
         for name, rel in r.get("token_relevance", {}).items():
             print(f"{path}: relevance {name:<18} " + " ".join(f"{100 * c:5.1f}" for c in rel["coverage"]))
+    for name in runs[0].get("token_relevance", {}):
+        mean = torch.tensor([r["token_relevance"][name]["coverage"] for r in runs]).mean(0)
+        print(f"mean over checkpoints: relevance {name:<18} " + " ".join(f"{100 * c:5.1f}" for c in mean.tolist()))
 
 
 if __name__ == "__main__":

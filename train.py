@@ -57,6 +57,7 @@ class TrainConfig:
     elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
     lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
     fused_prop_attn: bool = True  # ELIP/EViT (ours): the fused token attends with log(size); off: the papers'
+    rollout: bool = True  # ELIP (ours): the look-ahead's [CLS] row is rolled back to the stage's input tokens; off: the papers'
 
     keep_warmup: float = 0.1  # share of the steps over which the pruned share grows from 0 to the schedule's
     begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
@@ -204,8 +205,8 @@ def check_flags(cfg: TrainConfig):
         raise ValueError("--eval-prune needs a reducing --method (elip, evit or tome)")
     if cfg.merge_mode not in MERGE_MODES:
         raise ValueError(f"--merge-mode {cfg.merge_mode} is unknown (choose {' or '.join(MERGE_MODES)})")
-    if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead):
-        raise ValueError("--elip-lambda and --no-lookahead apply to --method elip only")
+    if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead or not cfg.rollout):
+        raise ValueError("--elip-lambda, --no-lookahead and --no-rollout apply to --method elip only")
     if cfg.method == "ranking" and not (cfg.init or cfg.resume):
         raise ValueError("--method ranking prunes a trained CLIP: pass --init CKPT (from `python train.py`)")
     if cfg.phase not in ("all", "search", "predictor"):
@@ -305,7 +306,7 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     if cfg.method == "elip":
         schedule = elip_schedule(cfg, depth)
         return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead, keep_scale,
-                                 cfg.fused_prop_attn)
+                                 cfg.fused_prop_attn, cfg.rollout)
     if cfg.method == "evit":
         return lambda text: evit(depth, P, keep_scale=keep_scale, prop_attn=cfg.fused_prop_attn)
     if cfg.method == "tome":
@@ -509,7 +510,7 @@ def load_checkpoint(path: str, device="cpu"):
 
 
 # fields added after checkpoints existed, whose default differs from what those checkpoints did
-BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False}
+BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False, "rollout": False}
 
 
 def saved_config(ckpt: dict, **overrides) -> "TrainConfig":

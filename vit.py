@@ -17,7 +17,8 @@ It may act at two hook points of every block i:
   - `before_block(i, tokens, vit)`: before block i runs (ELIP, Patch Ranking prune here);
   - `after_attn(i, tokens, stats)`: between attention and MLP of block i (ToMe, EViT act here),
     where `stats` holds what the block measured on request (`wants(i)`): "cls_attn", the
-    head-averaged [CLS] attention row (B, N), and "keys", the keys averaged over heads (B, N, d).
+    head-averaged [CLS] attention row (B, N), "keys", the keys averaged over heads (B, N, d), and
+    "attn_map", the whole head-averaged attention matrix (B, N, N).
 It may also add an attention bias (`attn_bias`, e.g. ToMe's proportional attention, log size).
 The ViT knows nothing of any method: a new reducer subclasses `Reducer`, never edits this file.
 `Observed` wraps any reducer to measure what it does (eval.py's stages, bench.py's token counts).
@@ -121,6 +122,8 @@ class Attention(nn.Module):
             stats["cls_attn"] = self.cls_attention(q, k, attn_bias)
         if "keys" in want:
             stats["keys"] = k.mean(1)  # (B, N, d): ToMe's similarity metric
+        if "attn_map" in want:
+            stats["attn_map"] = self.attention_map(q, k, attn_bias)
         return out, stats
 
     def cls_attention(self, q, k, attn_bias=None):
@@ -130,6 +133,15 @@ class Attention(nn.Module):
         if attn_bias is not None:
             logits = logits + attn_bias[..., :1, :]
         return logits.float().softmax(-1).mean(1)[:, 0]  # (B, N)
+
+
+    def attention_map(self, q, k, attn_bias=None):
+        """The whole head-averaged attention matrix, (B, N, N), recomputed beside SDPA: O(N^2 d),
+        the cost of the attention logits again (ELIP's attention rollout)."""
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, N, N)
+        if attn_bias is not None:
+            logits = logits + attn_bias
+        return logits.float().softmax(-1).mean(1)
 
 
 class Block(nn.Module):
@@ -188,7 +200,7 @@ class Reducer:
     """The seam. Subclass and override what you need; the defaults change nothing."""
 
     def wants(self, i: int) -> tuple:
-        """What block i's attention must report to `after_attn`: a subset of ("cls_attn", "keys")."""
+        """What block i's attention must report to `after_attn`: a subset of ("cls_attn", "keys", "attn_map")."""
         return ()
 
     def attn_bias(self, tokens: Tokens) -> Optional[torch.Tensor]:

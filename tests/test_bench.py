@@ -78,6 +78,9 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert text.count("| predictor + 4 learnable tokens | 3 |") == 2  # pruned patches dropped, and fused
     assert "fused into one token: the default" in text and "`elip` as published" in text
     assert "| the object patches (ground truth) | proportional (ours) |" in text  # the fused-attention probe
+    assert "`elip --no-rollout`" in text and "Token relevance (3 seeds)" in text
+    assert "| trained with `--method elip --no-rollout` | ELIP (look-ahead" in text
+    assert text.count("|  | random |") == 3  # the relevance table: one random row per model
     for png in ("masks_elip", "masks_tome", "masks_ranking", "captioner_curves", "tradeoff_tome", "tradeoff_methods"):
         assert os.path.getsize(tmp_path / f"{png}.png") > 1000
     points = {p["name"]: p for p in json.loads((tmp_path / "method_points.json").read_text())}

@@ -63,8 +63,8 @@ def test_prune_and_fuse_weights_sum_to_one_and_carry_no_gradient():
     torch.testing.assert_close(out.source[:, -1, 1:].sum(1), torch.full((2,), 3.0))
 
 
-@pytest.mark.parametrize("prop_attn", [False, True])
-def test_lookahead_scores_equal_a_hand_written_lookahead(prop_attn):
+@pytest.mark.parametrize("prop_attn,rollout", [(False, False), (True, False), (True, True)])
+def test_lookahead_scores_equal_a_hand_written_lookahead(prop_attn, rollout):
     vit = small_vit()
     with torch.no_grad():  # larger weights: attention far from uniform, so a missed bias shows
         for block in vit.blocks:
@@ -72,7 +72,7 @@ def test_lookahead_scores_equal_a_hand_written_lookahead(prop_attn):
             block.attn.proj.weight.mul_(10)
     images, text = torch.randn(3, 3, 32, 32), torch.randn(3, 32)
     schedule = scaled_schedule(6)  # stage 0: before block 1, one block; stage 1: blocks 2..4
-    elip = ELIP(schedule, 16, text=text, lam=0.8, prop_attn=prop_attn)
+    elip = ELIP(schedule, 16, text=text, lam=0.8, prop_attn=prop_attn, rollout=rollout)
     out = vit.forward_tokens(images, elip, track_source=True)
     # by hand, stage 1: run to block 2 with stage 0's pruning, then look ahead through blocks 2..4
     tokens = vit.embed(images, track_source=True)
@@ -82,10 +82,17 @@ def test_lookahead_scores_equal_a_hand_written_lookahead(prop_attn):
     tokens = tokens.replace(x=vit.blocks[1](tokens.x, bias))
     x = tokens.x.clone()
     x[:, 0] = 0.8 * x[:, 0] + 0.2 * text
+    maps = []
     for j in (2, 3):
+        maps.append(plain_attention(vit.blocks[j].attn, vit.blocks[j].norm1(x), bias)[1].mean(1))  # (B, N, N)
         x = vit.blocks[j](x, bias)
     _, probs = plain_attention(vit.blocks[4].attn, vit.blocks[4].norm1(x), bias)
-    torch.testing.assert_close(elip.scores[2], probs[:, :, 0, 1:].mean(1), atol=1e-5, rtol=1e-4)
+    row = probs[:, :, 0].mean(1)  # (B, N): the [CLS] row at the stage's last block
+    if rollout:  # back through blocks 3 and 2: row <- row (I + A) / 2
+        eye = torch.eye(row.shape[1])
+        row = torch.einsum("bj,bji->bi", row, (eye + maps[1]) / 2)
+        row = torch.einsum("bj,bji->bi", row, (eye + maps[0]) / 2)
+    torch.testing.assert_close(elip.scores[2], row[:, 1:], atol=1e-5, rtol=1e-4)
     assert out.x.shape[1] == 1 + 6 + 1  # 16 patches: keep 14, 10, then 6 (+ the fused token)
     torch.testing.assert_close(out.size.sum(1), torch.full((3,), 17.0))
 

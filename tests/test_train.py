@@ -77,10 +77,12 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
                         "--relevance", "--itm-rerank", "4", "--n-test", "20"], cwd=ROOT, capture_output=True, text=True)
     assert e.returncode == 0, e.stderr
     metrics = json.loads(e.stdout)
-    assert set(metrics["token_relevance"]) == {"elip", "elip_no_text", "elip_no_lookahead", "evit_scoring", "random"}
+    assert set(metrics["token_relevance"]) == {"elip", "elip_no_text", "elip_no_rollout", "elip_no_lookahead",
+                                               "evit_scoring", "random"}
     assert len(metrics["token_relevance"]["elip"]["coverage"]) == 3 and "itm_image_to_text_R@1" in metrics
-    r = run([*TINY, "--method", "evit", "--no-lookahead", "--out", str(tmp_path / "x")])
-    assert r.returncode != 0 and "apply to --method elip only" in r.stderr
+    for flag in ("--no-lookahead", "--no-rollout"):
+        r = run([*TINY, "--method", "evit", flag, "--out", str(tmp_path / "x")])
+        assert r.returncode != 0 and "apply to --method elip only" in r.stderr
     six = [*TINY[:2], "--depth", "6", *TINY[4:], "--method", "elip", "--out", str(tmp_path / "y")]
     r = run([*six, "--begin-layers", "1,2", "--num-layers", "2,1", "--keep-ratios", "0.9,0.5"])
     assert r.returncode != 0 and "schedule stage 1 (begin 2) overlaps stage 0 (blocks 1..2)" in r.stderr
@@ -103,6 +105,13 @@ def test_fused_prop_attn_reaches_the_reducer_and_older_checkpoints_keep_the_pape
     before = {"config": {"method": "elip", "steps": 300}}  # a checkpoint written before the flag existed
     assert train.saved_config(before).fused_prop_attn is False  # it trained as the papers do
     assert train.saved_config({"config": {"method": "elip", "fused_prop_attn": True}}).fused_prop_attn
+
+
+def test_rollout_reaches_elip_and_older_checkpoints_score_with_the_last_row():
+    vision = train.model_config(TrainConfig(), 30).vision
+    for on in (True, False):
+        assert train.reducer_fn(TrainConfig(method="elip", rollout=on), vision, 0)(None).rollout is on
+    assert TrainConfig().rollout and train.saved_config({"config": {"method": "elip"}}).rollout is False
 
 
 def test_init_starts_from_a_checkpoints_weights(tmp_path):

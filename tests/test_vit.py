@@ -49,6 +49,9 @@ def test_cls_attention_is_head_averaged_first_row():
     torch.testing.assert_close(cls_attn.sum(-1), torch.ones(3))
     torch.testing.assert_close(out, block(x, attn_bias=bias))
     torch.testing.assert_close(block.cls_attention(x, bias), cls_attn)
+    _, stats = block.attend(x, bias, want=("attn_map",))
+    torch.testing.assert_close(stats["attn_map"], probs.mean(1), atol=1e-6, rtol=1e-5)  # (B, N, N)
+    torch.testing.assert_close(stats["attn_map"][:, 0], cls_attn)
 
 
 class DropEveryOther(Reducer):
