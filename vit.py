@@ -134,14 +134,13 @@ class Attention(nn.Module):
             logits = logits + attn_bias[..., :1, :]
         return logits.float().softmax(-1).mean(1)[:, 0]  # (B, N)
 
-
     def attention_map(self, q, k, attn_bias=None):
         """The whole head-averaged attention matrix, (B, N, N), recomputed beside SDPA: O(N^2 d),
         the cost of the attention logits again (ELIP's attention rollout)."""
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, N, N)
         if attn_bias is not None:
             logits = logits + attn_bias
-        return logits.float().softmax(-1).mean(1)
+        return logits.float().softmax(-1).mean(1)  # (B, N, N)
 
 
 class Block(nn.Module):
