@@ -177,7 +177,8 @@ class ELIP(Reducer):
         maps = []
         for j in range(begin, begin + n - 1):
             x, stats = vit.blocks[j].attend(x, bias, want=("attn_map",) if self.rollout else ())
-            maps += [stats["attn_map"]] if self.rollout else []
+            if self.rollout:
+                maps.append(stats["attn_map"])  # (B, N, N)
             x = vit.blocks[j].feed_forward(x)
         score = vit.blocks[begin + n - 1].cls_attention(x, bias)  # the last block: its [CLS] row only, (B, N)
         for a in reversed(maps):  # a token leaving block j is half itself (the residual), half what it attended to

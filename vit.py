@@ -129,18 +129,15 @@ class Attention(nn.Module):
     def cls_attention(self, q, k, attn_bias=None):
         """Head-averaged attention probabilities of the [CLS] query over all N keys, (B, N).
         One row of the attention matrix, recomputed (SDPA never returns probabilities): O(N d)."""
-        logits = (q[:, :, :1] @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, 1, N)
-        if attn_bias is not None:
-            logits = logits + attn_bias[..., :1, :]
-        return logits.float().softmax(-1).mean(1)[:, 0]  # (B, N)
+        return self.attention_map(q[:, :, :1], k, None if attn_bias is None else attn_bias[..., :1, :])[:, 0]
 
     def attention_map(self, q, k, attn_bias=None):
-        """The whole head-averaged attention matrix, (B, N, N), recomputed beside SDPA: O(N^2 d),
-        the cost of the attention logits again (ELIP's attention rollout)."""
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, N, N)
+        """Head-averaged attention probabilities of the given queries (B, H, M, d) over all N keys,
+        (B, M, N), recomputed beside SDPA; all N queries (ELIP's rollout) cost O(N^2 d) again."""
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, M, N)
         if attn_bias is not None:
             logits = logits + attn_bias
-        return logits.float().softmax(-1).mean(1)  # (B, N, N)
+        return logits.float().softmax(-1).mean(1)
 
 
 class Block(nn.Module):
