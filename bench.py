@@ -25,6 +25,7 @@ import dataclasses
 import json
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -499,6 +500,126 @@ VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 800, 64, (0,)  # the video captioners' (
 VIDEO_RUNS = {"video_avg": ["--no-temporal"], "video_ctx": []}
 VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
                "video_ctx": "+ temporal contextualizer with the frame embedding (default)"}
+PROBE_STEPS = 600  # the direction probe's, per reader (32 clips a step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Video: where the direction of motion goes. A probe, not a captioner: a small reader is trained
+# to name the direction of the one moving object of a clip from the ViT's output tokens, with a
+# cross-entropy on the direction itself (the strongest signal there is). Three readers differ in
+# what they can see: LayoutReader where each token sits (its input is the tokens in their grid
+# order, flattened), SetReader only what the tokens hold (per-token logits pooled: any order of
+# the tokens gives the same answer), AttentionReader what a bridge sees (transformer blocks over
+# the tokens with learned positions, read at the first token).
+
+class LayoutReader(torch.nn.Module):
+    def __init__(self, width: int, slots: int, classes: int, hidden: int = 256):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(width, 8), torch.nn.Flatten(1),
+                                       torch.nn.Linear(slots * 8, hidden), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden, classes))
+
+    def forward(self, x):  # (B, L, D) -> (B, classes)
+        return self.net(x)
+
+
+class SetReader(torch.nn.Module):
+    def __init__(self, width: int, slots: int, classes: int, hidden: int = 256):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x).logsumexp(1)  # (B, L, classes) -> (B, classes): a soft "any token says so"
+
+
+class AttentionReader(torch.nn.Module):
+    def __init__(self, width: int, slots: int, classes: int, depth: int = 2, heads: int = 4):
+        super().__init__()
+        from vit import Block
+        self.pos_embed = torch.nn.Parameter(0.02 * torch.randn(1, slots, width))
+        self.blocks = torch.nn.Sequential(*(Block(width, heads) for _ in range(depth)))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(x + self.pos_embed))[:, 0])
+
+
+READERS = {"layout": LayoutReader, "set": SetReader, "attention": AttentionReader}
+# (tokens the reader gets, reader): the frames themselves, frame averaging, the contextualizer + averaging
+PROBE_CASES = [("frames", "layout"), ("frames", "attention"), ("average", "layout"),
+               ("contextualizer", "layout"), ("contextualizer", "set"), ("contextualizer", "attention")]
+PROBE_TOKENS = {"frames": "the T frames' tokens, not averaged (frozen ViT)", "average": "frame averaging (frozen ViT)",
+                "contextualizer": "the temporal contextualizer (trained with the reader), then averaging"}
+
+
+def one_mover_clips(split: str, n: int, vcfg, seed: int, frames: int):
+    """The clips among the first n of a split with exactly one moving object: (clips (M, T, 3, S, S),
+    direction index (M,)), the directions in data.DIRECTIONS order without "still"."""
+    import data
+    directions = [d for d in data.DIRECTIONS if d != "still"]
+    dataset = data.ShapesVideoDataset(split, n, vcfg.image_size, vcfg.patch_size, seed, frames)
+    clips, labels = [], []
+    for i in range(len(dataset)):
+        moving = [o["motion"] for o in dataset.scene(i)[0] if o["motion"] != "still"]
+        if len(moving) == 1:
+            clips.append(dataset[i]["image"])
+            labels.append(directions.index(moving[0]))
+    return torch.stack(clips), torch.tensor(labels)
+
+
+def direction_probe(model: CLIP, scene_seed: int, steps: int = PROBE_STEPS, batch_size: int = 32, n_train: int = 4000,
+                    n_test: int = 1000, frames: int = 4, seed: int = 0, device="cpu", cases=PROBE_CASES) -> list:
+    """Test accuracy of naming the direction of a clip's one moving object, for each (tokens,
+    reader) case, on the CLIP's ViT kept frozen; with the contextualizer, the gates it learned."""
+    from merge import TemporalContext
+    vit, v = model.visual.eval(), model.cfg.vision
+    frozen = [p.requires_grad for p in vit.parameters()]
+    vit.requires_grad_(False)
+    train_clips, train_labels = one_mover_clips("train", n_train, v, scene_seed, frames)
+    test_clips, test_labels = one_mover_clips("test", n_test, v, scene_seed, frames)
+    rows = []
+    for tokens_from, reader_name in cases:
+        torch.manual_seed(seed)
+        temporal = TemporalContext(v.depth, v.width, v.heads, frames).to(device) if tokens_from == "contextualizer" else None
+        slots = (1 + v.num_patches) * (frames if tokens_from == "frames" else 1)
+        reader = READERS[reader_name](v.width, slots, 4).to(device)
+        params = list(reader.parameters()) + (list(temporal.parameters()) if temporal else [])
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+        def logits(clips):
+            B = clips.shape[0]
+            with torch.no_grad() if temporal is None else nullcontext():
+                x = vit.forward_tokens(clips.to(device).flatten(0, 1), temporal).x.unflatten(0, (B, frames))
+            return reader(x.flatten(1, 2) if tokens_from == "frames" else x.mean(1))  # (B, T*N, D) or (B, N, D)
+
+        t0, g = time.time(), torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            pick = torch.randint(len(train_clips), (batch_size,), generator=g)
+            loss = torch.nn.functional.cross_entropy(logits(train_clips[pick]), train_labels[pick].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            guesses = torch.cat([logits(test_clips[i:i + 64]).argmax(-1).cpu() for i in range(0, len(test_clips), 64)])
+        rows.append(dict(tokens=tokens_from, reader=reader_name, accuracy=(guesses == test_labels).float().mean().item(),
+                         n_test=len(test_labels), majority=test_labels.bincount().max().item() / len(test_labels), n_train=len(train_labels), steps=steps, minutes=(time.time() - t0) / 60,
+                         gates=temporal.gates() if temporal else None))
+        print(f"{tokens_from:>14} | {reader_name:>9} reader | direction accuracy {100 * rows[-1]['accuracy']:.1f}%", flush=True)
+    for p, requires_grad in zip(vit.parameters(), frozen):
+        p.requires_grad_(requires_grad)
+    return rows
+
+
+def direction_markdown(rows: list) -> str:
+    lines = ["| tokens the reader gets | reader | direction accuracy (4 choices) | mean abs(alpha) | min |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        alpha = f"{statistics.mean(abs(a) for a in r['gates']):.3f}" if r["gates"] else "—"
+        lines.append(f"| {PROBE_TOKENS[r['tokens']]} | {r['reader']} | {100 * r['accuracy']:.1f} | {alpha} | {r['minutes']:.1f} |")
+    r = rows[0]
+    return "\n".join(lines) + (f"\n\n{r['n_train']} training clips, {r['steps']} steps, {r['n_test']} test clips "
+                               f"(always the most frequent direction: {100 * r['majority']:.1f}%)")
 
 
 def all_runs(root: str, quick: bool) -> dict:
@@ -683,6 +804,10 @@ def reproduce_all(root: str, quick: bool = False) -> str:
     sections.append("### Captioners: final metrics, time to reach (c)'s final CIDEr-D, curves\n\n"
                     + captioner_table(root))
     sections.append("### Video captioning: the temporal contextualizer\n\n" + video_table(root, n_test))
+    run_logged(["bench.py", "--direction-probe", f"{root}/clip/ckpt.pt", "--out", f"{root}/direction.md", *n_test]
+               + (["--probe-steps", "3"] if quick else []), f"{root}/direction.txt", "bench.py --direction-probe")
+    with open(f"{root}/direction.md") as f:
+        sections.append("### Video: where the direction of motion goes (a probe)\n\n" + f.read())
     for name, title in (("ranking", "dropped, as published: --no-rank-fuse"), ("ranking_fuse", "fused into one token: the default")):
         run_logged(["bench.py", "--ranking", *[f"{root}/{name}_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
                     f"{root}/{name}_points.json", "--out", f"{root}/{name}.md", *n_test], f"{root}/{name}.txt",
@@ -743,6 +868,10 @@ def main(argv=None):
     p.add_argument("--fused-probe", metavar="CKPT", default="",
                    help="instead: R@1 of this CLIP pruned at inference at ELIP's schedule, by ELIP / EViT / random / "
                         "ground-truth object scores, the fused token attending as one token or proportionally")
+    p.add_argument("--direction-probe", metavar="CKPT", default="",
+                   help="instead: how well small readers name a video clip's direction of motion from the ViT tokens "
+                        "of this CLIP — all frames, frame averaging, the temporal contextualizer + averaging")
+    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="with --direction-probe: training steps per reader (its training clips: the first 4 x --n-test)")
     p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
     p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking: test gallery size")
@@ -756,6 +885,15 @@ def main(argv=None):
         return
     if args.fused_probe:
         table = probe_markdown(fused_attention_probe(args.fused_probe, args.n_test, args.device))
+        print(table)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(table + "\n")
+        return
+    if args.direction_probe:
+        model, _, ckpt = train.load_checkpoint(args.direction_probe, args.device)
+        table = direction_markdown(direction_probe(model, train.saved_config(ckpt).scene_seed(), args.probe_steps,
+                                                   n_train=4 * args.n_test, n_test=args.n_test, device=args.device))
         print(table)
         if args.out:
             with open(args.out, "w") as f:

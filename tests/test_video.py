@@ -242,3 +242,47 @@ def test_the_contextualizer_has_its_own_learning_rate_scale():
         assert all(names[id(p)].startswith("temporal.") == (g["lr_scale"] == 10.0) for p in g["params"])
     assert {n for g in groups if g["weight_decay"] == 0 for n in map(lambda p: names[id(p)], g["params"])} >= {
         "temporal.layers.0.alpha", "temporal.layers.0.frame_embed"}
+
+
+def test_the_set_reader_ignores_where_tokens_are_and_the_layout_reader_does_not():
+    import bench
+    torch.manual_seed(0)
+    x, order = torch.randn(3, 10, 16), torch.randperm(10)
+    for name, sees_order in (("set", False), ("layout", True), ("attention", True)):
+        reader = bench.READERS[name](16, 10, 4).eval()
+        same = torch.allclose(reader(x), reader(x[:, order]), atol=1e-6)
+        assert same != sees_order, name
+
+
+def test_the_direction_probe_keeps_the_vit_frozen_and_trains_the_contextualizer():
+    import bench
+    from model import CLIP
+    from train import TrainConfig, model_config
+    torch.manual_seed(0)
+    cfg = TrainConfig(width=32, heads=2, depth=2, text_width=32, text_depth=1, embed_dim=16)
+    model = CLIP(model_config(cfg, vocab_size=20))
+    before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    cases = [("frames", "layout"), ("average", "set"), ("contextualizer", "attention")]
+    rows = bench.direction_probe(model, 0, steps=2, batch_size=4, n_train=40, n_test=20, cases=cases)
+    assert [(r["tokens"], r["reader"]) for r in rows] == cases
+    assert all(torch.equal(v, before[k]) for k, v in model.visual.state_dict().items())
+    assert all(p.requires_grad for p in model.visual.parameters())  # given back as it came
+    assert rows[0]["gates"] is None and all(a != 0.0 for a in rows[2]["gates"])  # the gates left 0
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["majority"] >= 0.25 for r in rows)
+    assert "| frame averaging (frozen ViT) | set |" in bench.direction_markdown(rows)
+
+
+def test_the_layout_token_starts_at_zero_and_reads_where_tokens_are():
+    from merge import LayoutToken
+    torch.manual_seed(0)
+    reader, x = LayoutToken(16, 10, 12), torch.randn(2, 10, 16)
+    assert torch.equal(reader(x), torch.zeros(2, 12))
+    torch.nn.init.normal_(reader.mlp[-1].weight)
+    assert not torch.allclose(reader(x), reader(x[:, torch.randperm(10)]))  # the same tokens elsewhere: another answer
+    plain, with_layout = tiny_video_captioner(temporal=True).eval(), tiny_video_captioner(temporal=True, layout_token=True).eval()
+    plain.load_state_dict({k: v for k, v in with_layout.state_dict().items() if not k.startswith("layout.")})
+    clips = torch.randn(2, 3, 3, 32, 32)
+    assert torch.equal(plain.prompt(clips).x, with_layout.prompt(clips).x)  # a new captioner: as without it
+    with_layout.train()
+    with_layout(clips, torch.randint(4, 30, (2, 6)))["loss"].backward()
+    assert with_layout.layout.mlp[-1].weight.grad.abs().sum() > 0  # and it learns
