@@ -17,8 +17,9 @@ For each method and model it reports, relative to `none` measured in the same ru
   (device-independent; on CUDA the allocator's peak is printed too);
 - the largest batch whose activations, parameters, gradients and AdamW state fit `--mem-budget-gb`.
 
-    python bench.py                 # all three tables (about N minutes on 2 CPU cores)
+    python bench.py                 # all three tables (each one's time on 2 CPU cores: README)
     python bench.py --tome vit_s16 --no-captioner --models ''   # ToMe's row alone
+    python bench.py --direction-probe out/clip/ckpt.pt   # video: which readers can name the direction of motion
 """
 import argparse
 import dataclasses

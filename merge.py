@@ -230,29 +230,3 @@ class TemporalContext(nn.Module, Reducer):
     def gates(self) -> list:
         """Each block's alpha: how far the model has moved from frame-by-frame."""
         return [layer.alpha.item() for layer in self.layers]
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading where things are: the layout token (ours, not EVLGen's)
-#
-# After the contextualizer and frame averaging, a clip's direction of motion is held in where the
-# tokens are, not in what any one token holds (`python bench.py --direction-probe`: a reader that
-# sees the tokens in grid order names the direction of 99% of one-object test clips; one that pools
-# per-token answers is at chance, and attention with learned positions is far behind). The bridge
-# is attention over a set of tokens, and merging mixes their places further, so this module reads
-# the grid in order and adds what it finds to the bridge's first output token.
-
-class LayoutToken(nn.Module):
-    """(B, N, D) visual tokens in grid order -> (B, width): each token squeezed to a few channels,
-    the N of them concatenated, an MLP. The last Linear starts at zero (a captioner with it starts
-    as the one without)."""
-
-    def __init__(self, in_dim: int, slots: int, width: int, channels: int = 8, hidden: int = 256):
-        super().__init__()
-        self.squeeze = nn.Linear(in_dim, channels)
-        self.mlp = nn.Sequential(nn.Linear(slots * channels, hidden), nn.GELU(), nn.Linear(hidden, width))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.squeeze(x).flatten(1))  # (B, N, channels) -> (B, N * channels) -> (B, width)

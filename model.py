@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from merge import LayoutToken, MergingBridge, TemporalContext
+from merge import MergingBridge, TemporalContext
 from text import PAD, CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig, TextEncoder, mask_tokens
 from vit import Tokens, ViT, ViTConfig, init_weights, load_exactly
 
@@ -270,7 +270,6 @@ class CaptionerConfig:
     temporal: bool = False  # video: EVLGen's temporal contextualizer in every ViT block (the only ViT part trained)
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its learned frame-index embedding (without it, the order of frames is lost)
-    layout_token: bool = False  # ours: a reader of the visual tokens in grid order, added to the bridge's first output
 
     def __post_init__(self):
         self.r = tuple(self.r)
@@ -354,7 +353,6 @@ class Captioner(nn.Module):
             self.bridge = QueryBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.num_queries, t.ln_eps)
         self.temporal = TemporalContext(v.depth, v.width, v.heads, cfg.frames, cfg.temporal_dim,
                                         cfg.frame_embed) if cfg.temporal else None
-        self.layout = LayoutToken(v.width, 1 + v.num_patches, t.width) if cfg.layout_token else None
         self.lm_proj = nn.Linear(t.width, cfg.lm.width)
         self.lm = CausalLM(cfg.lm)
         self.lm.requires_grad_(False)
@@ -394,12 +392,8 @@ class Captioner(nn.Module):
 
     def prompt(self, images, track_source=False) -> Tokens:
         """The soft prompt in LM width, (B, M, D_lm), with the bridge's token sizes and sources."""
-        visual = self.visual_tokens(images)
-        tokens = self.bridge(visual, track_source)
-        x = tokens.x
-        if self.layout is not None:  # where things are, read before the bridge merges the tokens' places
-            x = torch.cat([x[:, :1] + self.layout(visual)[:, None], x[:, 1:]], 1)
-        return tokens.replace(x=self.lm_proj(x))
+        tokens = self.bridge(self.visual_tokens(images), track_source)
+        return tokens.replace(x=self.lm_proj(tokens.x))
 
     def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
         if self.stage == 1:

@@ -99,7 +99,6 @@ class TrainConfig:
     temporal: bool = True  # EVLGen's temporal contextualizer in the ViT; off: frames averaged only
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its frame-index embedding; off: the module as published (blind to frame order)
-    layout_token: bool = False  # ours: a reader of the visual tokens in grid order added to the bridge's output (README, Video)
     temporal_lr_scale: float = 1.0  # the contextualizer's learning rate = this x --lr (its gradients start at zero)
     eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
     eval_size: int = 200
@@ -184,8 +183,6 @@ def check_flags(cfg: TrainConfig):
                          "`python train.py --method lm --out lm` and pass --lm lm/ckpt.pt")
     if cfg.method != "evlgen" and (cfg.lm or cfg.clip or cfg.stage1_steps):
         raise ValueError("--lm, --clip and --stage1-steps apply to --method evlgen only")
-    if cfg.layout_token and cfg.method != "evlgen":
-        raise ValueError("--layout-token is part of the captioner's bridge: --method evlgen only")
     if cfg.video and not captioning:
         raise ValueError("--video is for the captioner: --method lm (its language model) and --method evlgen")
     if not cfg.video and (cfg.frames != 4 or not cfg.temporal or cfg.temporal_dim or not cfg.frame_embed
@@ -255,7 +252,7 @@ def captioner_config(cfg: TrainConfig, sources: dict, vocab_size: int) -> Captio
                            merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, num_queries=cfg.num_queries,
                            freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim,
                            frames=cfg.frames if cfg.video else 1, temporal=cfg.video and cfg.temporal,
-                           temporal_dim=cfg.temporal_dim, frame_embed=cfg.frame_embed, layout_token=cfg.layout_token)
+                           temporal_dim=cfg.temporal_dim, frame_embed=cfg.frame_embed)
 
 
 def objectives(cfg: TrainConfig) -> tuple:

@@ -271,18 +271,3 @@ def test_the_direction_probe_keeps_the_vit_frozen_and_trains_the_contextualizer(
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["majority"] >= 0.25 for r in rows)
     assert "| frame averaging (frozen ViT) | set |" in bench.direction_markdown(rows)
 
-
-def test_the_layout_token_starts_at_zero_and_reads_where_tokens_are():
-    from merge import LayoutToken
-    torch.manual_seed(0)
-    reader, x = LayoutToken(16, 10, 12), torch.randn(2, 10, 16)
-    assert torch.equal(reader(x), torch.zeros(2, 12))
-    torch.nn.init.normal_(reader.mlp[-1].weight)
-    assert not torch.allclose(reader(x), reader(x[:, torch.randperm(10)]))  # the same tokens elsewhere: another answer
-    plain, with_layout = tiny_video_captioner(temporal=True).eval(), tiny_video_captioner(temporal=True, layout_token=True).eval()
-    plain.load_state_dict({k: v for k, v in with_layout.state_dict().items() if not k.startswith("layout.")})
-    clips = torch.randn(2, 3, 3, 32, 32)
-    assert torch.equal(plain.prompt(clips).x, with_layout.prompt(clips).x)  # a new captioner: as without it
-    with_layout.train()
-    with_layout(clips, torch.randint(4, 30, (2, 6)))["loss"].backward()
-    assert with_layout.layout.mlp[-1].weight.grad.abs().sum() > 0  # and it learns
