@@ -551,7 +551,8 @@ READERS = {"layout": LayoutReader, "set": SetReader, "attention": AttentionReade
 PROBE_CASES = [("frames", "layout"), ("frames", "attention"), ("average", "layout"),
                ("contextualizer", "layout"), ("contextualizer", "set"), ("contextualizer", "attention")]
 PROBE_TOKENS = {"frames": "the T frames' tokens, not averaged (frozen ViT)", "average": "frame averaging (frozen ViT)",
-                "contextualizer": "the temporal contextualizer (trained with the reader), then averaging"}
+                "contextualizer": "the temporal contextualizer (trained with the reader), then averaging",
+                "captioner": "a video captioner's contextualizer (frozen, as the LM's loss trained it), then averaging"}
 
 
 def one_mover_clips(split: str, n: int, vcfg, seed: int, frames: int):
@@ -569,10 +570,11 @@ def one_mover_clips(split: str, n: int, vcfg, seed: int, frames: int):
     return torch.stack(clips), torch.tensor(labels)
 
 
-def direction_probe(model: CLIP, scene_seed: int, steps: int = PROBE_STEPS, batch_size: int = 32, n_train: int = 4000,
+def direction_probe(model, scene_seed: int, steps: int = PROBE_STEPS, batch_size: int = 32, n_train: int = 4000,
                     n_test: int = 1000, frames: int = 4, seed: int = 0, device="cpu", cases=PROBE_CASES) -> list:
     """Test accuracy of naming the direction of a clip's one moving object, for each (tokens,
-    reader) case, on the CLIP's ViT kept frozen; with the contextualizer, the gates it learned."""
+    reader) case, on the ViT of a CLIP or a video captioner (model) kept frozen; with a
+    contextualizer, its gates. The case "captioner" reads through the captioner's own contextualizer."""
     from merge import TemporalContext
     vit, v = model.visual.eval(), model.cfg.vision
     frozen = [p.requires_grad for p in vit.parameters()]
@@ -582,15 +584,17 @@ def direction_probe(model: CLIP, scene_seed: int, steps: int = PROBE_STEPS, batc
     rows = []
     for tokens_from, reader_name in cases:
         torch.manual_seed(seed)
-        temporal = TemporalContext(v.depth, v.width, v.heads, frames).to(device) if tokens_from == "contextualizer" else None
+        trained = tokens_from == "contextualizer"
+        temporal = (TemporalContext(v.depth, v.width, v.heads, frames).to(device) if trained
+                    else model.temporal if tokens_from == "captioner" else None)
         slots = (1 + v.num_patches) * (frames if tokens_from == "frames" else 1)
         reader = READERS[reader_name](v.width, slots, 4).to(device)
-        params = list(reader.parameters()) + (list(temporal.parameters()) if temporal else [])
+        params = list(reader.parameters()) + (list(temporal.parameters()) if trained else [])
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
         def logits(clips):
             B = clips.shape[0]
-            with torch.no_grad() if temporal is None else nullcontext():
+            with nullcontext() if trained else torch.no_grad():
                 x = vit.forward_tokens(clips.to(device).flatten(0, 1), temporal).x.unflatten(0, (B, frames))
             return reader(x.flatten(1, 2) if tokens_from == "frames" else x.mean(1))  # (B, T*N, D) or (B, N, D)
 
@@ -604,7 +608,8 @@ def direction_probe(model: CLIP, scene_seed: int, steps: int = PROBE_STEPS, batc
         with torch.no_grad():
             guesses = torch.cat([logits(test_clips[i:i + 64]).argmax(-1).cpu() for i in range(0, len(test_clips), 64)])
         rows.append(dict(tokens=tokens_from, reader=reader_name, accuracy=(guesses == test_labels).float().mean().item(),
-                         n_test=len(test_labels), majority=test_labels.bincount().max().item() / len(test_labels), n_train=len(train_labels), steps=steps, minutes=(time.time() - t0) / 60,
+                         n_test=len(test_labels), majority=test_labels.bincount().max().item() / len(test_labels),
+                         n_train=len(train_labels), steps=steps, minutes=(time.time() - t0) / 60,
                          gates=temporal.gates() if temporal else None))
         print(f"{tokens_from:>14} | {reader_name:>9} reader | direction accuracy {100 * rows[-1]['accuracy']:.1f}%", flush=True)
     for p, requires_grad in zip(vit.parameters(), frozen):
@@ -805,8 +810,9 @@ def reproduce_all(root: str, quick: bool = False) -> str:
     sections.append("### Captioners: final metrics, time to reach (c)'s final CIDEr-D, curves\n\n"
                     + captioner_table(root))
     sections.append("### Video captioning: the temporal contextualizer\n\n" + video_table(root, n_test))
-    run_logged(["bench.py", "--direction-probe", f"{root}/clip/ckpt.pt", "--out", f"{root}/direction.md", *n_test]
-               + (["--probe-steps", "3"] if quick else []), f"{root}/direction.txt", "bench.py --direction-probe")
+    run_logged(["bench.py", "--direction-probe", f"{root}/clip/ckpt.pt", f"{root}/video_ctx_{VIDEO_SEEDS[0]}/ckpt.pt",
+                "--out", f"{root}/direction.md", *n_test] + (["--probe-steps", "3"] if quick else []),
+               f"{root}/direction.txt", "bench.py --direction-probe")
     with open(f"{root}/direction.md") as f:
         sections.append("### Video: where the direction of motion goes (a probe)\n\n" + f.read())
     for name, title in (("ranking", "dropped, as published: --no-rank-fuse"), ("ranking_fuse", "fused into one token: the default")):
@@ -869,10 +875,12 @@ def main(argv=None):
     p.add_argument("--fused-probe", metavar="CKPT", default="",
                    help="instead: R@1 of this CLIP pruned at inference at ELIP's schedule, by ELIP / EViT / random / "
                         "ground-truth object scores, the fused token attending as one token or proportionally")
-    p.add_argument("--direction-probe", metavar="CKPT", default="",
+    p.add_argument("--direction-probe", nargs="+", metavar="CKPT", default=[],
                    help="instead: how well small readers name a video clip's direction of motion from the ViT tokens "
-                        "of this CLIP — all frames, frame averaging, the temporal contextualizer + averaging")
-    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="with --direction-probe: training steps per reader (its training clips: the first 4 x --n-test)")
+                        "of a CLIP (all frames, frame averaging, the temporal contextualizer + averaging) or through "
+                        "the contextualizer of a video captioner (frozen)")
+    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
+                   help="with --direction-probe: training steps per reader (its training clips: the first 4 x --n-test)")
     p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
     p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking: test gallery size")
@@ -892,9 +900,17 @@ def main(argv=None):
                 f.write(table + "\n")
         return
     if args.direction_probe:
-        model, _, ckpt = train.load_checkpoint(args.direction_probe, args.device)
-        table = direction_markdown(direction_probe(model, train.saved_config(ckpt).scene_seed(), args.probe_steps,
-                                                   n_train=4 * args.n_test, n_test=args.n_test, device=args.device))
+        rows = []
+        for path in args.direction_probe:
+            model, _, ckpt = train.load_checkpoint(path, args.device)
+            captioner = getattr(model, "temporal", None) is not None
+            if not captioner and ckpt.get("kind", "clip") != "clip":
+                raise SystemExit(f"error: --direction-probe {path}: neither a CLIP nor a video captioner with the "
+                                 f"temporal contextualizer (a {ckpt['kind']} checkpoint)")
+            rows += direction_probe(model, train.saved_config(ckpt).scene_seed(), args.probe_steps, n_train=4 * args.n_test,
+                                    n_test=args.n_test, frames=model.cfg.frames if captioner else 4, device=args.device,
+                                    cases=[("captioner", "layout")] if captioner else PROBE_CASES)
+        table = direction_markdown(rows)
         print(table)
         if args.out:
             with open(args.out, "w") as f:

@@ -271,3 +271,16 @@ def test_the_direction_probe_keeps_the_vit_frozen_and_trains_the_contextualizer(
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["majority"] >= 0.25 for r in rows)
     assert "| frame averaging (frozen ViT) | set |" in bench.direction_markdown(rows)
 
+
+
+def test_the_direction_probe_reads_through_a_captioners_contextualizer_without_changing_it():
+    import bench
+    model = tiny_video_captioner(temporal=True)
+    with torch.no_grad():
+        for layer in model.temporal.layers:
+            layer.alpha.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = bench.direction_probe(model, 0, steps=2, batch_size=4, n_train=40, n_test=20, frames=3,
+                                 cases=[("captioner", "layout")])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert rows[0]["gates"] == [0.5, 0.5]
