@@ -19,7 +19,7 @@ For each method and model it reports, relative to `none` measured in the same ru
 
     python bench.py                 # all three tables (each one's time on 2 CPU cores: README)
     python bench.py --tome vit_s16 --no-captioner --models ''   # ToMe's row alone
-    python bench.py --direction-probe out/clip/ckpt.pt   # video: which readers can name the direction of motion
+    python bench.py --direction-probe out/clip/ckpt.pt out/video_ctx/ckpt.pt   # video: who can read the direction of motion
 """
 import argparse
 import dataclasses
@@ -31,6 +31,7 @@ from contextlib import nullcontext
 import torch
 
 import train
+from data import DataError
 from model import CLIP
 from train import TrainConfig
 from vit import Observed
@@ -955,4 +956,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # a missing or unreadable checkpoint: one sentence, not a traceback
+        raise SystemExit(f"error: {e}") from None

@@ -99,3 +99,12 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "results.md")
     again = bench.reproduce_all(str(tmp_path), quick=True)  # finished runs are kept, not retrained
     assert "| elip |" in again
+
+
+def test_a_missing_checkpoint_stops_with_one_sentence(tmp_path):
+    import subprocess
+    import sys
+    from test_train import ROOT
+    r = subprocess.run([sys.executable, "bench.py", "--direction-probe", str(tmp_path / "none.pt")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "none.pt does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -272,7 +272,6 @@ def test_the_direction_probe_keeps_the_vit_frozen_and_trains_the_contextualizer(
     assert "| frame averaging (frozen ViT) | set |" in bench.direction_markdown(rows)
 
 
-
 def test_the_direction_probe_reads_through_a_captioners_contextualizer_without_changing_it():
     import bench
     model = tiny_video_captioner(temporal=True)
