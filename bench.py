@@ -618,6 +618,22 @@ def direction_probe(model, scene_seed: int, steps: int = PROBE_STEPS, batch_size
     return rows
 
 
+def direction_probe_checkpoints(paths: list, steps: int, n_test: int, device="cpu") -> list:
+    """The probe's rows for each checkpoint: every case on a CLIP, the captioner's own
+    contextualizer on a video captioner; training clips from the first 4 x n_test."""
+    rows = []
+    for path in paths:
+        model, _, ckpt = train.load_checkpoint(path, device)
+        captioner = getattr(model, "temporal", None) is not None
+        if not captioner and ckpt.get("kind", "clip") != "clip":
+            raise DataError(f"--direction-probe {path}: neither a CLIP nor a video captioner with the temporal "
+                            f"contextualizer (a {ckpt['kind']} checkpoint)")
+        rows += direction_probe(model, train.saved_config(ckpt).scene_seed(), steps, n_train=4 * n_test, n_test=n_test,
+                                frames=model.cfg.frames if captioner else 4, device=device,
+                                cases=[("captioner", "layout")] if captioner else PROBE_CASES)
+    return rows
+
+
 def direction_markdown(rows: list) -> str:
     lines = ["| tokens the reader gets | reader | direction accuracy (4 choices) | mean abs(alpha) | min |",
              "|---|---|---|---|---|"]
@@ -847,6 +863,13 @@ def reproduce_all(root: str, quick: bool = False) -> str:
     return text
 
 
+def print_and_save(table: str, out: str):
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="ToMe's inference speed-up; the captioner's training step per bridge; "
                                             "the CLIP training step under none / evit / elip / elip without "
@@ -895,37 +918,19 @@ def main(argv=None):
         return
     if args.fused_probe:
         table = probe_markdown(fused_attention_probe(args.fused_probe, args.n_test, args.device))
-        print(table)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(table + "\n")
+        print_and_save(table, args.out)
         return
     if args.direction_probe:
-        rows = []
-        for path in args.direction_probe:
-            model, _, ckpt = train.load_checkpoint(path, args.device)
-            captioner = getattr(model, "temporal", None) is not None
-            if not captioner and ckpt.get("kind", "clip") != "clip":
-                raise SystemExit(f"error: --direction-probe {path}: neither a CLIP nor a video captioner with the "
-                                 f"temporal contextualizer (a {ckpt['kind']} checkpoint)")
-            rows += direction_probe(model, train.saved_config(ckpt).scene_seed(), args.probe_steps, n_train=4 * args.n_test,
-                                    n_test=args.n_test, frames=model.cfg.frames if captioner else 4, device=args.device,
-                                    cases=[("captioner", "layout")] if captioner else PROBE_CASES)
-        table = direction_markdown(rows)
-        print(table)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(table + "\n")
+        table = direction_markdown(direction_probe_checkpoints(args.direction_probe, args.probe_steps, args.n_test,
+                                                               args.device))
+        print_and_save(table, args.out)
         return
     if args.ranking:
         points = ranking_points(args.ranking, args.n_test, args.device, oracle=not args.no_oracle)
         with open(args.points, "w") as f:
             json.dump(points, f, indent=1)
         table = ranking_markdown(points)
-        print(table)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(table + "\n")
+        print_and_save(table, args.out)
         return
     if args.tome_sweep or args.method_points:
         kw = dict(n_test=args.n_test, device=args.device)
