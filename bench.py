@@ -781,6 +781,7 @@ def relevance_markdown(root: str, n: int = 500) -> str:
     """Markdown: token relevance (object coverage after each ELIP stage) of the none / elip /
     elip --no-rollout runs of --all, mean ± std over their 3 seeds, for every scoring."""
     rows = ["| model (3 seeds) | kept tokens chosen by | stage 1 | stage 2 | stage 3 |", "|---|---|---|---|---|"]
+    steering = []
     for model, label in RELEVANCE_MODELS.items():
         ckpts = [f"{root}/{model}_{seed}/ckpt.pt" for seed in (0, 1, 2)]
         runs = eval_json(["--ckpt", *ckpts, "--relevance", "--n-test", str(n)], root, f"relevance_{model}")["runs"]
@@ -790,6 +791,22 @@ def relevance_markdown(root: str, n: int = 500) -> str:
             c = torch.tensor([r["token_relevance"][name]["coverage"] for r in runs]) * 100  # (seeds, stages)
             cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(c.mean(0).tolist(), c.std(0).tolist()))
             rows.append(f"| {label if name == 'elip' else ''} | {scoring} | {cells} |")
+        steering.append((label, runs))
+    return "\n".join(rows) + "\n\n" + steering_markdown(steering)
+
+
+def steering_markdown(models: list) -> str:
+    """Markdown: text steering (eval.text_steering) of each model's runs, (label, runs) pairs: the
+    named object's coverage, the other object's, and the gap, per stage, mean ± std over the seeds."""
+    rows = ["| model (3 seeds) | kept tokens chosen by | stage 1: named / other | stage 2: named / other | "
+            "stage 3: named / other | gap (named minus other), stages 1 / 2 / 3 |", "|---|---|---|---|---|---|"]
+    for label, runs in models:
+        for name in ("elip", "elip_no_text"):
+            named, other = (torch.tensor([r["text_steering"][name][side] for r in runs]) * 100 for side in ("named", "unnamed"))
+            gap = named - other  # (seeds, stages)
+            cells = " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(named.mean(0).tolist(), other.mean(0).tolist()))
+            gaps = " / ".join(f"{m:+.1f} ± {s:.1f}" for m, s in zip(gap.mean(0).tolist(), gap.std(0).tolist()))
+            rows.append(f"| {label if name == 'elip' else ''} | {SCORINGS[name]} | {cells} | {gaps} |")
     return "\n".join(rows)
 
 

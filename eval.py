@@ -10,7 +10,9 @@ Read first: `recall_at_k` (the standard definitions, on score matrices), then
 Token relevance (`token_relevance`): for any reducer, after each stage that changes the token
 count, the share of the patches covered by the captioned objects that are still held by kept
 (un-fused, size-1) tokens. Random pruning keeps that share equal to the share of patches kept;
-a reducer that keeps what the caption talks about does better.
+a reducer that keeps what the caption talks about does better. Text steering (`text_steering`):
+the same, with a caption that names one object of a scene of several, against one that names
+another — whether the text chooses WHICH object is kept, not only that objects are.
 
 Captioning (`captioning`): BLEU-4 and CIDEr-D as the COCO caption evaluation defines them
 (`bleu`, `cider_d`: read these two for the exact formulas), question answering by prompting the
@@ -27,6 +29,7 @@ import math
 import sys
 from collections import Counter
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -435,6 +438,45 @@ def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batc
     return dict(coverage=torch.cat(coverage).mean(0).tolist(), kept=torch.cat(kept).mean(0).tolist())
 
 
+def one_object_captions(dataset, n: int) -> list:
+    """(image index, a, b, caption naming object a alone) for the first two objects of every
+    scene of two or more among the first n, each object named once: the caption of a scene
+    made of that object alone, so it names its size, colour, shape and cell."""
+    out = []
+    for i in range(min(n, len(dataset))):
+        scene = dataset[i]["attributes"]
+        if len(scene) >= 2:
+            for a, b in ((0, 1), (1, 0)):
+                rng = np.random.default_rng([i, a])  # the cell's wording: fixed per image and object
+                out.append((i, a, b, data.caption_scene([scene[a]], rng, 1)[0]))
+    return out
+
+
+@torch.no_grad()
+def text_steering(model, tokenizer, dataset, device, make_reducer, n=500, batch_size=100) -> dict:
+    """Does the text choose WHICH object is kept? Each scene of two or more objects is pruned twice,
+    guided once by a caption naming its first object alone and once by one naming its second. Per
+    stage: the coverage of an object's patches when the caption names it ("named") and when it
+    names the other ("unnamed"). Reducers that ignore the text keep the same tokens both times, so
+    the two are equal; the gap is how far the text steers."""
+    model.eval()
+    named, unnamed = [], []
+    pairs = one_object_captions(dataset, n)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        items = [dataset[i] for i, _, _, _ in chunk]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        ids = tokenizer([c for _, _, _, c in chunk]).to(device)
+        recorder = StageRecorder(make_reducer(model.text_guidance(model.text(ids))))
+        model.visual.forward_tokens(images, recorder, track_source=True)
+        mask_of = lambda k: torch.stack([it["object_patches"][pair[k]] for it, pair in zip(items, chunk)]).to(device)
+        named.append(torch.stack([object_coverage(s, src, mask_of(1)) for s, src in recorder.stages], 1))
+        unnamed.append(torch.stack([object_coverage(s, src, mask_of(2)) for s, src in recorder.stages], 1))
+    # each object appears once in each list (named in one pass, unnamed in the other): the same objects
+    return dict(named=torch.cat(named).mean(0).tolist(), unnamed=torch.cat(unnamed).mean(0).tolist(),
+                pairs=len(pairs))
+
+
 class ObjectPrune(ELIP):
     """The control that knows the answer: ELIP's schedule and fusion, each token scored by the share
     of its patches the objects cover (the ground truth `patch_mask` (B, P)), ties broken at random.
@@ -460,10 +502,23 @@ def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=
     ELIP, ELIP without its text, ELIP scored by the last block's row alone (the papers', when
     `rollout`), ELIP without look-ahead, EViT's scoring (no text, previous block's [CLS]
     attention) and random scores; the fused token's attention as `prop_attn`."""
+    reducers = relevance_reducers(model, lam, schedule, prop_attn, rollout)
+    return {name: token_relevance(model, tokenizer, dataset, device, make, n) for name, make in reducers.items()}
+
+
+def steering_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None, prop_attn=True,
+                   rollout=True) -> dict:
+    """`text_steering` for ELIP and, as the control that must show no gap, ELIP without its text."""
+    reducers = relevance_reducers(model, lam, schedule, prop_attn, rollout)
+    return {name: text_steering(model, tokenizer, dataset, device, reducers[name], n) for name in ("elip", "elip_no_text")}
+
+
+def relevance_reducers(model, lam, schedule, prop_attn, rollout) -> dict:
+    """name -> make_reducer(text_guidance) for every scoring the relevance tables compare."""
     v = model.cfg.vision
     schedule, P = schedule or scaled_schedule(v.depth), v.num_patches
     generator = torch.Generator().manual_seed(0)
-    reducers = {
+    return {
         "elip": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn, rollout=rollout),
         "elip_no_text": lambda t: ELIP(schedule, P, None, prop_attn=prop_attn, rollout=rollout),  # lambda = 1
         **({"elip_no_rollout": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn)} if rollout else {}),
@@ -471,7 +526,6 @@ def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=
         "evit_scoring": lambda t: ELIP(schedule, P, None, lookahead=False, prop_attn=prop_attn),
         "random": lambda t: RandomPrune(schedule, P, generator, prop_attn=prop_attn),
     }
-    return {name: token_relevance(model, tokenizer, dataset, device, make, n) for name, make in reducers.items()}
 
 
 def shown_scale(key: str) -> int:
@@ -489,6 +543,10 @@ def format_table(metrics: dict) -> str:
         stages = " ".join(f"{100 * c:5.1f}" for c in r["coverage"])
         kept = " ".join(f"{100 * k:5.1f}" for k in r["kept"])
         lines.append(f"relevance {name:<18} object patches kept per stage: {stages}   (patches kept: {kept})")
+    for name, r in metrics.get("text_steering", {}).items():
+        lines.append(f"steering  {name:<18} named object's patches kept per stage: "
+                     + " ".join(f"{100 * c:5.1f}" for c in r["named"]) + "   (the other object's: "
+                     + " ".join(f"{100 * c:5.1f}" for c in r["unnamed"]) + f"; {r['pairs']} captions)")
     return "\n".join(lines)
 
 
@@ -535,8 +593,9 @@ def evaluate_checkpoint(path, args) -> dict:
         schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
         prop_attn = cfg.fused_prop_attn if cfg.method in ("elip", "evit") else True  # as trained, else ours
         rollout = cfg.rollout if cfg.method == "elip" else True
-        metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, min(500, args.n_test),
-                                                     cfg.elip_lambda, schedule, prop_attn, rollout)
+        settings = (min(500, args.n_test), cfg.elip_lambda, schedule, prop_attn, rollout)
+        metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, *settings)
+        metrics["text_steering"] = steering_table(model, tokenizer, shapes, args.device, *settings)
     return metrics
 
 
@@ -628,6 +687,10 @@ def main(argv=None):
     for name in runs[0].get("token_relevance", {}):
         mean = torch.tensor([r["token_relevance"][name]["coverage"] for r in runs]).mean(0)
         print(f"mean over checkpoints: relevance {name:<18} " + " ".join(f"{100 * c:5.1f}" for c in mean.tolist()))
+    for name in runs[0].get("text_steering", {}):
+        for side in ("named", "unnamed"):
+            mean = torch.tensor([r["text_steering"][name][side] for r in runs]).mean(0)
+            print(f"mean over checkpoints: steering {name:<18} {side:<8} " + " ".join(f"{100 * c:5.1f}" for c in mean.tolist()))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,54 @@ def test_token_relevance_records_every_stage():
     assert all(0 <= c <= 1 for c in r["coverage"])
 
 
+def tiny_clip_on_shapes(n=8):
+    import data
+    from model import CLIP, CLIPConfig
+    from text import TextConfig, Tokenizer
+    from vit import ViTConfig
+    ds = data.ShapesDataset("test", n)
+    tok = Tokenizer.build([c for i in range(n) for c in ds.captions(i)])
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=6, heads=2),
+                            text=TextConfig(vocab_size=len(tok), width=32, depth=1, heads=2), embed_dim=16))
+    return model.eval(), tok, ds
+
+
+def test_one_object_captions_name_the_object_and_only_it():
+    _, _, ds = tiny_clip_on_shapes(12)
+    pairs = evaluation.one_object_captions(ds, 12)
+    several = [i for i in range(12) if len(ds[i]["attributes"]) >= 2]
+    assert [i for i, _, _, _ in pairs] == [i for i in several for _ in (0, 1)]  # each scene twice, both ways
+    for i, a, b, caption in pairs:
+        named, other = ds[i]["attributes"][a], ds[i]["attributes"][b]
+        words = caption.split()
+        assert named["colour"] in words and named["shape"] in words and {a, b} == {0, 1}
+        if other["colour"] != named["colour"]:
+            assert other["colour"] not in words
+
+
+def test_text_steering_equals_a_loop_over_captions_and_is_zero_without_text():
+    from elip import ELIP, scaled_schedule
+    model, tok, ds = tiny_clip_on_shapes(10)
+    make = lambda t: ELIP(scaled_schedule(6), 64, t, 0.2)  # a strong text share, so the text matters
+    got = evaluation.text_steering(model, tok, ds, "cpu", make, n=10, batch_size=3)
+    named, unnamed = [], []
+    with torch.no_grad():
+        for i, a, b, caption in evaluation.one_object_captions(ds, 10):  # one caption at a time
+            item = ds[i]
+            recorder = evaluation.StageRecorder(make(model.text_guidance(model.text(tok([caption])))))
+            model.visual.forward_tokens(item["image"][None], recorder, track_source=True)
+            cover = lambda k: [evaluation.object_coverage(s, src, item["object_patches"][k][None]).item()
+                               for s, src in recorder.stages]
+            named.append(cover(a))
+            unnamed.append(cover(b))
+    assert got["named"] == pytest.approx(torch.tensor(named).mean(0).tolist(), abs=1e-6)
+    assert got["unnamed"] == pytest.approx(torch.tensor(unnamed).mean(0).tolist(), abs=1e-6)
+    blind = evaluation.text_steering(model, tok, ds, "cpu", lambda t: ELIP(scaled_schedule(6), 64, None), n=10)
+    assert blind["named"] == pytest.approx(blind["unnamed"], abs=1e-6)  # the same tokens kept for either caption
+    assert got["pairs"] == blind["pairs"] > 0
+
+
 def test_object_prune_keeps_the_object_patches_first():
     from elip import Schedule
     from vit import ViT, ViTConfig

@@ -40,6 +40,14 @@ def test_learning_rate_schedule():
     assert train.lr_at(100, cfg) == pytest.approx(0.1)
 
 
+def test_learning_rate_default_depends_on_the_method_and_a_flag_overrides_it():
+    assert train.parse_args([]).lr == 1e-3
+    assert train.parse_args(["--method", "ranking"]).lr == train.RANKING_LR  # only its tokens train
+    assert train.parse_args(["--method", "ranking", "--lr", "5e-4"]).lr == 5e-4
+    with pytest.raises(ValueError, match="--lr"):
+        train.check_flags(train.parse_args(["--lr", "-1"]))
+
+
 def test_no_weight_decay_on_norms_biases_embeddings():
     from model import CLIP
     model = CLIP(train.model_config(TrainConfig(width=32, depth=1, heads=2, text_width=32, text_depth=1), 20))
