@@ -184,13 +184,14 @@ class ShapesDataset(torch.utils.data.Dataset):
     captions (5 str), attributes (list of object dicts), object_patches (n_obj, P) bool and
     patch_mask (P,) bool (any object)."""
 
-    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, cache=False):
+    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, cache=False, partial=0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} (choose train or test)")
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")
         self.split, self.n, self.image_size, self.patch_size, self.seed = split, n, image_size, patch_size, seed
         self.cache = {} if cache else None  # rendered items: a training set is re-read every epoch
+        self.partial = partial  # share of the training draws (get) of a scene of several objects captioned by one
 
     def __len__(self):
         return self.n
@@ -237,9 +238,16 @@ class ShapesDataset(torch.utils.data.Dataset):
                     object_patches=torch.from_numpy(objects), patch_mask=torch.from_numpy(objects.any(0)))
 
     def get(self, i, rng=None):
-        """Shapes take no augmentation: a crop or flip would move objects out of the cells their
-        captions name."""
-        return self[i]
+        """Item i as training draws it. Shapes take no augmentation: a crop or flip would move
+        objects out of the cells their captions name. With `partial`, that share of the draws
+        of a scene of several objects is captioned by one of its objects alone, as a real caption
+        often names only what caught the writer's eye (train.py --partial-captions)."""
+        item = self[i]
+        scene = item["attributes"]
+        if rng is not None and self.partial and len(scene) >= 2 and rng.random() < self.partial:
+            one = scene[int(rng.integers(len(scene)))]
+            item = dict(item, captions=caption_scene([one], rng, 1))
+        return item
 
     def render(self, i):
         scene, rng = self.scene(i)

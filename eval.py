@@ -593,7 +593,10 @@ def evaluate_checkpoint(path, args) -> dict:
         schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
         prop_attn = cfg.fused_prop_attn if cfg.method in ("elip", "evit") else True  # as trained, else ours
         rollout = cfg.rollout if cfg.method == "elip" else True
-        settings = (min(500, args.n_test), cfg.elip_lambda, schedule, prop_attn, rollout)
+        lam = cfg.elip_lambda if args.elip_lambda is None else args.elip_lambda
+        if not 0 <= lam <= 1:
+            raise ValueError(f"--elip-lambda is a weight between 0 and 1, not {lam}")
+        settings = (min(500, args.n_test), lam, schedule, prop_attn, rollout)
         metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, *settings)
         metrics["text_steering"] = steering_table(model, tokenizer, shapes, args.device, *settings)
     return metrics
@@ -652,7 +655,10 @@ def main(argv=None):
     p.add_argument("--zeroshot-dir", default="", help="class-per-folder image tree for zero-shot classification")
     p.add_argument("--n-test", type=int, default=1000, help="gallery size (images)")
     p.add_argument("--relevance", action="store_true",
-                   help="token relevance on the shapes test split at ELIP's schedule, for ELIP, EViT scoring and random")
+                   help="token relevance on the shapes test split at ELIP's schedule, for ELIP, EViT scoring and random; "
+                        "and ELIP's text steering")
+    p.add_argument("--elip-lambda", type=float, default=None, metavar="L",
+                   help="with --relevance: ELIP's weight of the vision [CLS] (1 - the text's) instead of the checkpoint's")
     p.add_argument("--prune", action="store_true",
                    help="evaluate with the checkpoint's pruning method applied without text (default: all tokens)")
     p.add_argument("--tome-r", default="", metavar="R",
@@ -664,6 +670,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt and not args.curves:
         p.error("give --ckpt CKPT [...] or --curves LOG [...]")
+    if args.elip_lambda is not None and not args.relevance:
+        p.error("--elip-lambda applies to --relevance")
     try:
         if args.curves:
             print(curves_table(args.curves))

@@ -120,6 +120,7 @@ class TrainConfig:
     zeroshot_dir: str = ""  # class-per-folder tree for zero-shot at the end
     skip_bad: bool = False  # skip missing / unreadable images (and count them) instead of stopping
     train_size: int = 20000  # shapes scenes in the training set
+    partial_captions: float = 0.0  # shapes: share of a multi-object scene's training captions that name one object
     test_size: int = 1000  # images in the retrieval gallery
     workers: int = 0  # DataLoader worker processes
     # model
@@ -180,6 +181,10 @@ def check_flags(cfg: TrainConfig):
     """Flag combinations that make no sense stop here, before anything is built."""
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method} is unknown (choose from {', '.join(METHODS)})")
+    if not 0 <= cfg.partial_captions <= 1:
+        raise ValueError(f"--partial-captions is a share between 0 and 1, not {cfg.partial_captions}")
+    if cfg.partial_captions and (cfg.data or cfg.video or cfg.method not in ("none", "elip", "evit", "tome")):
+        raise ValueError("--partial-captions applies to CLIPs (--method none, elip, evit, tome) on the shapes images")
     if cfg.lr < 0 or cfg.min_lr < 0:
         raise ValueError("--lr and --min-lr must not be negative")
     for name in ("steps", "batch_size", "accum", "train_size", "test_size", "log_every"):
@@ -562,7 +567,8 @@ def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
                                        cache=True)
     if cfg.data:
         return data.CaptionDataset(cfg.data, cfg.image_root, image_size, skip_bad=cfg.skip_bad)
-    return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True)
+    return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True,
+                              partial=cfg.partial_captions)
 
 
 def prepare(cfg: TrainConfig, rank: int):

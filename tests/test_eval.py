@@ -182,3 +182,9 @@ def test_curves_and_time_to_reach(tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match="no cider_d curve"):
         read_curve(str(empty))
+
+
+def test_elip_lambda_needs_relevance(capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["--ckpt", "missing.pt", "--elip-lambda", "0.5"])
+    assert "--elip-lambda applies to --relevance" in capsys.readouterr().err

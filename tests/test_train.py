@@ -48,6 +48,15 @@ def test_learning_rate_default_depends_on_the_method_and_a_flag_overrides_it():
         train.check_flags(train.parse_args(["--lr", "-1"]))
 
 
+def test_partial_captions_flag_is_checked():
+    for argv, match in ((["--partial-captions", "1.5"], "between 0 and 1"),
+                        (["--partial-captions", "0.5", "--method", "lm"], "applies to CLIPs"),
+                        (["--partial-captions", "0.5", "--video"], "applies to CLIPs")):
+        with pytest.raises(ValueError, match=match):
+            train.check_flags(train.parse_args(argv))
+    train.check_flags(train.parse_args(["--partial-captions", "0.5", "--method", "elip"]))
+
+
 def test_no_weight_decay_on_norms_biases_embeddings():
     from model import CLIP
     model = CLIP(train.model_config(TrainConfig(width=32, depth=1, heads=2, text_width=32, text_depth=1), 20))
