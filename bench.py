@@ -485,7 +485,8 @@ QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", 
 PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", []), "elip_last_row": ("elip", ["--no-rollout"]),
                 "evit": ("evit", []),  # name: (method, extra flags)
                 "elip_paper": ("elip", ["--no-fused-prop-attn", "--no-rollout"]),
-                "evit_paper": ("evit", ["--no-fused-prop-attn"])}
+                "evit_paper": ("evit", ["--no-fused-prop-attn"]),
+                "elip_partial": ("elip", ["--partial-captions", "0.5"])}  # for the text-steering table only
 PRUNING_NAMES = {"none": "`none`",
                  "elip": "`elip` (`--keep-warmup 0`; default: proportional attention and rollout)",
                  "elip_last_row": "`elip --no-rollout` (proportional attention; the last block's row, as published)",
@@ -770,7 +771,8 @@ def elip_table(root: str, n_test: list) -> str:
 
 
 RELEVANCE_MODELS = {"none": "trained with `--method none`", "elip": "trained with `--method elip` (default)",
-                    "elip_last_row": "trained with `--method elip --no-rollout`"}
+                    "elip_last_row": "trained with `--method elip --no-rollout`",
+                    "elip_partial": "trained with `--method elip --partial-captions 0.5`"}
 SCORINGS = {"elip": "ELIP (look-ahead, text, scored as the model trained; `none`: rollout)",
             "elip_no_text": "ELIP without the text (lambda 1)", "elip_no_rollout": "ELIP, the last block's row alone",
             "elip_no_lookahead": "ELIP without look-ahead", "evit_scoring": "EViT's ([CLS] attention of the previous block)",

@@ -83,8 +83,9 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert "| the object patches (ground truth) | proportional (ours) |" in text  # the fused-attention probe
     assert "`elip --no-rollout`" in text and "Token relevance (3 seeds)" in text
     assert "| trained with `--method elip --no-rollout` | ELIP (look-ahead" in text
-    assert text.count("|  | random |") == 3  # the relevance table: one random row per model
-    assert text.count("|  | ELIP without the text (lambda 1) |") == 6  # relevance and steering: one per model each
+    assert text.count("|  | random |") == 4  # the relevance table: one random row per model
+    assert text.count("|  | ELIP without the text (lambda 1) |") == 8  # relevance and steering: one per model each
+    assert "| trained with `--method elip --partial-captions 0.5` | ELIP (look-ahead" in text
     assert "| gap (named minus other), stages 1 / 2 / 3 |" in text
     assert "| the temporal contextualizer (trained with the reader), then averaging | attention |" in text  # the probe
     assert "| a video captioner's contextualizer (frozen, as the LM's loss trained it), then averaging | layout |" in text
