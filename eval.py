@@ -418,6 +418,15 @@ def object_coverage(size, source, patch_mask) -> torch.Tensor:
     return (held & patch_mask).sum(1) / patch_mask.sum(1).clamp(min=1)
 
 
+def stage_coverage(model, tokenizer, images, captions, make_reducer, masks, device) -> list:
+    """Prune `images` guided by `captions` and return, for each mask batch in `masks` ((B, P) bool),
+    its coverage after every stage: a (B, stages) tensor per mask."""
+    ids = tokenizer(captions).to(device)
+    recorder = StageRecorder(make_reducer(model.text_guidance(model.text(ids))))
+    model.visual.forward_tokens(images.to(device), recorder, track_source=True)
+    return [torch.stack([object_coverage(s, src, m.to(device)) for s, src in recorder.stages], 1) for m in masks]
+
+
 @torch.no_grad()
 def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batch_size=100) -> dict:
     """Mean object coverage after each stage, guided by each image's first caption.
@@ -427,14 +436,11 @@ def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batc
     coverage, kept = [], []
     for start in range(0, min(n, len(dataset)), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, n, len(dataset)))]
-        images = torch.stack([it["image"] for it in items]).to(device)
-        masks = torch.stack([it["patch_mask"] for it in items]).to(device)
-        ids = tokenizer([it["captions"][0] for it in items]).to(device)
-        recorder = StageRecorder(make_reducer(model.text_guidance(model.text(ids))))
-        model.visual.forward_tokens(images, recorder, track_source=True)
-        coverage.append(torch.stack([object_coverage(s, src, masks) for s, src in recorder.stages], 1))
-        everything = torch.ones_like(masks)
-        kept.append(torch.stack([object_coverage(s, src, everything) for s, src in recorder.stages], 1))
+        masks = torch.stack([it["patch_mask"] for it in items])
+        c, k = stage_coverage(model, tokenizer, torch.stack([it["image"] for it in items]),
+                              [it["captions"][0] for it in items], make_reducer, (masks, torch.ones_like(masks)), device)
+        coverage.append(c)
+        kept.append(k)
     return dict(coverage=torch.cat(coverage).mean(0).tolist(), kept=torch.cat(kept).mean(0).tolist())
 
 
@@ -465,13 +471,11 @@ def text_steering(model, tokenizer, dataset, device, make_reducer, n=500, batch_
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         items = [dataset[i] for i, _, _, _ in chunk]
-        images = torch.stack([it["image"] for it in items]).to(device)
-        ids = tokenizer([c for _, _, _, c in chunk]).to(device)
-        recorder = StageRecorder(make_reducer(model.text_guidance(model.text(ids))))
-        model.visual.forward_tokens(images, recorder, track_source=True)
-        mask_of = lambda k: torch.stack([it["object_patches"][pair[k]] for it, pair in zip(items, chunk)]).to(device)
-        named.append(torch.stack([object_coverage(s, src, mask_of(1)) for s, src in recorder.stages], 1))
-        unnamed.append(torch.stack([object_coverage(s, src, mask_of(2)) for s, src in recorder.stages], 1))
+        mask_of = lambda k: torch.stack([it["object_patches"][pair[k]] for it, pair in zip(items, chunk)])
+        a, b = stage_coverage(model, tokenizer, torch.stack([it["image"] for it in items]), [c for *_, c in chunk],
+                              make_reducer, (mask_of(1), mask_of(2)), device)  # the named object, the other
+        named.append(a)
+        unnamed.append(b)
     # each object appears once in each list (named in one pass, unnamed in the other): the same objects
     return dict(named=torch.cat(named).mean(0).tolist(), unnamed=torch.cat(unnamed).mean(0).tolist(),
                 pairs=len(pairs))
