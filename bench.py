@@ -500,9 +500,10 @@ CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--br
 
 LM_STEPS = 2000  # the frozen LMs': enough to learn to use their context (450 are not: README, EVLGen)
 VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 800, 64, (0,)  # the video captioners' (their LM: LM_STEPS of 128)
-VIDEO_RUNS = {"video_avg": ["--no-temporal"], "video_ctx": []}
+VIDEO_RUNS = {"video_avg": ["--no-temporal"], "video_ctx": [], "video_marker": ["--no-temporal", "--motion-marker"]}
 VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
-               "video_ctx": "+ temporal contextualizer with the frame embedding (default)"}
+               "video_ctx": "+ temporal contextualizer with the frame embedding (default)",
+               "video_marker": "diagnostic: frame averaging, the direction painted in a corner (`--motion-marker`)"}
 PROBE_STEPS = 600  # the direction probe's, per reader (32 clips a step)
 
 

@@ -267,6 +267,7 @@ MOTION_PHRASES = {"left": ("moves to the left", "moving left", "goes left"),
                   "up": ("moves up", "moving up", "goes up"),
                   "down": ("moves down", "moving down", "goes down"),
                   "still": ("stays still", "is still", "standing still")}
+MARKERS = {"left": (255, 0, 0), "right": (0, 255, 0), "up": (0, 0, 255), "down": (255, 255, 0)}  # --motion-marker
 TRAVEL = 0.6  # how far an object moves over the clip, in cells (a cell is a third of the image side)
 
 
@@ -311,13 +312,16 @@ class ShapesVideoDataset(ShapesDataset):
     """`n` captioned clips of `frames` frames: item i is a dict with image (T, 3, S, S), captions
     (5 str naming each object's motion) and attributes (the objects, with "motion"). The camera
     is still: one background, objects drawn at their place in each frame. Deterministic from
-    (seed, split, index) like the images, and split by attributes (motions included)."""
+    (seed, split, index) like the images, and split by attributes (motions included). `marker`
+    (a diagnostic, train.py --motion-marker): MARKERS paints the direction of a clip's one moving
+    object into the top-left patch of every frame, so the direction is a still thing to see."""
 
-    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, frames=4, cache=False):
+    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, frames=4, cache=False,
+                 marker=False):
         super().__init__(split, n, image_size, patch_size, seed, cache)
         if frames < 1:
             raise ValueError(f"a clip needs at least one frame, got {frames}")
-        self.frames = frames
+        self.frames, self.marker = frames, marker
 
     sample = staticmethod(sample_video_scene)
 
@@ -340,6 +344,10 @@ class ShapesVideoDataset(ShapesDataset):
         captions = caption_video(scene, rng)
         background = render_background(rng, self.image_size)
         frames = [render_scene(moved(scene, t, self.frames), background) for t in range(self.frames)]
+        movers = [o["motion"] for o in scene if o["motion"] != "still"]
+        if self.marker and len(movers) == 1:
+            for frame in frames:
+                frame[:self.patch_size, :self.patch_size] = MARKERS[movers[0]]
         return frames, captions, scene
 
 

@@ -177,13 +177,14 @@ def zeroshot(model, tokenizer, dataset, device, reducer=None) -> dict:
 
 
 def eval_sets(image_size, patch_size, seed=0, n_test=1000, val_data="", image_root="", zeroshot_dir="",
-              skip_bad=False, frames=0):
+              skip_bad=False, frames=0, marker=False):
     """(retrieval gallery or None, zero-shot set or None): the shapes test split by default, else
     the caption file / class folders given. Built before training, so a bad path stops early.
-    frames > 0: video clips of that many frames (the shapes videos, or clip folders), no zero-shot."""
+    frames > 0: video clips of that many frames (the shapes videos, or clip folders), no zero-shot;
+    marker: the shapes videos with the direction painted in a corner (train.py --motion-marker)."""
     if frames:
         gallery = (data.VideoCaptionDataset(val_data, image_root, image_size, frames, skip_bad) if val_data else
-                   data.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames))
+                   data.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames, marker=marker))
         return gallery, None
     if val_data or zeroshot_dir:
         gallery = data.CaptionDataset(val_data, image_root, image_size, skip_bad=skip_bad) if val_data else None
@@ -572,7 +573,7 @@ def evaluate_checkpoint(path, args) -> dict:
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
     sets = eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), args.n_test, args.val_data, args.image_root,
-                     args.zeroshot_dir, frames=frames)
+                     args.zeroshot_dir, frames=frames, marker=cfg.motion_marker)
     if kind == "captioner":
         return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
     reducer = model.reducer() if kind == "ranking" else None  # Patch Ranking: its predictor and learned tokens

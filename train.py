@@ -105,6 +105,7 @@ class TrainConfig:
     temporal: bool = True  # EVLGen's temporal contextualizer in the ViT; off: frames averaged only
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its frame-index embedding; off: the module as published (blind to frame order)
+    motion_marker: bool = False  # a diagnostic: the direction of a clip's one moving object painted in a corner
     temporal_lr_scale: float = 1.0  # the contextualizer's learning rate = this x --lr (its gradients start at zero)
     eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
     eval_size: int = 200
@@ -206,6 +207,9 @@ def check_flags(cfg: TrainConfig):
                           or cfg.temporal_lr_scale != 1.0):
         raise ValueError("--frames, --no-temporal, --temporal-dim, --no-frame-embed and --temporal-lr-scale apply "
                          "with --video only")
+    if cfg.motion_marker and (cfg.method != "evlgen" or not cfg.video or cfg.data or cfg.val_data):
+        raise ValueError("--motion-marker paints the shapes videos of a video captioner: --method evlgen --video, "
+                         "without --data or --val-data")
     if cfg.video and cfg.zeroshot_dir:
         raise ValueError("--zeroshot-dir classifies images; a --video run is evaluated by captioning its clips")
     if cfg.video and cfg.frames < 2:
@@ -564,7 +568,7 @@ def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
         if cfg.data:
             return data.VideoCaptionDataset(cfg.data, cfg.image_root, image_size, cfg.frames, cfg.skip_bad)
         return data.ShapesVideoDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cfg.frames,
-                                       cache=True)
+                                       cache=True, marker=cfg.motion_marker)
     if cfg.data:
         return data.CaptionDataset(cfg.data, cfg.image_root, image_size, skip_bad=cfg.skip_bad)
     return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True,
@@ -646,7 +650,7 @@ def prepare(cfg: TrainConfig, rank: int):
     if cfg.eval and rank == 0:
         sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.scene_seed(), cfg.test_size,
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad,
-                                    cfg.frames if cfg.video else 0)
+                                    cfg.frames if cfg.video else 0, cfg.motion_marker)
     return dataset, tokenizer, mcfg, ckpt, sets, sources
 
 

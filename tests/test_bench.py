@@ -89,6 +89,7 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert "| gap (named minus other), stages 1 / 2 / 3 |" in text
     assert "| the temporal contextualizer (trained with the reader), then averaging | attention |" in text  # the probe
     assert "| a video captioner's contextualizer (frozen, as the LM's loss trained it), then averaging | layout |" in text
+    assert "| diagnostic: frame averaging, the direction painted in a corner (`--motion-marker`) | 1 |" in text
     for png in ("masks_elip", "masks_tome", "masks_ranking", "captioner_curves", "tradeoff_tome", "tradeoff_methods"):
         assert os.path.getsize(tmp_path / f"{png}.png") > 1000
     points = {p["name"]: p for p in json.loads((tmp_path / "method_points.json").read_text())}

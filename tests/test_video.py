@@ -54,6 +54,28 @@ def test_clips_are_deterministic_and_splits_disjoint():
     assert not {key(train.scene(i)[0]) for i in range(400)} & {key(test.scene(i)[0]) for i in range(100)}
 
 
+def test_the_motion_marker_paints_one_movers_direction_in_the_corner_only():
+    plain, marked = data.ShapesVideoDataset("train", 80), data.ShapesVideoDataset("train", 80, marker=True)
+    painted = set()
+    for i in range(len(plain)):
+        (a, caps_a, scene), (b, caps_b, _) = plain.render(i), marked.render(i)
+        assert caps_a == caps_b
+        movers = [o["motion"] for o in scene if o["motion"] != "still"]
+        for fa, fb in zip(a, b):
+            corner = (slice(0, 8), slice(0, 8))
+            outside = np.ones(fa.shape[:2], bool)
+            outside[corner] = False
+            assert np.array_equal(fa[outside], fb[outside])  # nothing else touched
+            if len(movers) == 1:
+                assert (fb[corner] == data.MARKERS[movers[0]]).all()
+            else:  # no single direction to give: the frame as it was
+                assert np.array_equal(fa[corner], fb[corner])
+        painted |= set(movers[:1]) if len(movers) == 1 else set()
+    assert painted == {"left", "right", "up", "down"}
+    from eval import eval_sets  # evaluation paints the test clips the same way
+    assert eval_sets(64, 8, 0, 5, frames=4, marker=True)[0].marker and not eval_sets(64, 8, 0, 5, frames=4)[0].marker
+
+
 def test_motion_of_and_motion_accuracy_by_hand():
     cap = "a small red circle moves to the left and a blue square of large size stays still"
     assert data.motion_of(cap, "red", "circle") == "left"
@@ -224,6 +246,8 @@ def test_bad_video_flags_and_clips_stop_with_one_sentence(tmp_path):
     assert r.returncode != 0 and "--video is for the captioner" in r.stderr and "Traceback" not in r.stderr
     r = run(["--method", "lm", "--frames", "8", "--out", str(tmp_path / "b")])
     assert r.returncode != 0 and "apply with --video only" in r.stderr
+    r = run(["--method", "lm", "--video", "--motion-marker", "--out", str(tmp_path / "b")])
+    assert r.returncode != 0 and "--motion-marker paints" in r.stderr and "Traceback" not in r.stderr
     write_clip(tmp_path / "clips" / "short", [(16, 16)] * 2)
     (tmp_path / "caps.json").write_text(json.dumps([dict(image="short", caption="a red square moves up")]))
     r = run(["--method", "lm", "--video", "--data", str(tmp_path / "caps.json"), "--image-root", str(tmp_path / "clips"),
