@@ -615,6 +615,8 @@ def prepare(cfg: TrainConfig, rank: int):
         probe = captioner_config(cfg, sources, vocab_size=1)
     source = ckpt_path if cfg.resume else cfg.init
     ckpt = read_checkpoint(source) if source else None
+    if cfg.resume:
+        check_same_data(cfg, ckpt, ckpt_path)
     if cfg.method == "ranking":  # the images are the size the CLIP of --init was trained at
         probe = ranking_config(cfg, ckpt, source).clip
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
@@ -652,6 +654,21 @@ def prepare(cfg: TrainConfig, rank: int):
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad,
                                     cfg.frames if cfg.video else 0, cfg.motion_marker)
     return dataset, tokenizer, mcfg, ckpt, sets, sources
+
+
+# the flags that decide what a run trains on: a resumed run must keep them
+DATA_FLAGS = ("data", "image_root", "train_size", "video", "frames", "partial_captions", "motion_marker")
+
+
+def check_same_data(cfg: TrainConfig, ckpt: dict, path: str):
+    """A resumed run continues on the data it started on, never silently on other data."""
+    saved = saved_config(ckpt)
+    pairs = [(f"--{name.replace('_', '-')}", getattr(saved, name), getattr(cfg, name)) for name in DATA_FLAGS]
+    pairs.append(("--seed / --data-seed (the shapes scenes)", saved.scene_seed(), cfg.scene_seed()))
+    for flag, then, now in pairs:
+        if then != now:
+            raise ValueError(f"--resume: {path} was trained with {flag} {then!r}, this run has {now!r}; "
+                             f"resume with the flags it started with")
 
 
 def ranking_config(cfg: TrainConfig, ckpt: dict, path: str) -> RankingConfig:

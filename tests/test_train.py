@@ -159,6 +159,9 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert sorted(a) == list(range(1, 7)) and sorted(b) == list(range(1, 7))
     for step in range(1, 7):
         assert a[step] == b[step], step  # bit-identical on CPU
+    for other in (["--train-size", "32"], ["--data-seed", "5"]):  # other data: refused, not continued silently
+        with pytest.raises(SystemExit, match="--resume: .* was trained with"):
+            train.train(train.parse_args([*common, "--out", part, "--resume", "--steps", "8", *other]))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
