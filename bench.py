@@ -819,55 +819,104 @@ def eval_json(args: list, root: str, name: str) -> dict:
         return json.loads(f.read().strip().splitlines()[-1])
 
 
+class StepTimes:
+    """Wall seconds of every step of an --all folder, kept in ROOT/timings.json across invocations:
+    a folder built in several sittings (an interrupted --all continues) still says what it cost.
+    A finished training run keeps the time it took when it ran; tables and figures are rebuilt
+    by every invocation and keep their latest time."""
+
+    def __init__(self, root: str):
+        import os
+        self.path = f"{root}/timings.json"
+        self.seconds = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.seconds = json.load(f)
+
+    def run(self, name: str, fn, *args):
+        """fn(*args), its wall time recorded under `name`."""
+        import os
+        t0 = time.time()
+        out = fn(*args)
+        self.seconds[name] = time.time() - t0
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.seconds, f, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+        return out
+
+    def summary(self, runs: list) -> str:
+        """One sentence: the folder's total, split into training runs and the rest."""
+        train_s = sum(self.seconds.get(f"train.py {name}", 0.0) for name in runs)
+        untimed = [name for name in runs if f"train.py {name}" not in self.seconds]
+        rest_s = sum(v for k, v in self.seconds.items() if not k.startswith("train.py "))
+        return (f"every step of this folder, each timed when it last ran: {(train_s + rest_s) / 60:.1f} min "
+                f"({train_s / 60:.1f} training runs, {rest_s / 60:.1f} tables and figures)"
+                + (f"; not counted, finished before timings.json existed: {', '.join(untimed)}" if untimed else ""))
+
+
+def section_from_file(times: StepTimes, name: str, cmd: list, md: str, log: str, title: str) -> str:
+    """A table another bench.py call writes to `md`, timed, under a heading."""
+    times.run(name, run_logged, cmd, log, name)
+    with open(md) as f:
+        return f"### {title}\n\n" + f.read()
+
+
+def tome_off_the_shelf(root: str, n_test: list) -> str:
+    rows = ["| r per block | image→text R@1 | text→image R@1 | zero-shot top-1 |", "|---|---|---|---|"]
+    for r in ("0", "4", "8", "12"):
+        m = eval_json(["--ckpt", f"{root}/clip/ckpt.pt", *n_test] + (["--tome-r", r] if r != "0" else []), root, f"tome_{r}")
+        rows.append(f"| {r} | {100 * m['image_to_text_R@1']:.1f} | {100 * m['text_to_image_R@1']:.1f} | "
+                    f"{100 * m['zeroshot_top1']:.1f} |")
+    return "\n".join(rows)
+
+
 def reproduce_all(root: str, quick: bool = False) -> str:
     """Every training run (skipping those already finished), then the tables (Markdown, in
-    ROOT/results.md) and the figures (ROOT/*.png). Returns the Markdown."""
+    ROOT/results.md) and the figures (ROOT/*.png), each step timed (ROOT/timings.json).
+    Returns the Markdown."""
     import os
     os.makedirs(root, exist_ok=True)
-    t0, sections = time.time(), []
-    for name, args in all_runs(root, quick).items():
+    t0, sections, times = time.time(), [], StepTimes(root)
+    runs = all_runs(root, quick)
+    for name, args in runs.items():
         if os.path.exists(f"{root}/{name}/ckpt.pt"):
             continue  # finished before: rerunning is a matter of deleting the folder
         print(f"[{(time.time() - t0) / 60:5.1f} min] train.py {name}", flush=True)
-        run_logged(["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
+        times.run(f"train.py {name}", run_logged, ["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
+    print(f"[{(time.time() - t0) / 60:5.1f} min] tables and figures", flush=True)
     n_test = ["--n-test", "20" if quick else "1000"]
-    sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + elip_table(root, n_test))
-    sections.append("### Token relevance (3 seeds)\n\n" + relevance_markdown(root, 20 if quick else 500))
-    run_logged(["bench.py", "--fused-probe", f"{root}/none_0/ckpt.pt", "--out", f"{root}/probe.md", *n_test],
-               f"{root}/probe.txt", "bench.py --fused-probe")
-    with open(f"{root}/probe.md") as f:
-        sections.append("### The none_0 CLIP pruned at inference: which tokens, and the fused token's attention\n\n"
-                        + f.read())
-    tome_rows = ["| r per block | image→text R@1 | text→image R@1 | zero-shot top-1 |", "|---|---|---|---|"]
-    for r in ("0", "4", "8", "12"):
-        m = eval_json(["--ckpt", f"{root}/clip/ckpt.pt", *n_test] + (["--tome-r", r] if r != "0" else []), root, f"tome_{r}")
-        tome_rows.append(f"| {r} | {100 * m['image_to_text_R@1']:.1f} | {100 * m['text_to_image_R@1']:.1f} | "
-                         f"{100 * m['zeroshot_top1']:.1f} |")
-    sections.append("### ToMe off the shelf on the default CLIP\n\n" + "\n".join(tome_rows))
+    sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + times.run("elip table", elip_table, root, n_test))
+    sections.append("### Token relevance (3 seeds)\n\n"
+                    + times.run("relevance table", relevance_markdown, root, 20 if quick else 500))
+    sections.append(section_from_file(
+        times, "bench.py --fused-probe", ["bench.py", "--fused-probe", f"{root}/none_0/ckpt.pt", "--out",
+                                          f"{root}/probe.md", *n_test], f"{root}/probe.md", f"{root}/probe.txt",
+        "The none_0 CLIP pruned at inference: which tokens, and the fused token's attention"))
+    sections.append("### ToMe off the shelf on the default CLIP\n\n" + times.run("tome table", tome_off_the_shelf, root, n_test))
     sections.append("### Captioners: final metrics, time to reach (c)'s final CIDEr-D, curves\n\n"
-                    + captioner_table(root))
-    sections.append("### Video captioning: the temporal contextualizer\n\n" + video_table(root, n_test))
-    run_logged(["bench.py", "--direction-probe", f"{root}/clip/ckpt.pt", f"{root}/video_ctx_{VIDEO_SEEDS[0]}/ckpt.pt",
-                "--out", f"{root}/direction.md", *n_test] + (["--probe-steps", "3"] if quick else []),
-               f"{root}/direction.txt", "bench.py --direction-probe")
-    with open(f"{root}/direction.md") as f:
-        sections.append("### Video: where the direction of motion goes (a probe)\n\n" + f.read())
+                    + times.run("captioner table", captioner_table, root))
+    sections.append("### Video captioning: the temporal contextualizer\n\n" + times.run("video table", video_table, root, n_test))
+    sections.append(section_from_file(
+        times, "bench.py --direction-probe",
+        ["bench.py", "--direction-probe", f"{root}/clip/ckpt.pt", f"{root}/video_ctx_{VIDEO_SEEDS[0]}/ckpt.pt",
+         "--out", f"{root}/direction.md", *n_test] + (["--probe-steps", "3"] if quick else []),
+        f"{root}/direction.md", f"{root}/direction.txt", "Video: where the direction of motion goes (a probe)"))
     for name, title in (("ranking", "dropped, as published: --no-rank-fuse"), ("ranking_fuse", "fused into one token: the default")):
-        run_logged(["bench.py", "--ranking", *[f"{root}/{name}_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
-                    f"{root}/{name}_points.json", "--out", f"{root}/{name}.md", *n_test], f"{root}/{name}.txt",
-                   "bench.py --ranking")
-        with open(f"{root}/{name}.md") as f:
-            sections.append(f"### Patch Ranking on the default CLIP (40% of the patches pruned at the layer, {title})"
-                            f"\n\n" + f.read())
-    bench_md = f"{root}/bench.md"
-    run_logged(["bench.py", "--out", bench_md] + (["--tome", "tiny64", "--models", "tiny64", "--repeats", "1",
-                                                    "--captioner-batch", "8", "--batch-size", "8"] if quick else []), f"{root}/bench.txt", "bench.py")
-    with open(bench_md) as f:
-        sections.append("### Cost (bench.py)\n\n" + f.read())
-    run_logged(["bench.py", "--tome-sweep", f"{root}/clip/ckpt.pt", "--points", f"{root}/points.json"]
-               + (["--n-test", "20"] if quick else []), f"{root}/sweep.txt", "bench.py --tome-sweep")
-    run_logged(["bench.py", "--method-points", root, "--points", f"{root}/method_points.json"]
-               + (["--n-test", "20"] if quick else []), f"{root}/method_points.txt", "bench.py --method-points")
+        sections.append(section_from_file(
+            times, f"bench.py --ranking ({name})",
+            ["bench.py", "--ranking", *[f"{root}/{name}_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",
+             f"{root}/{name}_points.json", "--out", f"{root}/{name}.md", *n_test], f"{root}/{name}.md",
+            f"{root}/{name}.txt", f"Patch Ranking on the default CLIP (40% of the patches pruned at the layer, {title})"))
+    sections.append(section_from_file(
+        times, "bench.py", ["bench.py", "--out", f"{root}/bench.md"] + (
+            ["--tome", "tiny64", "--models", "tiny64", "--repeats", "1", "--captioner-batch", "8", "--batch-size", "8"]
+            if quick else []), f"{root}/bench.md", f"{root}/bench.txt", "Cost (bench.py)"))
+    small = ["--n-test", "20"] if quick else []
+    times.run("bench.py --tome-sweep", run_logged, ["bench.py", "--tome-sweep", f"{root}/clip/ckpt.pt", "--points",
+                                                     f"{root}/points.json", *small], f"{root}/sweep.txt", "bench.py --tome-sweep")
+    times.run("bench.py --method-points", run_logged, ["bench.py", "--method-points", root, "--points",
+                                                        f"{root}/method_points.json", *small],
+              f"{root}/method_points.txt", "bench.py --method-points")
     for args in (["--ckpt", f"{root}/elip_0/ckpt.pt", "--n", "6", "--out", f"{root}/masks_elip.png"],
                  ["--ckpt", f"{root}/clip/ckpt.pt", "--method", "tome", "--n", "4", "--out", f"{root}/masks_tome.png"],
                  ["--ckpt", f"{root}/ranking_fuse_0/ckpt.pt", "--n", "4", "--out", f"{root}/masks_ranking.png"],
@@ -875,9 +924,11 @@ def reproduce_all(root: str, quick: bool = False) -> str:
                   "--out", f"{root}/captioner_curves.png"],
                  ["--tradeoff", f"{root}/points.json", "--out", f"{root}/tradeoff_tome.png"],
                  ["--tradeoff", f"{root}/method_points.json", "--out", f"{root}/tradeoff_methods.png"]):
-        run_logged(["viz.py", *args], f"{root}/viz.txt", f"viz.py {args[-1]}")
+        name = f"viz.py {os.path.basename(args[-1])}"
+        times.run(name, run_logged, ["viz.py", *args], f"{root}/viz.txt", name)
     minutes = (time.time() - t0) / 60
-    text = "\n\n".join(sections) + f"\n\n(bench.py --all{' --quick' if quick else ''}: {minutes:.1f} min)\n"
+    text = "\n\n".join(sections) + (f"\n\n(bench.py --all{' --quick' if quick else ''}: {minutes:.1f} min this "
+                                      f"invocation; {times.summary(list(runs))})\n")
     with open(f"{root}/results.md", "w") as f:
         f.write(text)
     return text

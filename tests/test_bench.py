@@ -101,8 +101,16 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert points["ELIP (pruned)"]["accuracy"] == pytest.approx(  # the same numbers as eval.py's table
         50 * (evals["image_to_text_R@1"]["mean"] + evals["text_to_image_R@1"]["mean"]))
     assert os.path.exists(tmp_path / "results.md")
+    times = json.loads((tmp_path / "timings.json").read_text())  # every step timed, runs and tables
+    runs = [f"train.py {name}" for name in bench.all_runs(str(tmp_path), quick=True)]
+    assert set(runs) <= set(times) and {"elip table", "bench.py --ranking (ranking_fuse)", "viz.py masks_elip.png"} <= set(times)
+    assert all(t > 0 for t in times.values())
+    total = sum(times.values()) / 60
+    assert f"each timed when it last ran: {total:.1f} min" in text and "finished before timings.json" not in text
     again = bench.reproduce_all(str(tmp_path), quick=True)  # finished runs are kept, not retrained
     assert "| elip |" in again
+    kept = json.loads((tmp_path / "timings.json").read_text())
+    assert all(kept[r] == times[r] for r in runs)  # ... and keep the time they took when they ran
 
 
 def test_a_missing_checkpoint_stops_with_one_sentence(tmp_path):
