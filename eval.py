@@ -333,16 +333,20 @@ def motion_accuracy(cands: list, scenes: list) -> dict:
     named counts as wrong): over all objects (5 choices) and over the moving ones (the direction, 4
     choices: a model that averages frames cannot tell them apart, 25% at best by guessing); and
     the direction in the clips of one moving object, read as the caption's first motion word
-    whatever object it names (motion apart from recognising the object)."""
+    whatever object it names (motion apart from recognising the object); and, for those clips,
+    how often each word was said for each true direction (`direction_said`: does a captioner
+    know the axis at least, or say one word whatever it sees?)."""
     hits = [(data.motion_of(c, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still")
             for c, scene in zip(cands, scenes) for o in scene]
     moving = [h for h, m in hits if m]
-    # one moving object: its caption's first motion word, whatever colour it names (motion alone)
-    single = [next((w for w in c.split() if w in data.MOTIONS), None) == s[0]["motion"]
+    # one moving object: (its direction, the caption's first motion word whatever colour it names)
+    single = [(s[0]["motion"], next((w for w in c.split() if w in data.MOTIONS), "none"))
               for c, s in zip(cands, scenes) if len(s) == 1 and s[0]["motion"] != "still"]
+    said = {d: dict(Counter(w for true, w in single if true == d)) for d in data.MOTIONS if d != "still"}
     return dict(motion_accuracy=sum(h for h, _ in hits) / max(1, len(hits)),
                 direction_accuracy=sum(moving) / max(1, len(moving)),
-                direction_accuracy_one_object=sum(single) / max(1, len(single)))
+                direction_accuracy_one_object=sum(true == w for true, w in single) / max(1, len(single)),
+                direction_said=said)
 
 
 @torch.no_grad()
@@ -544,6 +548,9 @@ def format_table(metrics: dict) -> str:
     lines += [f"example caption: {c}" for c in metrics.get("examples", [])]
     if "temporal_alpha" in metrics:
         lines.append("temporal gates (alpha per ViT block): " + " ".join(f"{a:+.3f}" for a in metrics["temporal_alpha"]))
+    for true, said in metrics.get("direction_said", {}).items():
+        lines.append(f"one-mover clips moving {true:<5} first motion word said: "
+                     + (", ".join(f"{w} {n}" for w, n in sorted(said.items(), key=lambda kv: -kv[1])) or "-"))
     for name, r in metrics.get("token_relevance", {}).items():
         stages = " ".join(f"{100 * c:5.1f}" for c in r["coverage"])
         kept = " ".join(f"{100 * k:5.1f}" for k in r["kept"])

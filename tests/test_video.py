@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import data
-from eval import motion_accuracy
+from eval import format_table, motion_accuracy
 from merge import TemporalAttention, TemporalContext
 from model import Captioner, CaptionerConfig
 from text import LMConfig, TextConfig
@@ -90,8 +90,13 @@ def test_motion_of_and_motion_accuracy_by_hand():
     # objects: left right, still right, up wrong, down missing -> 2 of 4; moving ones: left only -> 1 of 3;
     # one-object clips: "down" for up, nothing for down -> 0 of 2
     assert motion_accuracy(cands, scenes) == dict(motion_accuracy=2 / 4, direction_accuracy=1 / 3,
-                                                  direction_accuracy_one_object=0.0)
+                                                  direction_accuracy_one_object=0.0,
+                                                  direction_said=dict(left={}, right={}, up={"down": 1}, down={"none": 1}))
     assert motion_accuracy(["a blue circle goes up"], [scenes[1]])["direction_accuracy_one_object"] == 1.0
+    said = motion_accuracy(["a red cross is still", "a red cross moves left", "a red cross goes left"],
+                           [scenes[2]] * 3)["direction_said"]
+    assert said == dict(left={}, right={}, up={}, down={"still": 1, "left": 2})
+    assert "moving down  first motion word said: left 2, still 1" in format_table(dict(direction_said=said))
 
 
 def test_the_contextualizer_is_the_identity_at_initialisation():
