@@ -148,12 +148,18 @@ class MergingBridge(nn.Module):
     """EVLGen's bridge: a transformer encoder fed the ViT's tokens through a Linear, merging r[i]
     tokens between attention and MLP of layer i, keys averaged over heads as the metric and the
     [CLS] protected. Its blocks are text-encoder blocks, so a pre-trained text encoder's can be
-    loaded (`load_blocks`), as EVLGen starts from BERT. With r = 0 it passes every token on."""
+    loaded (`load_blocks`), as EVLGen starts from BERT. With r = 0 it passes every token on.
+
+    `num_positions` (ours, 0 in the paper): a learned position embedding added to the visual
+    tokens after the Linear. Without it the bridge sees the tokens as a set (permuting them permutes
+    its output), and where a token sat is only what the frozen ViT left of its own position
+    embedding in it: too little, on the small ViT, to read a motion from the layout of the tokens."""
 
     def __init__(self, in_dim: int, width: int, depth: int, heads: int, r: Sequence[int],
-                 mode: str = "wavg", prop_attn: bool = True, ln_eps: float = 1e-6):
+                 mode: str = "wavg", prop_attn: bool = True, ln_eps: float = 1e-6, num_positions: int = 0):
         super().__init__()
         self.input_proj = nn.Linear(in_dim, width)
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, num_positions, width)) if num_positions else None
         self.blocks = nn.ModuleList(Block(width, heads, ln_eps=ln_eps) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=ln_eps)
         self.merger = ToMe(r, prop_attn, mode)
@@ -166,7 +172,12 @@ class MergingBridge(nn.Module):
     def forward(self, x: torch.Tensor, track_source: bool = False) -> Tokens:
         """(B, N, in_dim) visual tokens, [CLS] first -> Tokens of (B, N - sum(r), width)."""
         B, N, _ = x.shape
-        tokens = Tokens(self.input_proj(x), x.new_ones(B, N),
+        x = self.input_proj(x)
+        if self.pos_embed is not None:
+            if N != self.pos_embed.shape[1]:
+                raise ValueError(f"the bridge's position embedding has {self.pos_embed.shape[1]} positions, got {N} tokens")
+            x = x + self.pos_embed
+        tokens = Tokens(x, x.new_ones(B, N),
                         torch.eye(N, device=x.device, dtype=x.dtype).expand(B, -1, -1) if track_source else None)
         for i, block in enumerate(self.blocks):
             tokens = run_block(block, i, tokens, self.merger)

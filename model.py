@@ -262,6 +262,7 @@ class CaptionerConfig:
     r: tuple = (16, 16)  # tokens merged in each bridge layer (merge); all zero: every token to the LM
     merge_mode: str = "wavg"
     prop_attn: bool = True
+    bridge_pos: bool = False  # ours (merge): a learned position embedding on the bridge's visual tokens
     num_queries: int = 32  # learned queries (query)
     freeze_vit: bool = True
     stage1: bool = False  # also build BLIP-2's stage-1 heads (ITC and ITM between queries and text)
@@ -348,7 +349,7 @@ class Captioner(nn.Module):
         self.visual = ViT(v)
         if cfg.bridge == "merge":
             self.bridge = MergingBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.r, cfg.merge_mode,
-                                        cfg.prop_attn, t.ln_eps)
+                                        cfg.prop_attn, t.ln_eps, 1 + v.num_patches if cfg.bridge_pos else 0)
         else:
             self.bridge = QueryBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.num_queries, t.ln_eps)
         self.temporal = TemporalContext(v.depth, v.width, v.heads, cfg.frames, cfg.temporal_dim,

@@ -91,6 +91,7 @@ class TrainConfig:
     bridge: str = "merge"  # merge: EVLGen's merging encoder; query: BLIP-2's learned queries
     bridge_r: int = 16  # tokens merged in each bridge layer (capped); 0: every visual token reaches the LM
     bridge_depth: int = 0  # 0: the text encoder's depth
+    bridge_pos: bool = False  # ours: a learned position embedding on the merging bridge's visual tokens (README, Video)
     num_queries: int = 32  # --bridge query: learned queries (= tokens into the LM)
     stage1_steps: int = 0  # --bridge query: BLIP-2's first stage (ITC + ITM) for this many steps before --steps of LM loss
     lm_width: int = 128
@@ -216,6 +217,8 @@ def check_flags(cfg: TrainConfig):
         raise ValueError(f"--frames {cfg.frames}: a clip needs at least 2 frames")
     if cfg.bridge not in ("merge", "query"):
         raise ValueError(f"--bridge {cfg.bridge} is unknown (choose merge or query)")
+    if cfg.bridge_pos and (cfg.method != "evlgen" or cfg.bridge != "merge"):
+        raise ValueError("--bridge-pos is a position embedding for the merging bridge: --method evlgen --bridge merge")
     if cfg.stage1_steps and cfg.bridge != "query":
         raise ValueError("--stage1-steps is BLIP-2's first stage for the learned queries: it needs --bridge query")
     if cfg.stage1_steps < 0 or cfg.bridge_r < 0 or cfg.eval_every < 0:
@@ -270,7 +273,8 @@ def captioner_config(cfg: TrainConfig, sources: dict, vocab_size: int) -> Captio
     depth = cfg.bridge_depth or text.depth
     r, _ = merge_schedule(cfg.bridge_r, depth, 1 + vision.num_patches)
     return CaptionerConfig(vision=vision, lm=lm, text=text, bridge=cfg.bridge, bridge_depth=depth, r=tuple(r),
-                           merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, num_queries=cfg.num_queries,
+                           merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, bridge_pos=cfg.bridge_pos,
+                           num_queries=cfg.num_queries,
                            freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim,
                            frames=cfg.frames if cfg.video else 1, temporal=cfg.video and cfg.temporal,
                            temporal_dim=cfg.temporal_dim, frame_embed=cfg.frame_embed)

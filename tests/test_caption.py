@@ -71,6 +71,21 @@ def test_only_the_bridge_learns_and_the_frozen_parts_stay_in_eval_mode():
         assert (p.grad is not None) == trained, name
 
 
+def test_the_bridge_sees_a_set_of_tokens_unless_given_their_positions():
+    x = torch.randn(2, 17, 32)
+    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(16, generator=torch.Generator().manual_seed(0))])
+    for bridge_pos in (False, True):
+        bridge = tiny_captioner(r=(0, 0), bridge_pos=bridge_pos).bridge
+        out, out_permuted = bridge(x).x, bridge(x[:, perm]).x
+        # without positions, permuting the patch tokens permutes the output the same way; with them, not
+        assert torch.allclose(out[:, perm], out_permuted, atol=1e-5) == (not bridge_pos)
+    model = tiny_captioner(r=(2, 2), bridge_pos=True)
+    model(torch.randn(2, 3, 32, 32), torch.tensor([[CLS, 7, 8, 3], [CLS, 9, 3, 0]]))["loss"].backward()
+    assert model.bridge.pos_embed.shape == (1, 17, 32) and model.bridge.pos_embed.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="17 positions, got 10 tokens"):
+        model.bridge(torch.randn(1, 10, 32))
+
+
 def test_query_bridge_gives_a_fixed_number_of_tokens_and_stage_one_losses():
     model = tiny_captioner(bridge="query", num_queries=5, stage1=True)
     images, ids = torch.randn(3, 3, 32, 32), torch.tensor([[CLS, 7, 8, 3]] * 3)
@@ -114,6 +129,8 @@ def test_lm_then_evlgen_end_to_end_and_the_frozen_lm_is_unchanged(tmp_path):
 
 
 def test_bad_captioner_inputs(tmp_path):
+    r = run(["--bridge-pos", "--out", str(tmp_path / "p")])
+    assert r.returncode != 0 and "--bridge-pos is a position embedding" in r.stderr and "Traceback" not in r.stderr
     r = run(["--method", "evlgen", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "--method lm" in r.stderr and "Traceback" not in r.stderr
     clip = str(tmp_path / "clip")
