@@ -499,10 +499,14 @@ CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--br
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
 LM_STEPS = 2000  # the frozen LMs': enough to learn to use their context (450 are not: README, EVLGen)
-VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 800, 64, (0,)  # the video captioners' (their LM: LM_STEPS of 128)
-VIDEO_RUNS = {"video_avg": ["--no-temporal"], "video_ctx": [], "video_marker": ["--no-temporal", "--motion-marker"]}
+VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 2000, 64, (0,)  # the video captioners' (their LM: LM_STEPS of 128)
+# All three with bridge positions: without them the merging bridge sees a set of tokens and the
+# captioner cannot word a direction even when the contextualizer carries it (README, Video).
+VIDEO_RUNS = {"video_avg": ["--bridge-pos", "--no-temporal"],
+              "video_ctx": ["--bridge-pos", "--temporal-lr-scale", "10"],
+              "video_marker": ["--bridge-pos", "--no-temporal", "--motion-marker"]}
 VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
-               "video_ctx": "+ temporal contextualizer with the frame embedding (default)",
+               "video_ctx": "+ temporal contextualizer with the frame embedding, its learning rate x10",
                "video_marker": "diagnostic: frame averaging, the direction painted in a corner (`--motion-marker`)"}
 PROBE_STEPS = 600  # the direction probe's, per reader (32 clips a step)
 
