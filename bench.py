@@ -500,8 +500,8 @@ CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--br
 
 LM_STEPS = 2000  # the frozen LMs': enough to learn to use their context (450 are not: README, EVLGen)
 VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 2000, 64, (0,)  # the video captioners' (their LM: LM_STEPS of 128)
-# All three with bridge positions: without them the merging bridge sees a set of tokens and the
-# captioner cannot word a direction even when the contextualizer carries it (README, Video).
+# All three with bridge positions: without them the merging bridge sees a set of tokens, and a
+# captioner on a contextualizer that carries the direction did not word it (README, Video).
 VIDEO_RUNS = {"video_avg": ["--bridge-pos", "--no-temporal"],
               "video_ctx": ["--bridge-pos", "--temporal-lr-scale", "10"],
               "video_marker": ["--bridge-pos", "--no-temporal", "--motion-marker"]}
