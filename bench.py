@@ -754,16 +754,16 @@ def captioner_table(root: str, seeds=(0, 1)) -> str:
     return "\n".join(rows + head)
 
 
-def elip_table(root: str, n_test: list) -> str:
-    """Markdown: R@1 of the ITC+ITM+MLM runs of --all (3 seeds each), evaluated with all tokens and
-    with the pruning each trained with, and the gap of the pruned mean R@1 to `none`'s."""
+def elip_table(root: str, n_test: list, names=tuple(PRUNING_NAMES)) -> str:
+    """Markdown: R@1 of the ITC+ITM+MLM runs ROOT/NAME_S of --all (3 seeds each), evaluated with all
+    tokens and with the pruning each trained with, and the gap of the pruned mean R@1 to `none`'s."""
     rows = ["| run | i2t R@1, all tokens | t2i R@1, all tokens | i2t R@1, pruned | t2i R@1, pruned | "
             "zero-shot top-1, all tokens | mean R@1, pruned, minus none's |", "|---|---|---|---|---|---|---|"]
     cell = lambda m, k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" if m else "—"
     mean_r1 = lambda m: 50 * (m["image_to_text_R@1"]["mean"] + m["text_to_image_R@1"]["mean"])
     baseline = None
-    for name, label in PRUNING_NAMES.items():
-        ckpts = [f"{root}/{name}_{seed}/ckpt.pt" for seed in (0, 1, 2)]
+    for name in names:
+        label, ckpts = PRUNING_NAMES[name], [f"{root}/{name}_{seed}/ckpt.pt" for seed in (0, 1, 2)]
         full = eval_json(["--ckpt", *ckpts, *n_test], root, f"eval_{name}")["mean"]
         pruned = eval_json(["--ckpt", *ckpts, "--prune", *n_test], root, f"eval_{name}_prune")["mean"] \
             if name != "none" else None
@@ -773,6 +773,24 @@ def elip_table(root: str, n_test: list) -> str:
                     f"{cell(pruned, 'image_to_text_R@1')} | {cell(pruned, 'text_to_image_R@1')} | "
                     f"{cell(full, 'zeroshot_top1')} | {gap} |")
     return "\n".join(rows)
+
+
+def elip_table_of_folder(root: str, n_test: int) -> str:
+    """--elip-table DIR: the table above for the runs DIR holds (none_S, and any of the other names
+    of --all, S = 0, 1, 2), trained outside --all at some other budget. Stops unless `none` is
+    there and every run trained for the same number of steps."""
+    import os
+    present = [n for n in PRUNING_NAMES if all(os.path.exists(f"{root}/{n}_{s}/ckpt.pt") for s in (0, 1, 2))]
+    if "none" not in present:
+        raise SystemExit(f"error: --elip-table {root}: needs none_0, none_1 and none_2 (DIR/none_S/ckpt.pt), "
+                         "the baseline every gap is measured against")
+    steps = {f"{n}_{s}": train.saved_config(train.read_checkpoint(f"{root}/{n}_{s}/ckpt.pt")).steps
+             for n in present for s in (0, 1, 2)}
+    if len(set(steps.values())) > 1:
+        raise SystemExit(f"error: --elip-table {root}: the runs trained for different numbers of steps "
+                         f"({', '.join(f'{k} {v}' for k, v in steps.items())}); the table compares equal budgets")
+    return (f"{len(present)} runs x 3 seeds, {steps['none_0']} steps each, {n_test}-image gallery\n\n"
+            + elip_table(root, ["--n-test", str(n_test)], present))
 
 
 RELEVANCE_MODELS = {"none": "trained with `--method none`", "elip": "trained with `--method elip` (default)",
@@ -980,9 +998,12 @@ def main(argv=None):
                         "the contextualizer of a video captioner (frozen)")
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
                    help="with --direction-probe: training steps per reader (its training clips: the first 4 x --n-test)")
+    p.add_argument("--elip-table", metavar="DIR", default="",
+                   help="instead: the ELIP/EViT-against-none table (all tokens and pruned) of the runs DIR/NAME_S, "
+                        "S = 0, 1, 2, NAME none (required), elip, evit, ... as --all names them")
     p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
-    p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking: test gallery size")
+    p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking / --elip-table: test gallery size")
     p.add_argument("--all", metavar="DIR", default="",
                    help="instead: every run behind the README's results, then its tables (DIR/results.md) and "
                         "figures (DIR/*.png); finished runs are kept, so an interrupted --all continues")
@@ -990,6 +1011,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.all:
         print(reproduce_all(args.all, args.quick))
+        return
+    if args.elip_table:
+        print_and_save(elip_table_of_folder(args.elip_table, args.n_test), args.out)
         return
     if args.fused_probe:
         table = probe_markdown(fused_attention_probe(args.fused_probe, args.n_test, args.device))

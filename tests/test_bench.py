@@ -112,6 +112,29 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert "| elip |" in again
     kept = json.loads((tmp_path / "timings.json").read_text())
     assert all(kept[r] == times[r] for r in runs)  # ... and keep the time they took when they ran
+    check_elip_table_of_a_folder(tmp_path, again)
+
+
+def check_elip_table_of_a_folder(root, all_text):
+    """--elip-table on a folder of some of --all's runs: the same rows --all wrote for them; unequal
+    budgets or no baseline stop with one sentence."""
+    import shutil
+    sub = root / "one_off"
+    for name in ("none", "elip"):
+        for seed in (0, 1, 2):
+            shutil.copytree(root / f"{name}_{seed}", sub / f"{name}_{seed}")
+    table = bench.elip_table_of_folder(str(sub), n_test=20)
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [r.split(" |")[0] for r in rows] == ["| `none`", "| `elip` (`--keep-warmup 0`; default: proportional attention and rollout)"]
+    assert all(row in all_text for row in rows) and table.startswith("2 runs x 3 seeds, 3 steps each")
+    ckpt = torch.load(sub / "elip_1" / "ckpt.pt", weights_only=True)
+    ckpt["config"]["steps"] = 4
+    torch.save(ckpt, sub / "elip_1" / "ckpt.pt")
+    with pytest.raises(SystemExit, match="different numbers of steps.*elip_1 4"):
+        bench.elip_table_of_folder(str(sub), n_test=20)
+    shutil.rmtree(sub / "none_2")
+    with pytest.raises(SystemExit, match="needs none_0, none_1 and none_2"):
+        bench.elip_table_of_folder(str(sub), n_test=20)
 
 
 def test_a_missing_checkpoint_stops_with_one_sentence(tmp_path):
