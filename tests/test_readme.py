@@ -1,6 +1,7 @@
 """The README's figures are the ones `bench.py --all` wrote: docs/results.md is that run's
-results.md, committed beside the figures it drew, and every table row in it must be quoted in the
-README word for word. A number edited by hand in a quoted table fails here."""
+results.md, committed beside the figures it drew, and every table row in it (and in the tables of
+one-off runs saved beside it) must be quoted in the README word for word. A number edited by hand
+in a quoted table fails here."""
 import os
 import re
 
@@ -21,6 +22,14 @@ def test_every_table_row_of_the_results_is_quoted_in_the_readme():
     assert len(results) > 100  # the whole --all, not a fragment
     missing = [row for row in results if row not in readme]
     assert not missing, f"{len(missing)} rows of docs/results.md are not in the README, first: {missing[0]}"
+
+
+def test_every_row_of_the_one_off_tables_in_docs_is_quoted_too():
+    """Tables of one-off runs outside --all (their command in the README) are saved in docs/ too."""
+    readme = set(table_rows(read("README.md")))
+    for name in ("docs/elip_600_steps.md",):
+        rows = table_rows(read(name))
+        assert len(rows) > 2 and all(row in readme for row in rows), name
 
 
 def test_every_picture_the_readme_shows_is_a_png_in_docs():
