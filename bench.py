@@ -482,13 +482,15 @@ def captioner_markdown(batch_size, rows) -> str:
 
 QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
          "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
-PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", []), "elip_last_row": ("elip", ["--no-rollout"]),
+PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", []), "elip_ft": ("elip", ["--prune-until", "0.9"]),
+                "elip_last_row": ("elip", ["--no-rollout"]),
                 "evit": ("evit", []),  # name: (method, extra flags)
                 "elip_paper": ("elip", ["--no-fused-prop-attn", "--no-rollout"]),
                 "evit_paper": ("evit", ["--no-fused-prop-attn"]),
                 "elip_partial": ("elip", ["--partial-captions", "0.5"])}  # for the text-steering table only
 PRUNING_NAMES = {"none": "`none`",
                  "elip": "`elip` (`--keep-warmup 0`; default: proportional attention and rollout)",
+                 "elip_ft": "`elip --prune-until 0.9` (the same, its last 10% of the steps on all tokens)",
                  "elip_last_row": "`elip --no-rollout` (proportional attention; the last block's row, as published)",
                  "elip_paper": "`elip` as published (`--keep-warmup 0 --no-fused-prop-attn --no-rollout`)",
                  "evit": "`evit` (default: fused token with proportional attention)",

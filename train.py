@@ -66,6 +66,7 @@ class TrainConfig:
     rollout: bool = True  # ELIP (ours): the look-ahead's [CLS] row is rolled back to the stage's input tokens; off: the papers'
 
     keep_warmup: float = 0.1  # share of the steps over which the pruned share grows from 0 to the schedule's
+    prune_until: float = 1.0  # share of the steps trained pruned; the rest see all tokens (the authors' fine-tuning)
     begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
     num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
     keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
@@ -225,6 +226,10 @@ def check_flags(cfg: TrainConfig):
         raise ValueError("--stage1-steps, --bridge-r and --eval-every must not be negative")
     if cfg.eval_every and cfg.method != "evlgen":
         raise ValueError("--eval-every is for the captioner (--method evlgen)")
+    if not 0 < cfg.prune_until <= 1:
+        raise ValueError(f"--prune-until is the share of the steps trained with pruning, in (0, 1], not {cfg.prune_until}")
+    if cfg.prune_until < 1 and cfg.method not in ("elip", "evit", "tome"):
+        raise ValueError("--prune-until needs a reducing --method (elip, evit or tome)")
     if cfg.method == "none" and cfg.eval_prune:
         raise ValueError("--eval-prune needs a reducing --method (elip, evit or tome)")
     if cfg.merge_mode not in MERGE_MODES:
@@ -325,6 +330,8 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     This is the whole dispatch: a new method adds one branch."""
     if cfg.method not in ("elip", "evit", "tome"):
         return None
+    if training and step >= cfg.prune_until * cfg.steps:
+        return None  # the all-token tail: the model meets the full sequence it will be evaluated on
     P, depth = vision.num_patches, vision.depth
     warm = cfg.keep_warmup * cfg.steps
     keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0

@@ -81,6 +81,7 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert "| elip |" in text and "| 8 |" in text and "| EVLGen (merge, r = 16) | 0 |" in text
     assert text.count("| predictor + 4 learnable tokens | 3 |") == 2  # pruned patches dropped, and fused
     assert "fused into one token: the default" in text and "`elip` as published" in text
+    assert "| `elip --prune-until 0.9` (the same, its last 10% of the steps on all tokens) |" in text
     assert "| the object patches (ground truth) | proportional (ours) |" in text  # the fused-attention probe
     assert "`elip --no-rollout`" in text and "Token relevance (3 seeds)" in text
     assert "| trained with `--method elip --no-rollout` | ELIP (look-ahead" in text

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -129,6 +130,21 @@ def test_rollout_reaches_elip_and_older_checkpoints_score_with_the_last_row():
     for on in (True, False):
         assert train.reducer_fn(TrainConfig(method="elip", rollout=on), vision, 0)(None).rollout is on
     assert TrainConfig().rollout and train.saved_config({"config": {"method": "elip"}}).rollout is False
+
+
+def test_prune_until_trains_the_last_steps_on_all_tokens_and_never_touches_evaluation():
+    vision = train.model_config(TrainConfig(), 30).vision
+    for method in ("elip", "evit", "tome"):
+        cfg = TrainConfig(method=method, steps=10, prune_until=0.7, tome_r="2")
+        pruned = [train.reducer_fn(cfg, vision, step) is not None for step in range(10)]
+        assert pruned == [True] * 7 + [False] * 3  # steps 0..6 pruned, 7..9 on all tokens
+        assert train.reducer_fn(cfg, vision, 9, training=False) is not None  # --eval-prune still prunes
+    assert TrainConfig().prune_until == 1.0 and train.saved_config({"config": {"method": "elip"}}).prune_until == 1.0
+    for bad, message in ((["--method", "none", "--prune-until", "0.5"], "needs a reducing --method"),
+                         (["--method", "elip", "--prune-until", "0"], "in (0, 1], not 0.0"),
+                         (["--method", "elip", "--prune-until", "1.5"], "in (0, 1], not 1.5")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.check_flags(train.parse_args(bad))
 
 
 def test_init_starts_from_a_checkpoints_weights(tmp_path):
