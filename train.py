@@ -327,10 +327,11 @@ def tome_schedule(cfg: TrainConfig, depth: int, num_tokens: int):
 
 def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     """The method's reducer for one step, as a function of the text guidance (None: no text).
-    This is the whole dispatch: a new method adds one branch."""
+    A step of cfg.steps or later asks for the reduction as trained once the keep-rate warm-up is
+    over (bench.py and viz.py do). This is the whole dispatch: a new method adds one branch."""
     if cfg.method not in ("elip", "evit", "tome"):
         return None
-    if training and step >= cfg.prune_until * cfg.steps:
+    if training and cfg.prune_until * cfg.steps <= step < cfg.steps:
         return None  # the all-token tail: the model meets the full sequence it will be evaluated on
     P, depth = vision.num_patches, vision.depth
     warm = cfg.keep_warmup * cfg.steps

@@ -139,6 +139,7 @@ def test_prune_until_trains_the_last_steps_on_all_tokens_and_never_touches_evalu
         pruned = [train.reducer_fn(cfg, vision, step) is not None for step in range(10)]
         assert pruned == [True] * 7 + [False] * 3  # steps 0..6 pruned, 7..9 on all tokens
         assert train.reducer_fn(cfg, vision, 9, training=False) is not None  # --eval-prune still prunes
+        assert train.reducer_fn(cfg, vision, 10) is not None  # past the run: the schedule bench.py and viz.py draw
     assert TrainConfig().prune_until == 1.0 and train.saved_config({"config": {"method": "elip"}}).prune_until == 1.0
     for bad, message in ((["--method", "none", "--prune-until", "0.5"], "needs a reducing --method"),
                          (["--method", "elip", "--prune-until", "0"], "in (0, 1], not 0.0"),
