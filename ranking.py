@@ -119,7 +119,7 @@ def removal_scores(emb, ref, mode="similarity", classes=None, labels=None) -> to
 
 
 @torch.no_grad()
-def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 2,
+def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 1,
                    mode: str = "similarity", classes=None, labels=None, max_rows: int = 256,
                    fuse: bool = False) -> torch.Tensor:
     """Greedy backward elimination on tokens x (B, 1+P, D) entering block `layer` of a frozen CLIP.

@@ -79,7 +79,7 @@ class TrainConfig:
     rank_layer: int = -1  # the block whose input is pruned; -1: the authors' 3 of 12, scaled to depth
     rank_keep: float = 0.6  # share of the patch tokens kept
     rank_block: int = 1  # the search's candidates: k x k blocks of patches
-    rank_chunk: int = 2  # candidates the search removes per iteration (8 is destructive here: see README)
+    rank_chunk: int = 1  # candidates the search removes per iteration: 1 is the exact greedy rule (more: see README)
     rank_images: int = 500  # training images searched; the last 10% measure the predictor's top-n match
     rank_cache: str = ""  # the golden rankings' file; default --out/rankings.pt (runs of one CLIP can share it)
     predictor_steps: int = 400

@@ -54,6 +54,17 @@ def test_greedy_search_equals_brute_force(k, chunk):
         assert got[b].tolist() == brute_force_greedy(clip, x[b:b + 1], 1, groups, chunk, cos)
 
 
+def test_the_default_search_is_the_exact_greedy_rule():
+    """One removal per iteration, in the API and in train.py: the README's tables are searched so."""
+    from train import TrainConfig
+    clip = tiny_clip(image_size=40)
+    x = ranking.layer_input(clip, torch.randn(1, 3, 40, 40, dtype=torch.float64), 1)
+    groups = [[p] for p in range(25)]
+    cos = lambda e, r: (e * r).sum().item()
+    assert ranking.golden_ranking(clip, x, 1)[0].tolist() == brute_force_greedy(clip, x, 1, groups, 1, cos)
+    assert TrainConfig().rank_chunk == 1
+
+
 @pytest.mark.parametrize("k,chunk", [(1, 2), (2, 1)])
 def test_greedy_search_with_fusion_follows_the_greedy_rule(k, chunk):
     """With fusion, removing the first single patch only moves it to the end (a fused token of
