@@ -235,26 +235,34 @@ def tome_markdown(preset, batch_size, rows) -> str:
 
 
 def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int = 1000, device="cpu",
-                zeroshot: bool = False) -> list:
+                zeroshot: bool = False, against=None) -> list:
     """Accuracy-cost points, the input of `viz.py --tradeoff`. specs: (method, name, checkpoint
     paths, make) with make(model, cfg) -> the reducer to evaluate with (None: all tokens), or
     (reducer, a scorer's own forward FLOPs[, False: not timed — an oracle]). Per point: the mean R@1 (both
     directions, shapes test gallery; zero-shot top-1 too if asked) averaged over the checkpoints
     (seeds) with their spread, the image tower's measured images/s (median over the checkpoints)
-    and its forward GFLOPs. Every point is timed in this one call, so the throughputs compare."""
+    and its forward GFLOPs. Every point is timed in this one call, so the throughputs compare.
+    `against` (a spec's index): every point also gets its gallery loss and its paired differences
+    from that spec's point (`paired_differences`)."""
     import eval as evaluation
-    points = []
+    points, per_image = [], []
     for method, name, paths, make in specs:
-        runs, speeds = [], []
+        runs, speeds, images_of_runs = [], [], []
         for path in paths:
             model, tokenizer, ckpt = train.load_checkpoint(path, device)
             cfg, v = train.saved_config(ckpt), model.cfg.vision
             made = make(model, cfg)
             reducer, extra, timeable = (made + (True,))[:3] if isinstance(made, tuple) else (made, 0.0, True)
-            sets = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test)
-            m = evaluation.evaluate(model, tokenizer, device, (sets[0], sets[1] if zeroshot else None), n_test, reducer)
+            gallery, zeroshot_set = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test)
+            model.eval()
+            features = evaluation.gallery_features(model, tokenizer, gallery, device, n_test, reducer)  # encoded once: an oracle searches per image
+            m = evaluation.retrieval_metrics(*features)
+            if zeroshot:
+                m.update(evaluation.zeroshot(model, tokenizer, zeroshot_set, device, reducer))
             m["accuracy"] = 0.5 * (m["image_to_text_R@1"] + m["text_to_image_R@1"])
             runs.append({k: 100 * val for k, val in m.items()})
+            with torch.no_grad():
+                images_of_runs.append(evaluation.per_image_retrieval(*features, model.scale()))
             images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
             with torch.inference_mode():
                 speeds.append(batch_size / timed(lambda: model.visual(images, reducer), repeats) if timeable
@@ -265,7 +273,24 @@ def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int
             point[k] = statistics.mean(r[k] for r in runs)
             point[k + "_std"] = statistics.pstdev(r[k] for r in runs)
         points.append(point)
+        per_image.append({k: torch.stack([r[k] for r in images_of_runs]).mean(0) for k in images_of_runs[0]})
+    if against is not None:
+        for point, mine in zip(points, per_image):
+            point.update(paired_differences(mine, per_image[against]))
     return points
+
+
+def paired_differences(mine: dict, reference: dict) -> dict:
+    """A point's gallery loss, and its mean R@1 (points) and gallery loss minus the reference's,
+    image by image on the same gallery, each with its 95% bootstrap interval (eval.paired_interval).
+    A point of several seeds enters with each image's mean over the seeds."""
+    import eval as evaluation
+    out = dict(gallery_loss=mine["loss"].mean().item())
+    for key, unit in (("r1", 100.0), ("loss", 1.0)):
+        diff = unit * (mine[key] - reference[key]).double()
+        out[f"paired_{key}"] = diff.mean().item()
+        out[f"paired_{key}_low"], out[f"paired_{key}_high"] = evaluation.paired_interval(diff)
+    return out
 
 
 def tome_reducer(r: int):
@@ -399,18 +424,23 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
                lambda m, cfg: (m.reducer(tokens=False), predictor_flops(m.predictor))),
               ("predictor", f"predictor + {model.rcfg.num_tokens} learnable tokens", paths,
                lambda m, cfg: (m.reducer(), predictor_flops(m.predictor)))]
-    return cost_points(specs, batch_size, repeats, n_test, device, zeroshot=True)
+    return cost_points(specs, batch_size, repeats, n_test, device, zeroshot=True,
+                       against=[spec[0] for spec in specs].index("ToMe"))
 
 
 def ranking_markdown(points: list) -> str:
     base = points[0]
     cell = lambda p, k: f"{p[k]:.1f}" + (f" ± {p[k + '_std']:.1f}" if p["seeds"] > 1 else "")
+    paired = lambda p, k, f: ("—" if p["method"] == "ToMe" else
+                              f"{p[f'paired_{k}']:+{f}} [{p[f'paired_{k}_low']:+{f}}, {p[f'paired_{k}_high']:+{f}}]")
     lines = ["| pruning at the layer | seeds | zero-shot top-1 | image→text R@1 | text→image R@1 | mean R@1 | "
+             "mean R@1 − ToMe's [95%] | gallery loss | gallery loss − ToMe's [95%] | "
              "GFLOPs (image tower) | img/s | measured speed-up | FLOP-allowed speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['name']} | {p['seeds']} | {cell(p, 'zeroshot_top1')} | {cell(p, 'image_to_text_R@1')} | "
-                     f"{cell(p, 'text_to_image_R@1')} | {cell(p, 'accuracy')} | {p['gflops']:.3f} | "
+                     f"{cell(p, 'text_to_image_R@1')} | {cell(p, 'accuracy')} | {paired(p, 'r1', '.2f')} | "
+                     f"{p['gallery_loss']:.4f} | {paired(p, 'loss', '.4f')} | {p['gflops']:.3f} | "
                      + (f"{p['img_s']:.0f} | {p['img_s'] / base['img_s']:.2f}x" if p["img_s"] == p["img_s"] else "— | —")
                      + f" | {base['gflops'] / p['gflops']:.2f}x |")
     return "\n".join(lines)

@@ -14,6 +14,9 @@ a reducer that keeps what the caption talks about does better. Text steering (`t
 the same, with a caption that names one object of a scene of several, against one that names
 another — whether the text chooses WHICH object is kept, not only that objects are.
 
+Paired comparison (`per_image_retrieval`, `paired_interval`): whether one model is ahead of
+another on the same gallery, or inside its sampling noise (a bootstrap over the gallery's images).
+
 Captioning (`captioning`): BLEU-4 and CIDEr-D as the COCO caption evaluation defines them
 (`bleu`, `cider_d`: read these two for the exact formulas), question answering by prompting the
 captioner, and (`--curves`) CIDEr-D learning curves from training logs.
@@ -49,19 +52,22 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10
     return recall_at_k(sim, sim, text_to_image, ks)
 
 
-def recall_at_k(i2t_scores, t2i_scores, text_to_image, ks=(1, 5, 10)) -> dict:
-    """R@k both ways from (N, M) image-text score matrices (one per direction, so a reranker may
-    rescore each direction's candidates)."""
+def retrieval_ranks(i2t_scores, t2i_scores, text_to_image) -> tuple:
+    """From (N, M) image-text score matrices: per image, the rank of its best-scored caption
+    (texts scored strictly higher), (N,); per caption, the rank of its own image, (M,). 0 = first."""
     N, M = i2t_scores.shape
     cols = torch.arange(M, device=i2t_scores.device)
     positive = torch.zeros(N, M, dtype=torch.bool, device=i2t_scores.device)
     positive[text_to_image, cols] = True
-    # image -> text: rank of the best-scored correct caption = texts scored strictly higher
     best_correct = i2t_scores.masked_fill(~positive, float("-inf")).max(1).values  # (N,)
-    i2t_rank = (i2t_scores > best_correct[:, None]).sum(1)
-    # text -> image: images scored strictly higher than the text's own image
     own = t2i_scores[text_to_image, cols]  # (M,)
-    t2i_rank = (t2i_scores > own[None, :]).sum(0)
+    return (i2t_scores > best_correct[:, None]).sum(1), (t2i_scores > own[None, :]).sum(0)
+
+
+def recall_at_k(i2t_scores, t2i_scores, text_to_image, ks=(1, 5, 10)) -> dict:
+    """R@k both ways from (N, M) image-text score matrices (one per direction, so a reranker may
+    rescore each direction's candidates)."""
+    i2t_rank, t2i_rank = retrieval_ranks(i2t_scores, t2i_scores, text_to_image)
     out = {}
     for k in ks:
         out[f"image_to_text_R@{k}"] = (i2t_rank < k).float().mean().item()
@@ -94,11 +100,47 @@ def load_gallery(dataset, n=None):
 
 
 @torch.no_grad()
-def retrieval(model, tokenizer, dataset, device, n=None, reducer=None) -> dict:
+def gallery_features(model, tokenizer, dataset, device, n=None, reducer=None) -> tuple:
+    """(image features (N, E), caption features (M, E), text_to_image (M,)) of a gallery's first n images."""
     images, captions, owner = load_gallery(dataset, n)
-    img = encode_images(model, images, device, reducer=reducer)
-    txt = encode_texts(model, tokenizer, captions, device)
-    return retrieval_metrics(img, txt, owner.to(device))
+    return (encode_images(model, images, device, reducer=reducer), encode_texts(model, tokenizer, captions, device),
+            owner.to(device))
+
+
+def retrieval(model, tokenizer, dataset, device, n=None, reducer=None) -> dict:
+    return retrieval_metrics(*gallery_features(model, tokenizer, dataset, device, n, reducer))
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired comparison: is one model ahead of another on THIS gallery, or within its sampling noise?
+# Two reducers of the same CLIP differ on few images, so their difference is far less noisy than
+# either R@1 alone; the bootstrap resamples gallery images (an image's captions move with it).
+
+def per_image_retrieval(image_features, text_features, text_to_image, logit_scale) -> dict:
+    """Per gallery image, two numbers whose means are gallery metrics, so models compare image by image.
+    `r1`: its share of the mean R@1 (its image->text hit and its captions' text->image hits, the
+    latter weighted N/M so the mean over images is the mean R@1 exactly, whatever the captions per image).
+    `loss`: its term of CLIP's contrastive loss with the whole gallery as one batch, each image
+    with its first caption: a smooth measure of the same ranking that R@1 thresholds."""
+    sim = image_features.float() @ text_features.float().T  # (N, M)
+    N, M = sim.shape
+    i2t_rank, t2i_rank = retrieval_ranks(sim, sim, text_to_image)
+    caption_hits = torch.zeros(N, device=sim.device).index_add_(0, text_to_image, (t2i_rank == 0).float())
+    r1 = 0.5 * ((i2t_rank == 0).float() + caption_hits * N / M)
+    first = torch.full((N,), M, device=sim.device).scatter_reduce(
+        0, text_to_image, torch.arange(M, device=sim.device), "amin")  # each image's first caption
+    logits = logit_scale * sim[:, first]  # (N, N)
+    target = torch.arange(N, device=sim.device)
+    loss = 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
+    return dict(r1=r1, loss=loss)
+
+
+def paired_interval(diff: torch.Tensor, level: float = 0.95, reps: int = 4000, seed: int = 0) -> tuple:
+    """The percentile bootstrap interval of mean(diff), diff (N,) one value per gallery image."""
+    g = torch.Generator().manual_seed(seed)
+    means = diff.double().cpu()[torch.randint(len(diff), (reps, len(diff)), generator=g)].mean(1)  # (reps,)
+    tail = (1 - level) / 2
+    return means.quantile(tail).item(), means.quantile(1 - tail).item()
 
 
 @torch.no_grad()

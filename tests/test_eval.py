@@ -26,6 +26,29 @@ def test_retrieval_metrics_match_brute_force():
     assert 0 < got["image_to_text_R@1"] < 1  # the noise makes it a real test
 
 
+def test_per_image_retrieval_averages_to_the_gallery_metrics():
+    """With an uneven number of captions per image: the mean of the per-image shares is the mean R@1,
+    and the mean per-image loss is CLIP's contrastive loss on the gallery as one batch (first captions)."""
+    from model import contrastive_loss
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    owner = torch.tensor([i for i in range(20) for _ in range(1 + i % 3)])
+    owner = owner[torch.randperm(len(owner))]  # 1 to 3 captions per image, shuffled
+    txt = torch.nn.functional.normalize(img[owner] + 0.9 * torch.randn(len(owner), 8), dim=-1)
+    per = evaluation.per_image_retrieval(img, txt, owner, 10.0)
+    i2t, t2i = brute_force_recall(img @ txt.T, owner, 1)
+    assert abs(per["r1"].mean().item() - (i2t + t2i) / 2) < 1e-6 and 0 < i2t < 1
+    first = torch.tensor([next(j for j in range(len(owner)) if owner[j] == i) for i in range(20)])
+    assert torch.allclose(per["loss"].mean(), contrastive_loss(img, txt[first], 10.0), atol=1e-5)
+
+
+def test_paired_interval_collapses_on_a_constant_and_matches_the_normal_approximation():
+    assert evaluation.paired_interval(torch.full((50,), 0.3)) == pytest.approx((0.3, 0.3))
+    diff = torch.tensor([1.0, -1.0]).repeat(500)  # mean 0, standard error 1 / sqrt(1000)
+    low, high = evaluation.paired_interval(diff)
+    assert low == pytest.approx(-1.96 / 1000 ** 0.5, abs=0.01) and high == pytest.approx(1.96 / 1000 ** 0.5, abs=0.01)
+
+
 def test_topk_accuracy_by_hand():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])

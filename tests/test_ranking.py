@@ -252,6 +252,9 @@ def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
     tome = next(p for p in points if p["method"] == "ToMe")
     assert abs(tome["gflops"] - pruned) < 0.25 * (by["unpruned"]["gflops"] - pruned)  # equal FLOPs, as near as r allows
     assert all(0 <= p["zeroshot_top1"] <= 100 for p in points)
+    assert tome["paired_r1"] == tome["paired_loss"] == 0 and all(  # every row paired with ToMe, inside its interval
+        p[f"paired_{k}_low"] <= p[f"paired_{k}"] <= p[f"paired_{k}_high"] for p in points for k in ("r1", "loss"))
+    assert by["unpruned"]["paired_r1"] == pytest.approx(by["unpruned"]["accuracy"] - tome["accuracy"], abs=1e-6)
     assert "| unpruned | 1 |" in bench.ranking_markdown(points)
     import viz
     from test_viz import readable_png
