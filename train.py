@@ -960,5 +960,17 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
+def leave_without_teardown():
+    """End a torchrun process once everything is written, skipping the interpreter's and C++'s
+    teardown. Here about one two-process CPU run in two hundred aborted in that teardown (SIGABRT,
+    "terminate called without an active exception", after destroy_process_group and after the
+    checkpoint), so torchrun reported a finished run as failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     train(parse_args())
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        leave_without_teardown()
