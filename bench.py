@@ -924,6 +924,19 @@ def tome_off_the_shelf(root: str, n_test: list) -> str:
     return "\n".join(rows)
 
 
+def train_all(root: str, quick: bool, times: StepTimes, t0: float) -> list:
+    """Every training run of all_runs not finished yet, each timed. Returns the runs' names."""
+    import os
+    os.makedirs(root, exist_ok=True)
+    runs = all_runs(root, quick)
+    for name, args in runs.items():
+        if os.path.exists(f"{root}/{name}/ckpt.pt"):
+            continue  # finished before: rerunning is a matter of deleting the folder
+        print(f"[{(time.time() - t0) / 60:5.1f} min] train.py {name}", flush=True)
+        times.run(f"train.py {name}", run_logged, ["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
+    return list(runs)
+
+
 def reproduce_all(root: str, quick: bool = False) -> str:
     """Every training run (skipping those already finished), then the tables (Markdown, in
     ROOT/results.md) and the figures (ROOT/*.png), each step timed (ROOT/timings.json).
@@ -931,12 +944,7 @@ def reproduce_all(root: str, quick: bool = False) -> str:
     import os
     os.makedirs(root, exist_ok=True)
     t0, sections, times = time.time(), [], StepTimes(root)
-    runs = all_runs(root, quick)
-    for name, args in runs.items():
-        if os.path.exists(f"{root}/{name}/ckpt.pt"):
-            continue  # finished before: rerunning is a matter of deleting the folder
-        print(f"[{(time.time() - t0) / 60:5.1f} min] train.py {name}", flush=True)
-        times.run(f"train.py {name}", run_logged, ["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
+    runs = train_all(root, quick, times, t0)
     print(f"[{(time.time() - t0) / 60:5.1f} min] tables and figures", flush=True)
     n_test = ["--n-test", "20" if quick else "1000"]
     sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + times.run("elip table", elip_table, root, n_test))
@@ -982,7 +990,7 @@ def reproduce_all(root: str, quick: bool = False) -> str:
         times.run(name, run_logged, ["viz.py", *args], f"{root}/viz.txt", name)
     minutes = (time.time() - t0) / 60
     text = "\n\n".join(sections) + (f"\n\n(bench.py --all{' --quick' if quick else ''}: {minutes:.1f} min this "
-                                      f"invocation; {times.summary(list(runs))})\n")
+                                      f"invocation; {times.summary(runs)})\n")
     with open(f"{root}/results.md", "w") as f:
         f.write(text)
     return text

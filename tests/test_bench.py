@@ -1,5 +1,6 @@
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -109,11 +110,26 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     assert all(t > 0 for t in times.values())
     stated = float(re.search(r"each timed when it last ran: ([0-9.]+) min", text).group(1))
     assert stated == pytest.approx(sum(times.values()) / 60, abs=0.051) and "finished before timings.json" not in text
-    again = bench.reproduce_all(str(tmp_path), quick=True)  # finished runs are kept, not retrained
-    assert "| elip |" in again
-    kept = json.loads((tmp_path / "timings.json").read_text())
-    assert all(kept[r] == times[r] for r in runs)  # ... and keep the time they took when they ran
-    check_elip_table_of_a_folder(tmp_path, again)
+    with pytest.MonkeyPatch.context() as mp:  # a second --all keeps the finished runs: nothing is retrained
+        mp.setattr(bench, "run_logged", lambda cmd, *rest: pytest.fail(f"{cmd[:2]} ran again"))
+        again = bench.train_all(str(tmp_path), True, bench.StepTimes(str(tmp_path)), t0=0.0)
+    assert again == list(bench.all_runs(str(tmp_path), quick=True))
+    check_elip_table_of_a_folder(tmp_path, text)
+
+
+def test_step_times_keep_earlier_steps_across_invocations(tmp_path):
+    """An interrupted --all continues in a new process: the steps timed before stay in timings.json,
+    a step run again gets its new time."""
+    first = bench.StepTimes(str(tmp_path))
+    assert first.run("train.py a", lambda x: x + 1, 1) == 2
+    first.run("table", time.sleep, 0.02)
+    second = bench.StepTimes(str(tmp_path))  # a later invocation
+    second.run("table", lambda: None)
+    second.run("train.py b", time.sleep, 0.01)
+    saved = json.loads((tmp_path / "timings.json").read_text())
+    assert saved["train.py a"] == first.seconds["train.py a"] and saved["table"] < 0.02 <= first.seconds["table"]
+    assert set(saved) == {"train.py a", "train.py b", "table"}
+    assert "not counted, finished before timings.json existed: c" in second.summary(["a", "b", "c"])
 
 
 def check_elip_table_of_a_folder(root, all_text):
