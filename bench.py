@@ -942,9 +942,8 @@ def reproduce_all(root: str, quick: bool = False) -> str:
     ROOT/results.md) and the figures (ROOT/*.png), each step timed (ROOT/timings.json).
     Returns the Markdown."""
     import os
-    os.makedirs(root, exist_ok=True)
     t0, sections, times = time.time(), [], StepTimes(root)
-    runs = train_all(root, quick, times, t0)
+    runs = train_all(root, quick, times, t0)  # makes the folder
     print(f"[{(time.time() - t0) / 60:5.1f} min] tables and figures", flush=True)
     n_test = ["--n-test", "20" if quick else "1000"]
     sections.append("### ELIP and EViT against no pruning (3 seeds)\n\n" + times.run("elip table", elip_table, root, n_test))
