@@ -122,12 +122,12 @@ def test_step_times_keep_earlier_steps_across_invocations(tmp_path):
     a step run again gets its new time."""
     first = bench.StepTimes(str(tmp_path))
     assert first.run("train.py a", lambda x: x + 1, 1) == 2
-    first.run("table", time.sleep, 0.02)
+    first.run("table", time.sleep, 0.05)
     second = bench.StepTimes(str(tmp_path))  # a later invocation
     second.run("table", lambda: None)
     second.run("train.py b", time.sleep, 0.01)
     saved = json.loads((tmp_path / "timings.json").read_text())
-    assert saved["train.py a"] == first.seconds["train.py a"] and saved["table"] < 0.02 <= first.seconds["table"]
+    assert saved["train.py a"] == first.seconds["train.py a"] and saved["table"] < first.seconds["table"]
     assert set(saved) == {"train.py a", "train.py b", "table"}
     assert "not counted, finished before timings.json existed: c" in second.summary(["a", "b", "c"])
 
