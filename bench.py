@@ -407,7 +407,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     several seeds) pruned at the same layer to the same count by every criterion. Rows without
     training are measured on the first checkpoint; the predictor rows on all (their seeds)."""
     import ranking
-    model = train.load_checkpoint(paths[0], device)[0]
+    model, tokenizer = train.load_checkpoint(paths[0], device)[:2]
     layer, keep = model.rcfg.layer, ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
     fuse = model.rcfg.fuse  # every row prunes the way the checkpoints did: dropping, or fusing the rest
     prune = lambda scorer: lambda m, cfg: ranking.RankPrune(layer, keep, scorer, fuse=fuse)
@@ -419,7 +419,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     if oracle:
         specs.append(("golden", "golden ranking (oracle)", paths[:1],  # its search is neither counted nor timed
                       lambda m, cfg: (ranking.RankPrune(layer, keep, ranking.golden_scorer(
-                          m, layer, k=cfg.rank_block, chunk=cfg.rank_chunk, fuse=fuse), fuse=fuse), 0.0, False)))
+                          m, layer, **train.search_settings(cfg, m, tokenizer)[0]), fuse=fuse), 0.0, False)))
     specs += [("predictor", "predictor", paths,
                lambda m, cfg: (m.reducer(tokens=False), predictor_flops(m.predictor))),
               ("predictor", f"predictor + {model.rcfg.num_tokens} learnable tokens", paths,
@@ -744,6 +744,43 @@ def video_table(root: str, n_test: list) -> str:
     return "\n".join(rows)
 
 
+def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
+    """Markdown: two video captioners of the shapes clips, captioning the same test clips (greedy):
+    each one's motion accuracy, direction on clips of one moving object and CIDEr-D, and the first
+    minus the second clip by clip with its 95% bootstrap interval over the clips
+    (`eval.paired_motion`). The interval holds the test clips' sampling noise only, not a seed's."""
+    import eval as evaluation
+    runs = []
+    for path in paths:
+        model, tokenizer, ckpt = train.load_checkpoint(path, device)
+        cfg = train.saved_config(ckpt)
+        if ckpt.get("kind") != "captioner" or not cfg.video or cfg.val_data:
+            raise DataError(f"--video-paired: {path} is not a video captioner of the shapes clips (--method evlgen --video)")
+        v = model.cfg.vision
+        clips = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test, frames=cfg.frames,
+                                     marker=cfg.motion_marker)[0]
+        images, refs = evaluation.caption_gallery(clips, n_test)
+        cands = evaluation.caption_images(model, tokenizer, images, device)
+        runs.append(dict(cands=cands, refs=refs, scenes=[clips.scene(i)[0] for i in range(len(images))]))
+    a, b = runs
+    if a["scenes"] != b["scenes"]:
+        raise DataError(f"--video-paired: {paths[0]} and {paths[1]} were trained on other shapes scenes (--seed / "
+                        f"--data-seed), so their test clips differ: pair runs of one seed")
+    paired = evaluation.paired_motion(a["cands"], b["cands"], a["refs"], a["scenes"])
+    own = [dict(evaluation.motion_accuracy(r["cands"], r["scenes"]), cider_d=evaluation.cider_d(r["cands"], r["refs"]))
+           for r in runs]
+    rows = [f"A = {paths[0]}, B = {paths[1]}; {len(a['scenes'])} test clips, "
+            f"{paired['direction_accuracy_one_object']['clips']} of one moving object", "",
+            "| measure | A | B | A − B [95%] |", "|---|---|---|---|"]
+    for key, label, unit in (("motion_accuracy", "motion accuracy (5 choices)", 100),
+                             ("direction_accuracy_one_object", "direction, clips of one moving object", 100),
+                             ("cider_d", "CIDEr-D", 100)):
+        d, (low, high) = paired[key]["diff"], paired[key]["interval"]
+        rows.append(f"| {label} | {unit * own[0][key]:.1f} | {unit * own[1][key]:.1f} | "
+                    f"{unit * d:+.1f} [{unit * low:+.1f}, {unit * high:+.1f}] |")
+    return "\n".join(rows)
+
+
 CAPTIONER_NAMES = {"evlgen": "EVLGen (merge, r = 16)", "nomerge": "(a) no merging",
                    "query1": "(b) learned queries, one stage", "query2": "(c) learned queries, two stages"}
 
@@ -1040,6 +1077,9 @@ def main(argv=None):
     p.add_argument("--elip-table", metavar="DIR", default="",
                    help="instead: the ELIP/EViT-against-none table (all tokens and pruned) of the runs DIR/NAME_S, "
                         "S = 0, 1, 2, NAME none (required), elip, evit, ... as --all names them")
+    p.add_argument("--video-paired", nargs=2, metavar="CKPT", default=[],
+                   help="instead: two video captioners of one seed on the same test clips, their motion accuracy, "
+                        "one-mover direction and CIDEr-D, and A - B clip by clip with 95%% bootstrap intervals")
     p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
     p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking / --elip-table: test gallery size")
@@ -1062,6 +1102,9 @@ def main(argv=None):
         table = direction_markdown(direction_probe_checkpoints(args.direction_probe, args.probe_steps, args.n_test,
                                                                args.device))
         print_and_save(table, args.out)
+        return
+    if args.video_paired:
+        print_and_save(video_paired(args.video_paired, args.n_test, args.device), args.out)
         return
     if args.ranking:
         points = ranking_points(args.ranking, args.n_test, args.device, oracle=not args.no_oracle)

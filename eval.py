@@ -282,10 +282,15 @@ def bleu(cands: list, refs: list, max_n: int = 4) -> float:
 
 
 def cider_d(cands: list, refs: list, max_n: int = 4, sigma: float = 6.0) -> float:
-    """CIDEr-D (Vedantam et al., 2015), COCO's definition: per n, TF-IDF vectors of n-gram counts
-    (IDF from the references of this corpus), the candidate's weights clipped at the reference's,
-    cosine similarity times a Gaussian penalty on the length difference; averaged over n and
-    references, times 10; the mean over captions."""
+    """CIDEr-D (Vedantam et al., 2015), COCO's definition: the mean over captions of `cider_d_scores`."""
+    scores = cider_d_scores(cands, refs, max_n, sigma)
+    return sum(scores) / len(scores)
+
+
+def cider_d_scores(cands: list, refs: list, max_n: int = 4, sigma: float = 6.0) -> list:
+    """Each caption's CIDEr-D: per n, TF-IDF vectors of n-gram counts (IDF from the references of
+    the whole corpus), the candidate's weights clipped at the reference's, cosine similarity times
+    a Gaussian penalty on the length difference; averaged over n and references, times 10."""
     cands = [normalize(c) for c in cands]
     refs = [[normalize(r) for r in rs] for rs in refs]
     doc_freq = Counter()
@@ -313,7 +318,7 @@ def cider_d(cands: list, refs: list, max_n: int = 4, sigma: float = 6.0) -> floa
                 if cn[n] and rn[n]:
                     total += dot / (cn[n] * rn[n]) * penalty
         scores.append(10.0 * total / max_n / len(rs))
-    return sum(scores) / len(scores)
+    return scores
 
 
 def batched(n: int, batch_size: int):
@@ -350,11 +355,16 @@ def answer_questions(model, tokenizer, images, captions, questions, device, batc
     return [" ".join(a) for _, a in sorted(answers)]
 
 
+def caption_gallery(dataset, n=None):
+    """(images, each image's reference captions) of the first n items."""
+    images, captions, owner = load_gallery(dataset, n)
+    return images, [[c for c, o in zip(captions, owner.tolist()) if o == i] for i in range(len(images))]
+
+
 def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions=True) -> dict:
     """BLEU-4 and CIDEr-D of generated captions against every reference caption of the first n
     images; on shapes also question-answering exact-match accuracy (one question per image)."""
-    images, captions, owner = load_gallery(dataset, n)
-    refs = [[c for c, o in zip(captions, owner.tolist()) if o == i] for i in range(len(images))]
+    images, refs = caption_gallery(dataset, n)
     cands = caption_images(model, tokenizer, images, device, num_beams)
     metrics = dict(bleu4=bleu(cands, refs), cider_d=cider_d(cands, refs))
     if isinstance(dataset, data.ShapesVideoDataset):
@@ -378,17 +388,46 @@ def motion_accuracy(cands: list, scenes: list) -> dict:
     whatever object it names (motion apart from recognising the object); and, for those clips,
     how often each word was said for each true direction (`direction_said`: does a captioner
     know the axis at least, or say one word whatever it sees?)."""
-    hits = [(data.motion_of(c, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still")
-            for c, scene in zip(cands, scenes) for o in scene]
+    hits = [h for c, scene in zip(cands, scenes) for h in motion_hits(c, scene)]
     moving = [h for h, m in hits if m]
-    # one moving object: (its direction, the caption's first motion word whatever colour it names)
-    single = [(s[0]["motion"], next((w for w in c.split() if w in data.MOTIONS), "none"))
-              for c, s in zip(cands, scenes) if len(s) == 1 and s[0]["motion"] != "still"]
+    single = [one for c, s in zip(cands, scenes) if (one := one_mover_direction(c, s))]
     said = {d: dict(Counter(w for true, w in single if true == d)) for d in data.MOTIONS if d != "still"}
     return dict(motion_accuracy=sum(h for h, _ in hits) / max(1, len(hits)),
                 direction_accuracy=sum(moving) / max(1, len(moving)),
                 direction_accuracy_one_object=sum(true == w for true, w in single) / max(1, len(single)),
                 direction_said=said)
+
+
+def motion_hits(cand: str, scene: list) -> list:
+    """(the caption gives the object its true motion, the object moves) for each object of a clip."""
+    return [(data.motion_of(cand, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still") for o in scene]
+
+
+def one_mover_direction(cand: str, scene: list):
+    """For a clip of one moving object: (its direction, the caption's first motion word whatever
+    colour it names, "none" if it has none); None for any other clip."""
+    if len(scene) != 1 or scene[0]["motion"] == "still":
+        return None
+    return scene[0]["motion"], next((w for w in cand.split() if w in data.MOTIONS), "none")
+
+
+def paired_motion(cands_a: list, cands_b: list, refs: list, scenes: list) -> dict:
+    """Two captioners on the same clips: A's motion accuracy, one-mover direction accuracy and
+    CIDEr-D minus B's, each with its 95% bootstrap interval over the clips (`paired_interval`; a
+    clip's objects stay together). Motion accuracy counts objects, so each clip's difference in
+    hits is scaled by clips / objects: their mean is the difference of the two accuracies."""
+    scale = len(scenes) / sum(len(s) for s in scenes)
+    ones = [i for i, s in enumerate(scenes) if one_mover_direction("", s)]
+
+    def per_clip(cands):
+        hits = torch.tensor([sum(h for h, _ in motion_hits(c, s)) for c, s in zip(cands, scenes)], dtype=torch.float64)
+        said = [one_mover_direction(cands[i], scenes[i]) for i in ones]
+        right = torch.tensor([float(true == word) for true, word in said], dtype=torch.float64)
+        return scale * hits, right, torch.tensor(cider_d_scores(cands, refs), dtype=torch.float64)
+
+    keys = ("motion_accuracy", "direction_accuracy_one_object", "cider_d")
+    diffs = {k: a - b for k, a, b in zip(keys, per_clip(cands_a), per_clip(cands_b))}
+    return {k: dict(diff=d.mean().item(), interval=paired_interval(d), clips=len(d)) for k, d in diffs.items()}
 
 
 @torch.no_grad()

@@ -80,6 +80,7 @@ class TrainConfig:
     rank_keep: float = 0.6  # share of the patch tokens kept
     rank_block: int = 1  # the search's candidates: k x k blocks of patches
     rank_chunk: int = 1  # candidates the search removes per iteration: 1 is the exact greedy rule (more: see README)
+    rank_score: str = "similarity"  # the search's score: similarity (cosine to the unpruned embedding) or max (README)
     rank_images: int = 500  # training images searched; the last 10% measure the predictor's top-n match
     rank_cache: str = ""  # the golden rankings' file; default --out/rankings.pt (runs of one CLIP can share it)
     predictor_steps: int = 400
@@ -244,6 +245,11 @@ def check_flags(cfg: TrainConfig):
         raise ValueError("--phase applies to --method ranking only")
     if cfg.predictor_loss not in ("listwise", "pairwise"):
         raise ValueError(f"--predictor-loss {cfg.predictor_loss} is unknown (choose listwise or pairwise)")
+    if cfg.rank_score not in ("similarity", "max"):
+        raise ValueError(f"--rank-score {cfg.rank_score} is unknown (choose similarity or max; ranking.py's `label` "
+                         f"mode needs a class for every training image, which captions do not give)")
+    if cfg.rank_score == "max" and cfg.data and not cfg.zeroshot_dir:
+        raise ValueError("--rank-score max scores by the zero-shot classes: with --data, name them with --zeroshot-dir")
     if min(cfg.rank_block, cfg.rank_chunk, cfg.rank_images) < 1 or cfg.num_tokens < 0:
         raise ValueError("--rank-block, --rank-chunk and --rank-images must be at least 1, --num-tokens at least 0")
     if cfg.init and cfg.resume:
@@ -697,23 +703,39 @@ def ranking_config(cfg: TrainConfig, ckpt: dict, path: str) -> RankingConfig:
     return RankingConfig(clip=clip, layer=layer, keep=cfg.rank_keep, num_tokens=cfg.num_tokens, fuse=cfg.rank_fuse)
 
 
-def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, rank: int, world: int, say) -> bool:
+def search_settings(cfg: TrainConfig, model: RankingCLIP, tokenizer: Tokenizer) -> tuple:
+    """(keyword arguments of `ranking.golden_ranking`, what of them the cache's identity records).
+    With --rank-score max the search scores by the zero-shot classes (--zeroshot-dir's folders,
+    else the shapes classes), embedded by the frozen CLIP's text tower."""
+    search = dict(k=cfg.rank_block, chunk=cfg.rank_chunk, fuse=model.rcfg.fuse, mode=cfg.rank_score)
+    recorded = dict(block=cfg.rank_block, chunk=cfg.rank_chunk, score=cfg.rank_score)
+    if cfg.rank_score == "max":
+        folder = data.ImageFolder(cfg.zeroshot_dir) if cfg.zeroshot_dir else None
+        names, templates = (folder.classes, folder.templates) if folder else (data.SHAPES_CLASSES, data.SHAPES_TEMPLATES)
+        device = next(model.parameters()).device
+        search["classes"] = evaluation.zeroshot_classifier(model, tokenizer, names, templates, device)
+        recorded.update(classes=list(names), templates=list(templates))
+    return search, recorded
+
+
+def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, tokenizer, rank: int, world: int,
+                  say) -> bool:
     """Patch Ranking's first two phases, before the loop trains the learnable tokens: load the
     frozen CLIP, search the golden rankings (cached), train the predictor (cached). Rank 0 does
     the work, the others read its files. Returns False if --phase stops here."""
     load_state(model, {**model.state_dict(), **init["model"]}, cfg.init)  # the CLIP; predictor and tokens fresh
     layer = model.rcfg.layer
     images_of = lambda i: dataset.get(i)["image"]
-    identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, block=cfg.rank_block, chunk=cfg.rank_chunk,
-                    score="similarity", data=cfg.data or "shapes", train_size=cfg.train_size, scenes=cfg.scene_seed(),
+    search, recorded = search_settings(cfg, model, tokenizer)
+    identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, **recorded,
+                    data=cfg.data or "shapes", train_size=cfg.train_size, scenes=cfg.scene_seed(),
                     **(dict(fuse=True) if model.rcfg.fuse else {}))  # caches of dropping searches predate the key
     n = min(cfg.rank_images, len(dataset))
     cache, pred_path = cfg.rank_cache or os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")
     pred_identity = dict(identity, images=n, steps=cfg.predictor_steps, loss=cfg.predictor_loss, seed=cfg.seed)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        golden = ranking.search_cached(model, images_of, n, cache, identity, layer, k=cfg.rank_block,
-                                       chunk=cfg.rank_chunk, fuse=model.rcfg.fuse, say=say)
+        golden = ranking.search_cached(model, images_of, n, cache, identity, layer, say=say, **search)
         saved = torch.load(pred_path, weights_only=True) if os.path.exists(pred_path) else {}
         if cfg.phase != "search" and saved.get("identity") != pred_identity:
             n_fit = max(1, n - n // 10)  # the last 10% are held out
@@ -849,7 +871,7 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     if isinstance(model, RankingCLIP) and not cfg.resume:
         try:
-            go_on = start_ranking(cfg, model, ckpt, dataset, rank, world, say=print if master else lambda m: None)
+            go_on = start_ranking(cfg, model, ckpt, dataset, tokenizer, rank, world, say=print if master else lambda m: None)
         except (DataError, ValueError) as e:  # a stale ranking cache
             sys.exit(f"error: {e}" if master else 2)
         if not go_on:

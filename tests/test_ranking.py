@@ -228,6 +228,36 @@ def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_pat
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_train_searches_by_the_predicted_class_with_rank_score_max(tmp_path):
+    import data
+    import eval as evaluation
+    import train
+    from test_train import TINY, run
+    clip, out = str(tmp_path / "clip"), str(tmp_path / "rank")
+    assert run([*TINY, "--depth", "4", "--steps", "2", "--batch-size", "8", "--no-eval", "--out", clip]).returncode == 0
+    args = ["--method", "ranking", "--init", f"{clip}/ckpt.pt", "--train-size", "64", "--rank-images", "6",
+            "--phase", "search", "--out", out]
+    got = run([*args, "--rank-score", "max"])
+    assert got.returncode == 0, got.stderr
+    cached = torch.load(f"{out}/rankings.pt", weights_only=True)
+    assert cached["identity"]["score"] == "max" and cached["identity"]["classes"] == data.SHAPES_CLASSES
+    # the same search by hand: the CLIP of --init, its text tower's embeddings of the shapes classes
+    model, tokenizer, _ = train.load_checkpoint(f"{clip}/ckpt.pt")
+    classes = evaluation.zeroshot_classifier(model, tokenizer, data.SHAPES_CLASSES, data.SHAPES_TEMPLATES, "cpu")
+    cfg = train.parse_args([*args, "--rank-score", "max"])
+    dataset = train.build_data(cfg, model.cfg.vision.image_size, model.cfg.vision.patch_size)
+    x = ranking.layer_input(model, torch.stack([dataset.get(i)["image"] for i in range(6)]), 1)
+    by_class = ranking.golden_ranking(model, x, 1, mode="max", classes=classes, fuse=True)
+    assert torch.equal(cached["rankings"], by_class)
+    assert not torch.equal(by_class, ranking.golden_ranking(model, x, 1, fuse=True))  # the score mode matters
+    stale = run(args)  # a similarity search must not reuse it
+    assert stale.returncode != 0 and "was made with another score" in stale.stderr and "Traceback" not in stale.stderr
+    for flags, message in ((["--rank-score", "label"], "--rank-score label is unknown"),
+                           (["--rank-score", "max", "--data", "caps.tsv", "--no-eval"], "name them with --zeroshot-dir")):
+        with pytest.raises(ValueError, match=message):
+            train.check_flags(train.parse_args([*args, *flags]))
+
+
 def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
     import json
     import subprocess

@@ -99,6 +99,25 @@ def test_motion_of_and_motion_accuracy_by_hand():
     assert "moving down  first motion word said: left 2, still 1" in format_table(dict(direction_said=said))
 
 
+def test_paired_motion_differences_are_the_accuracies_differences_by_hand():
+    from eval import cider_d, paired_motion
+    scenes = [[dict(colour="red", shape="circle", motion="left"), dict(colour="blue", shape="square", motion="still")],
+              [dict(colour="green", shape="cross", motion="up")], [dict(colour="purple", shape="cross", motion="down")]]
+    refs = [["a red circle moves to the left and a blue square stays still"], ["a green cross moves up"],
+            ["a purple cross moves down"]]
+    a = ["a red circle moves to the left and a blue square stays still", "a green cross moves down", "a purple cross"]
+    b = ["a red circle moves to the right", "a green cross moves up", "a purple cross moves down"]
+    got = paired_motion(a, b, refs, scenes)
+    # A: objects 2 of 4, one-mover clips 0 of 2; B: objects 2 of 4 (up, down), one-mover clips 2 of 2
+    assert got["motion_accuracy"]["diff"] == pytest.approx(motion_accuracy(a, scenes)["motion_accuracy"]
+                                                           - motion_accuracy(b, scenes)["motion_accuracy"]) == 0.0
+    assert got["direction_accuracy_one_object"]["diff"] == -1.0 and got["direction_accuracy_one_object"]["clips"] == 2
+    assert got["cider_d"]["diff"] == pytest.approx(cider_d(a, refs) - cider_d(b, refs))
+    assert got["motion_accuracy"]["clips"] == got["cider_d"]["clips"] == 3
+    same = paired_motion(a, a, refs, scenes)
+    assert all(v["diff"] == 0.0 and v["interval"] == (0.0, 0.0) for v in same.values())
+
+
 def test_the_contextualizer_is_the_identity_at_initialisation():
     torch.manual_seed(0)
     vit = ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2)).eval()
@@ -238,6 +257,11 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{cap}/ckpt.pt", "--n-test", "5"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "motion_accuracy" in r.stdout and "temporal gates" in r.stdout, r.stderr
+    import bench  # a captioner against itself, clip by clip: no difference, and an interval of none
+    table = bench.video_paired([f"{cap}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
+    assert "5 test clips" in table and table.count("| +0.0 [+0.0, +0.0] |") == 3
+    with pytest.raises(data.DataError, match="not a video captioner"):
+        bench.video_paired([f"{lm}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
     # an image LM cannot caption videos: its words lack the motions
     image_lm = str(tmp_path / "image_lm")
     assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--no-eval", "--out", image_lm]).returncode == 0
