@@ -390,7 +390,7 @@ def motion_accuracy(cands: list, scenes: list) -> dict:
     know the axis at least, or say one word whatever it sees?)."""
     hits = [h for c, scene in zip(cands, scenes) for h in motion_hits(c, scene)]
     moving = [h for h, m in hits if m]
-    single = [one for c, s in zip(cands, scenes) if (one := one_mover_direction(c, s))]
+    single = [d for d in map(one_mover_direction, cands, scenes) if d]  # (true direction, word said)
     said = {d: dict(Counter(w for true, w in single if true == d)) for d in data.MOTIONS if d != "still"}
     return dict(motion_accuracy=sum(h for h, _ in hits) / max(1, len(hits)),
                 direction_accuracy=sum(moving) / max(1, len(moving)),

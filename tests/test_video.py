@@ -106,11 +106,12 @@ def test_paired_motion_differences_are_the_accuracies_differences_by_hand():
     refs = [["a red circle moves to the left and a blue square stays still"], ["a green cross moves up"],
             ["a purple cross moves down"]]
     a = ["a red circle moves to the left and a blue square stays still", "a green cross moves down", "a purple cross"]
-    b = ["a red circle moves to the right", "a green cross moves up", "a purple cross moves down"]
+    b = ["a red circle moves to the left", "a green cross moves up", "a purple cross moves down"]
     got = paired_motion(a, b, refs, scenes)
-    # A: objects 2 of 4, one-mover clips 0 of 2; B: objects 2 of 4 (up, down), one-mover clips 2 of 2
+    # A: objects 2 of 4, one-mover clips 0 of 2; B: objects 3 of 4 (the blue square unnamed), one-mover clips 2 of 2.
+    # Hits per clip A - B: +1, -1, -1 -> mean -1/3, times 3 clips / 4 objects = -1/4
     assert got["motion_accuracy"]["diff"] == pytest.approx(motion_accuracy(a, scenes)["motion_accuracy"]
-                                                           - motion_accuracy(b, scenes)["motion_accuracy"]) == 0.0
+                                                           - motion_accuracy(b, scenes)["motion_accuracy"]) == -0.25
     assert got["direction_accuracy_one_object"]["diff"] == -1.0 and got["direction_accuracy_one_object"]["clips"] == 2
     assert got["cider_d"]["diff"] == pytest.approx(cider_d(a, refs) - cider_d(b, refs))
     assert got["motion_accuracy"]["clips"] == got["cider_d"]["clips"] == 3
