@@ -1082,7 +1082,8 @@ def main(argv=None):
                         "one-mover direction and CIDEr-D, and A - B clip by clip with 95%% bootstrap intervals")
     p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
-    p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking / --elip-table: test gallery size")
+    p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking / --elip-table / "
+                                                                  "--video-paired: test gallery (or clips) size")
     p.add_argument("--all", metavar="DIR", default="",
                    help="instead: every run behind the README's results, then its tables (DIR/results.md) and "
                         "figures (DIR/*.png); finished runs are kept, so an interrupted --all continues")
