@@ -744,25 +744,30 @@ def video_table(root: str, n_test: list) -> str:
     return "\n".join(rows)
 
 
+def caption_test_clips(path: str, n_test: int, device, flag: str) -> dict:
+    """A video captioner checkpoint's greedy captions of its shapes test clips, with their
+    references, scenes, the checkpoint's training config and its gates (empty: frame averaging)."""
+    import eval as evaluation
+    model, tokenizer, ckpt = train.load_checkpoint(path, device)
+    cfg = train.saved_config(ckpt)
+    if ckpt.get("kind") != "captioner" or not cfg.video or cfg.val_data:
+        raise DataError(f"{flag}: {path} is not a video captioner of the shapes clips (--method evlgen --video)")
+    v = model.cfg.vision
+    clips = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test, frames=cfg.frames,
+                                 marker=cfg.motion_marker)[0]
+    images, refs = evaluation.caption_gallery(clips, n_test)
+    cands = evaluation.caption_images(model, tokenizer, images, device)
+    gates = model.temporal.gates() if model.temporal is not None else []
+    return dict(cands=cands, refs=refs, scenes=[clips.scene(i)[0] for i in range(len(images))], cfg=cfg, gates=gates)
+
+
 def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
     """Markdown: two video captioners of the shapes clips, captioning the same test clips (greedy):
     each one's motion accuracy, direction on clips of one moving object and CIDEr-D, and the first
     minus the second clip by clip with its 95% bootstrap interval over the clips
     (`eval.paired_motion`). The interval holds the test clips' sampling noise only, not a seed's."""
     import eval as evaluation
-    runs = []
-    for path in paths:
-        model, tokenizer, ckpt = train.load_checkpoint(path, device)
-        cfg = train.saved_config(ckpt)
-        if ckpt.get("kind") != "captioner" or not cfg.video or cfg.val_data:
-            raise DataError(f"--video-paired: {path} is not a video captioner of the shapes clips (--method evlgen --video)")
-        v = model.cfg.vision
-        clips = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test, frames=cfg.frames,
-                                     marker=cfg.motion_marker)[0]
-        images, refs = evaluation.caption_gallery(clips, n_test)
-        cands = evaluation.caption_images(model, tokenizer, images, device)
-        runs.append(dict(cands=cands, refs=refs, scenes=[clips.scene(i)[0] for i in range(len(images))]))
-    a, b = runs
+    a, b = runs = [caption_test_clips(path, n_test, device, "--video-paired") for path in paths]
     if a["scenes"] != b["scenes"]:
         raise DataError(f"--video-paired: {paths[0]} and {paths[1]} were trained on other shapes scenes (--seed / "
                         f"--data-seed), so their test clips differ: pair runs of one seed")
@@ -778,6 +783,40 @@ def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
         d, (low, high) = paired[key]["diff"], paired[key]["interval"]
         rows.append(f"| {label} | {unit * own[0][key]:.1f} | {unit * own[1][key]:.1f} | "
                     f"{unit * d:+.1f} [{unit * low:+.1f}, {unit * high:+.1f}] |")
+    return "\n".join(rows)
+
+
+AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
+
+
+def on_the_axis(direction_said: dict) -> tuple:
+    """(clips whose first motion word lies on the true direction's axis, clips) from
+    `eval.motion_accuracy`'s direction_said: knowing the axis without the sign gives about half
+    of the direction accuracy's clips right, and all of them on the axis."""
+    said = [(true, word, n) for true, words in direction_said.items() for word, n in words.items()]
+    return sum(n for true, word, n in said if AXIS.get(word) == AXIS[true]), sum(n for _, _, n in said)
+
+
+def video_runs(paths: list, n_test: int = 1000, device="cpu") -> str:
+    """Markdown: one row per video captioner checkpoint — its seed, steps, temporal model and bridge
+    positions as trained, then CIDEr-D, BLEU-4 and the motion measures on its own test clips
+    (greedy, as `eval.py` computes them), how often it puts a one-mover clip on the right axis, and
+    its gates. The runs of a seed share their test clips; other seeds draw their own."""
+    import eval as evaluation
+    rows = ["| checkpoint | seed | steps | temporal model | bridge positions | CIDEr-D | BLEU-4 | motion accuracy "
+            "(5 choices) | direction accuracy (moving objects, 4) | direction, clips of one moving object | "
+            "one-mover clips on the right axis | gates (alpha, first block to last) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        r = caption_test_clips(path, n_test, device, "--video-runs")
+        cfg, m = r["cfg"], evaluation.motion_accuracy(r["cands"], r["scenes"])
+        model = (f"contextualizer, learning rate x{cfg.temporal_lr_scale:g}" if cfg.temporal else "frame averaging")
+        right, ones = on_the_axis(m["direction_said"])
+        gates = " ".join(f"{a:+.2f}" for a in r["gates"]) or "—"
+        rows.append(f"| `{path}` | {cfg.seed} | {cfg.steps} | {model} | {'yes' if cfg.bridge_pos else 'no'} | "
+                    f"{100 * evaluation.cider_d(r['cands'], r['refs']):.1f} | {100 * evaluation.bleu(r['cands'], r['refs']):.1f} | "
+                    f"{100 * m['motion_accuracy']:.1f} | {100 * m['direction_accuracy']:.1f} | "
+                    f"{100 * m['direction_accuracy_one_object']:.1f} | {right} of {ones} | {gates} |")
     return "\n".join(rows)
 
 
@@ -1080,10 +1119,13 @@ def main(argv=None):
     p.add_argument("--video-paired", nargs=2, metavar="CKPT", default=[],
                    help="instead: two video captioners of one seed on the same test clips, their motion accuracy, "
                         "one-mover direction and CIDEr-D, and A - B clip by clip with 95%% bootstrap intervals")
+    p.add_argument("--video-runs", nargs="+", metavar="CKPT", default=[],
+                   help="instead: a row per video captioner (seed, steps, temporal model, bridge positions as "
+                        "trained): CIDEr-D, BLEU-4, the motion measures, one-mover clips on the right axis, gates")
     p.add_argument("--no-oracle", action="store_true", help="with --ranking: skip the (slow) golden-oracle row")
     p.add_argument("--points", default="points.json")
     p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking / --elip-table / "
-                                                                  "--video-paired: test gallery (or clips) size")
+                                                                  "--video-paired / --video-runs: test gallery (or clips) size")
     p.add_argument("--all", metavar="DIR", default="",
                    help="instead: every run behind the README's results, then its tables (DIR/results.md) and "
                         "figures (DIR/*.png); finished runs are kept, so an interrupted --all continues")
@@ -1106,6 +1148,9 @@ def main(argv=None):
         return
     if args.video_paired:
         print_and_save(video_paired(args.video_paired, args.n_test, args.device), args.out)
+        return
+    if args.video_runs:
+        print_and_save(video_runs(args.video_runs, args.n_test, args.device), args.out)
         return
     if args.ranking:
         points = ranking_points(args.ranking, args.n_test, args.device, oracle=not args.no_oracle)

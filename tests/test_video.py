@@ -99,6 +99,14 @@ def test_motion_of_and_motion_accuracy_by_hand():
     assert "moving down  first motion word said: left 2, still 1" in format_table(dict(direction_said=said))
 
 
+def test_on_the_axis_counts_the_first_words_on_the_true_axis_by_hand():
+    from bench import on_the_axis
+    said = dict(left={"left": 3, "right": 2, "up": 1}, right={"none": 4}, up={"down": 5}, down={"down": 1, "still": 2})
+    # on the axis: left 3 + right 2 (moving left), down 5 (moving up), down 1 (moving down); 18 clips in all
+    assert on_the_axis(said) == (11, 18)
+    assert on_the_axis(dict(left={}, right={}, up={}, down={})) == (0, 0)
+
+
 def test_paired_motion_differences_are_the_accuracies_differences_by_hand():
     from eval import cider_d, paired_motion
     scenes = [[dict(colour="red", shape="circle", motion="left"), dict(colour="blue", shape="square", motion="still")],
@@ -258,7 +266,16 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{cap}/ckpt.pt", "--n-test", "5"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "motion_accuracy" in r.stdout and "temporal gates" in r.stdout, r.stderr
-    import bench  # a captioner against itself, clip by clip: no difference, and an interval of none
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{cap}/ckpt.pt", "--n-test", "5", "--json"], cwd=ROOT,
+                       capture_output=True, text=True)
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    import bench  # the runs table says what eval.py says, and what the run was trained with
+    row = [cell.strip() for cell in bench.video_runs([f"{cap}/ckpt.pt"], n_test=5).splitlines()[-1].split("|")[1:-1]]
+    assert row[1:5] == ["0", "3", "contextualizer, learning rate x1", "no"]
+    keys = ("cider_d", "bleu4", "motion_accuracy", "direction_accuracy", "direction_accuracy_one_object")
+    assert row[5:10] == [f"{100 * metrics[k]:.1f}" for k in keys]
+    assert row[11].split() == [f"{a:+.2f}" for a in metrics["temporal_alpha"]]
+    # a captioner against itself, clip by clip: no difference, and an interval of none
     table = bench.video_paired([f"{cap}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
     assert "5 test clips" in table and table.count("| +0.0 [+0.0, +0.0] |") == 3
     with pytest.raises(data.DataError, match="not a video captioner"):
