@@ -271,6 +271,7 @@ class CaptionerConfig:
     temporal: bool = False  # video: EVLGen's temporal contextualizer in every ViT block (the only ViT part trained)
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its learned frame-index embedding (without it, the order of frames is lost)
+    temporal_causal: bool = False  # ours: each frame attends to itself and earlier frames only
 
     def __post_init__(self):
         self.r = tuple(self.r)
@@ -353,7 +354,7 @@ class Captioner(nn.Module):
         else:
             self.bridge = QueryBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.num_queries, t.ln_eps)
         self.temporal = TemporalContext(v.depth, v.width, v.heads, cfg.frames, cfg.temporal_dim,
-                                        cfg.frame_embed) if cfg.temporal else None
+                                        cfg.frame_embed, cfg.temporal_causal) if cfg.temporal else None
         self.lm_proj = nn.Linear(t.width, cfg.lm.width)
         self.lm = CausalLM(cfg.lm)
         self.lm.requires_grad_(False)

@@ -108,6 +108,7 @@ class TrainConfig:
     temporal: bool = True  # EVLGen's temporal contextualizer in the ViT; off: frames averaged only
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its frame-index embedding; off: the module as published (blind to frame order)
+    temporal_causal: bool = False  # ours: each frame attends to itself and earlier frames only (order from step 1)
     motion_marker: bool = False  # a diagnostic: the direction of a clip's one moving object painted in a corner
     temporal_lr_scale: float = 1.0  # the contextualizer's learning rate = this x --lr (its gradients start at zero)
     eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
@@ -207,9 +208,11 @@ def check_flags(cfg: TrainConfig):
     if cfg.video and not captioning:
         raise ValueError("--video is for the captioner: --method lm (its language model) and --method evlgen")
     if not cfg.video and (cfg.frames != 4 or not cfg.temporal or cfg.temporal_dim or not cfg.frame_embed
-                          or cfg.temporal_lr_scale != 1.0):
-        raise ValueError("--frames, --no-temporal, --temporal-dim, --no-frame-embed and --temporal-lr-scale apply "
-                         "with --video only")
+                          or cfg.temporal_lr_scale != 1.0 or cfg.temporal_causal):
+        raise ValueError("--frames, --no-temporal, --temporal-dim, --no-frame-embed, --temporal-lr-scale and "
+                         "--temporal-causal apply with --video only")
+    if cfg.temporal_causal and not cfg.temporal:
+        raise ValueError("--temporal-causal masks the temporal contextualizer, which --no-temporal turns off")
     if cfg.motion_marker and (cfg.method != "evlgen" or not cfg.video or cfg.data or cfg.val_data):
         raise ValueError("--motion-marker paints the shapes videos of a video captioner: --method evlgen --video, "
                          "without --data or --val-data")
@@ -288,7 +291,8 @@ def captioner_config(cfg: TrainConfig, sources: dict, vocab_size: int) -> Captio
                            num_queries=cfg.num_queries,
                            freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim,
                            frames=cfg.frames if cfg.video else 1, temporal=cfg.video and cfg.temporal,
-                           temporal_dim=cfg.temporal_dim, frame_embed=cfg.frame_embed)
+                           temporal_dim=cfg.temporal_dim, frame_embed=cfg.frame_embed,
+                           temporal_causal=cfg.temporal_causal)
 
 
 def objectives(cfg: TrainConfig) -> tuple:

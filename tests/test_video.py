@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import train
 from eval import format_table, motion_accuracy
 from merge import TemporalAttention, TemporalContext
 from model import Captioner, CaptionerConfig
@@ -140,7 +141,7 @@ def test_the_contextualizer_is_the_identity_at_initialisation():
 
 
 def attention_over_frames_by_loop(layer, x, T, H):
-    """The definition, one clip and one spatial position at a time."""
+    """The definition, one clip and one spatial position at a time (causal: frame t sees frames <= t)."""
     BT, N, C = x.shape
     out = torch.empty_like(x)
     for b in range(BT // T):
@@ -150,16 +151,20 @@ def attention_over_frames_by_loop(layer, x, T, H):
             q, k = layer.q(h).view(T, H, -1), layer.k(h).view(T, H, -1)
             heads = []
             for j in range(H):
-                w = (q[:, j] @ k[:, j].T / q.shape[-1] ** 0.5).softmax(-1)  # (T, T)
+                w = q[:, j] @ k[:, j].T / q.shape[-1] ** 0.5  # (T, T)
+                if layer.causal:
+                    w = w.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+                w = w.softmax(-1)
                 heads.append(w @ v.view(T, H, -1)[:, j])
             out[b * T:(b + 1) * T, n] = v + layer.alpha * torch.cat(heads, -1)
     return out
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("B,T,N,C,H,dim", [(2, 4, 5, 12, 3, 6), (3, 2, 1, 8, 2, 4), (1, 5, 7, 16, 4, 8)])
-def test_attention_over_frames_matches_the_definition(B, T, N, C, H, dim):
+def test_attention_over_frames_matches_the_definition(B, T, N, C, H, dim, causal):
     torch.manual_seed(B * T)
-    layer = TemporalAttention(C, H, T, dim).double()
+    layer = TemporalAttention(C, H, T, dim, causal=causal).double()
     with torch.no_grad():
         layer.alpha.fill_(0.7)
         layer.frame_embed.normal_()
@@ -183,6 +188,21 @@ def test_without_the_frame_embedding_frame_order_is_lost():
                 layer.frame_embed.normal_()
         avg = lambda clip: layer(clip.flatten(0, 1)).view(2, 4, 9, 16).mean(1)
         assert torch.allclose(avg(x), avg(reverse), atol=1e-6) == same
+
+
+def test_causal_frames_see_only_the_past_and_the_order_counts_without_the_embedding():
+    torch.manual_seed(0)
+    layer = TemporalAttention(16, 2, 4, 8, frame_embed=False, causal=True)
+    with torch.no_grad():
+        layer.alpha.fill_(1.0)
+    x = torch.randn(2, 4, 9, 16)  # (B, T, N, C)
+    later = x.clone()
+    later[:, 2:] += torch.randn(2, 2, 9, 16)  # frames 2 and 3 changed
+    out, out_later = (layer(c.flatten(0, 1)).view(2, 4, 9, 16) for c in (x, later))
+    assert torch.equal(out[:, :2], out_later[:, :2]) and not torch.allclose(out[:, 2:], out_later[:, 2:])
+    assert torch.equal(out[:, 0], 2 * x[:, 0])  # the first frame sees only itself: x + 1.0 * x
+    avg = lambda clip: layer(clip.flatten(0, 1)).view(2, 4, 9, 16).mean(1)
+    assert not torch.allclose(avg(x), avg(x.flip(1)), atol=1e-3)  # a clip and its reverse now differ
 
 
 def tiny_video_captioner(**kw):
@@ -280,6 +300,13 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     assert "5 test clips" in table and table.count("| +0.0 [+0.0, +0.0] |") == 3
     with pytest.raises(data.DataError, match="not a video captioner"):
         bench.video_paired([f"{lm}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
+    # the causal contextualizer is trained, saved and read back as causal
+    causal = str(tmp_path / "causal")
+    r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
+             f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--temporal-causal", "--out", causal])
+    assert r.returncode == 0, r.stderr
+    assert all(layer.causal for layer in train.load_checkpoint(f"{causal}/ckpt.pt", "cpu")[0].temporal.layers)
+    assert "| causal contextualizer, learning rate x1 |" in bench.video_runs([f"{causal}/ckpt.pt"], n_test=3)
     # an image LM cannot caption videos: its words lack the motions
     image_lm = str(tmp_path / "image_lm")
     assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--no-eval", "--out", image_lm]).returncode == 0
@@ -295,6 +322,10 @@ def test_bad_video_flags_and_clips_stop_with_one_sentence(tmp_path):
     assert r.returncode != 0 and "apply with --video only" in r.stderr
     r = run(["--method", "lm", "--video", "--motion-marker", "--out", str(tmp_path / "b")])
     assert r.returncode != 0 and "--motion-marker paints" in r.stderr and "Traceback" not in r.stderr
+    r = run(["--method", "lm", "--temporal-causal", "--out", str(tmp_path / "b")])
+    assert r.returncode != 0 and "--temporal-causal apply with --video only" in r.stderr
+    r = run(["--method", "lm", "--video", "--no-temporal", "--temporal-causal", "--out", str(tmp_path / "b")])
+    assert r.returncode != 0 and "which --no-temporal turns off" in r.stderr and "Traceback" not in r.stderr
     write_clip(tmp_path / "clips" / "short", [(16, 16)] * 2)
     (tmp_path / "caps.json").write_text(json.dumps([dict(image="short", caption="a red square moves up")]))
     r = run(["--method", "lm", "--video", "--data", str(tmp_path / "caps.json"), "--image-root", str(tmp_path / "clips"),
