@@ -791,8 +791,8 @@ AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "
 
 def on_the_axis(direction_said: dict) -> tuple:
     """(clips whose first motion word lies on the true direction's axis, clips) from
-    `eval.motion_accuracy`'s direction_said: knowing the axis without the sign gives about half
-    of the direction accuracy's clips right, and all of them on the axis."""
+    `eval.motion_accuracy`'s direction_said. A captioner that knows the axis but not the sign has
+    all of its clips on the axis and about half of them right."""
     said = [(true, word, n) for true, words in direction_said.items() for word, n in words.items()]
     return sum(n for true, word, n in said if AXIS.get(word) == AXIS[true]), sum(n for _, _, n in said)
 
