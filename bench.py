@@ -810,8 +810,8 @@ def video_runs(paths: list, n_test: int = 1000, device="cpu") -> str:
     for path in paths:
         r = caption_test_clips(path, n_test, device, "--video-runs")
         cfg, m = r["cfg"], evaluation.motion_accuracy(r["cands"], r["scenes"])
-        model = (f"{'causal ' * cfg.temporal_causal}contextualizer, learning rate x{cfg.temporal_lr_scale:g}"
-                 if cfg.temporal else "frame averaging")
+        kind = "causal contextualizer" if cfg.temporal_causal else "contextualizer"
+        model = f"{kind}, learning rate x{cfg.temporal_lr_scale:g}" if cfg.temporal else "frame averaging"
         right, ones = on_the_axis(m["direction_said"])
         gates = " ".join(f"{a:+.2f}" for a in r["gates"]) or "—"
         rows.append(f"| `{path}` | {cfg.seed} | {cfg.steps} | {model} | {'yes' if cfg.bridge_pos else 'no'} | "
