@@ -713,14 +713,54 @@ def all_runs(root: str, quick: bool) -> dict:
     return {name: args + ["--out", f"{root}/{name}", "--overwrite"] for name, args in runs.items()}
 
 
+# --all --quick runs each script's main() in this interpreter instead of a new process: at toy size
+# Python's and torch's start-up (about 1.7 s on 2 CPU cores) is half of every call, and the test
+# suite makes 81 of them. The full --all keeps a process per call, so no run's memory or state
+# can reach the next.
+IN_PROCESS = False
+
+
 def run_logged(cmd: list, log_path: str, what: str):
-    """Run a python command, its output to log_path; stop naming the run and the log if it fails."""
+    """Run a script of this folder (cmd = ["train.py", *args]), its output to log_path; stop naming
+    the run and the log if it fails."""
     import subprocess
     import sys
     with open(log_path, "w") as log:
-        code = subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT).returncode
+        if IN_PROCESS:
+            code = run_in_process(cmd, log)
+        else:
+            code = subprocess.run([sys.executable, *cmd], stdout=log, stderr=subprocess.STDOUT).returncode
     if code:
         raise SystemExit(f"error: {what} failed (exit {code}); its output is in {log_path}")
+
+
+def run_in_process(cmd: list, log) -> int:
+    """cmd's script's main(args) here, stdout and stderr to log; the exit code its process would give."""
+    import contextlib
+    import importlib
+    import sys
+    import traceback
+    name = cmd[0].removesuffix(".py")
+    # bench.py itself: this module, whether it was imported or run as __main__, so the flag holds
+    module = sys.modules[__name__] if name == "bench" else importlib.import_module(name)
+    argv, sys.argv = sys.argv, list(cmd)  # argparse names the script in its messages from sys.argv[0]
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            module.main(cmd[1:])
+        except SystemExit as e:  # argparse, or a script's one-sentence error
+            if e.code is None or isinstance(e.code, int):
+                return e.code or 0
+            print(e.code, file=log)
+            return 1
+        except DataError as e:  # as bench.py's __main__ says it
+            print(f"error: {e}", file=log)
+            return 1
+        except Exception:  # a process would print the traceback and exit 1
+            traceback.print_exc(file=log)
+            return 1
+        finally:
+            sys.argv = argv
+    return 0
 
 
 def video_table(root: str, n_test: list) -> str:
@@ -1018,6 +1058,16 @@ def reproduce_all(root: str, quick: bool = False) -> str:
     """Every training run (skipping those already finished), then the tables (Markdown, in
     ROOT/results.md) and the figures (ROOT/*.png), each step timed (ROOT/timings.json).
     Returns the Markdown."""
+    global IN_PROCESS
+    was, IN_PROCESS = IN_PROCESS, quick
+    try:
+        return run_every_step(root, quick)
+    finally:
+        IN_PROCESS = was
+
+
+def run_every_step(root: str, quick: bool) -> str:
+    """reproduce_all's work: the training runs, the tables, the figures."""
     import os
     t0, sections, times = time.time(), [], StepTimes(root)
     runs = train_all(root, quick, times, t0)  # makes the folder

@@ -996,7 +996,11 @@ def leave_without_teardown():
     os._exit(0)
 
 
+def main(argv=None) -> dict:
+    return train(parse_args(argv))
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    main()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         leave_without_teardown()

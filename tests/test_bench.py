@@ -1,5 +1,6 @@
 import json
 import re
+import sys
 import time
 
 import pytest
@@ -154,9 +155,25 @@ def check_elip_table_of_a_folder(root, all_text):
         bench.elip_table_of_folder(str(sub), n_test=20)
 
 
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_failed_step_of_all_names_itself_and_its_log(tmp_path, monkeypatch, in_process):
+    """--all runs each script in a process of its own, --all --quick in this one: a failure reads
+    the same either way, one sentence naming the step and its log, the script's own error in the log."""
+    monkeypatch.setattr(bench, "IN_PROCESS", in_process)
+    from test_train import ROOT
+    monkeypatch.chdir(ROOT)
+    log = tmp_path / "step.txt"
+    for cmd, code, said in ((["eval.py", "--ckpt", str(tmp_path / "none.pt")], 1, "none.pt does not exist"),
+                            (["bench.py", "--direction-probe", str(tmp_path / "none.pt")], 1, "none.pt does not exist"),
+                            (["train.py", "--steps", "x"], 2, "train.py: error: argument --steps: invalid int")):
+        with pytest.raises(SystemExit, match=re.escape(f"error: the step failed (exit {code}); its output is in {log}")):
+            bench.run_logged(cmd, str(log), "the step")
+        assert said in log.read_text() and "Traceback" not in log.read_text()
+    assert bench.IN_PROCESS == in_process and sys.argv[0] != "train.py"  # nothing of a step stays behind
+
+
 def test_a_missing_checkpoint_stops_with_one_sentence(tmp_path):
     import subprocess
-    import sys
     from test_train import ROOT
     r = subprocess.run([sys.executable, "bench.py", "--direction-probe", str(tmp_path / "none.pt")], cwd=ROOT,
                        capture_output=True, text=True)
