@@ -802,27 +802,34 @@ def caption_test_clips(path: str, n_test: int, device, flag: str) -> dict:
 
 
 def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
-    """Markdown: two video captioners of the shapes clips, captioning the same test clips (greedy):
-    each one's motion accuracy, direction on clips of one moving object and CIDEr-D, and the first
-    minus the second clip by clip with its 95% bootstrap interval over the clips
-    (`eval.paired_motion`). The interval holds the test clips' sampling noise only, not a seed's."""
+    """Markdown, a row per pair A B of video captioners of one seed (paths A1 B1 A2 B2 ...), both
+    captioning the same test clips (greedy): A's and B's motion accuracy, direction on clips of
+    one moving object and CIDEr-D, and A − B clip by clip with its 95% bootstrap interval over the
+    clips (`eval.paired_motion`). The interval holds the test clips' sampling noise only, not a
+    seed's."""
     import eval as evaluation
-    a, b = runs = [caption_test_clips(path, n_test, device, "--video-paired") for path in paths]
-    if a["scenes"] != b["scenes"]:
-        raise DataError(f"--video-paired: {paths[0]} and {paths[1]} were trained on other shapes scenes (--seed / "
-                        f"--data-seed), so their test clips differ: pair runs of one seed")
-    paired = evaluation.paired_motion(a["cands"], b["cands"], a["refs"], a["scenes"])
-    own = [dict(evaluation.motion_accuracy(r["cands"], r["scenes"]), cider_d=evaluation.cider_d(r["cands"], r["refs"]))
-           for r in runs]
-    rows = [f"A = {paths[0]}, B = {paths[1]}; {len(a['scenes'])} test clips, "
-            f"{paired['direction_accuracy_one_object']['clips']} of one moving object", "",
-            "| measure | A | B | A − B [95%] |", "|---|---|---|---|"]
-    for key, label, unit in (("motion_accuracy", "motion accuracy (5 choices)", 100),
-                             ("direction_accuracy_one_object", "direction, clips of one moving object", 100),
-                             ("cider_d", "CIDEr-D", 100)):
-        d, (low, high) = paired[key]["diff"], paired[key]["interval"]
-        rows.append(f"| {label} | {unit * own[0][key]:.1f} | {unit * own[1][key]:.1f} | "
-                    f"{unit * d:+.1f} [{unit * low:+.1f}, {unit * high:+.1f}] |")
+    if not paths or len(paths) % 2:
+        raise DataError(f"--video-paired takes checkpoints in pairs A B [A B ...], got {len(paths)}")
+    rows = ["| A | B | seed | steps | test clips (of one moving object) | motion accuracy (5 choices): A, B, "
+            "A − B [95%] | direction, clips of one moving object: A, B, A − B [95%] | CIDEr-D: A, B, A − B [95%] |",
+            "|---|---|---|---|---|---|---|---|"]
+    for pa, pb in zip(paths[::2], paths[1::2]):
+        a, b = runs = [caption_test_clips(path, n_test, device, "--video-paired") for path in (pa, pb)]
+        if a["scenes"] != b["scenes"]:
+            raise DataError(f"--video-paired: {pa} and {pb} were trained on other shapes scenes (--seed / "
+                            f"--data-seed), so their test clips differ: pair runs of one seed")
+        paired = evaluation.paired_motion(a["cands"], b["cands"], a["refs"], a["scenes"])
+        own = [dict(evaluation.motion_accuracy(r["cands"], r["scenes"]), cider_d=evaluation.cider_d(r["cands"], r["refs"]))
+               for r in runs]
+        cells = []
+        for key in ("motion_accuracy", "direction_accuracy_one_object", "cider_d"):
+            d, (low, high) = paired[key]["diff"], paired[key]["interval"]
+            cells.append(f"{100 * own[0][key]:.1f}, {100 * own[1][key]:.1f}, "
+                         f"{100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+        steps = [r["cfg"].steps for r in runs]
+        steps = steps[0] if steps[0] == steps[1] else f"{steps[0]} / {steps[1]}"
+        rows.append(f"| `{pa}` | `{pb}` | {a['cfg'].seed} | {steps} | {len(a['scenes'])} "
+                    f"({paired['direction_accuracy_one_object']['clips']}) | {' | '.join(cells)} |")
     return "\n".join(rows)
 
 
@@ -852,6 +859,7 @@ def video_runs(paths: list, n_test: int = 1000, device="cpu") -> str:
         cfg, m = r["cfg"], evaluation.motion_accuracy(r["cands"], r["scenes"])
         kind = "causal contextualizer" if cfg.temporal_causal else "contextualizer"
         model = f"{kind}, learning rate x{cfg.temporal_lr_scale:g}" if cfg.temporal else "frame averaging"
+        model += f", motion words x{cfg.motion_word_weight:g} in the loss" if cfg.motion_word_weight != 1.0 else ""
         right, ones = on_the_axis(m["direction_said"])
         gates = " ".join(f"{a:+.2f}" for a in r["gates"]) or "—"
         rows.append(f"| `{path}` | {cfg.seed} | {cfg.steps} | {model} | {'yes' if cfg.bridge_pos else 'no'} | "
@@ -1167,9 +1175,10 @@ def main(argv=None):
     p.add_argument("--elip-table", metavar="DIR", default="",
                    help="instead: the ELIP/EViT-against-none table (all tokens and pruned) of the runs DIR/NAME_S, "
                         "S = 0, 1, 2, NAME none (required), elip, evit, ... as --all names them")
-    p.add_argument("--video-paired", nargs=2, metavar="CKPT", default=[],
-                   help="instead: two video captioners of one seed on the same test clips, their motion accuracy, "
-                        "one-mover direction and CIDEr-D, and A - B clip by clip with 95%% bootstrap intervals")
+    p.add_argument("--video-paired", nargs="+", metavar="CKPT", default=[],
+                   help="instead: pairs A B [A B ...] of video captioners of one seed, each pair on the same test "
+                        "clips: their motion accuracy, one-mover direction and CIDEr-D, and A - B clip by clip with "
+                        "95%% bootstrap intervals, a row per pair")
     p.add_argument("--video-runs", nargs="+", metavar="CKPT", default=[],
                    help="instead: a row per video captioner (seed, steps, temporal model, bridge positions as "
                         "trained): CIDEr-D, BLEU-4, the motion measures, one-mover clips on the right axis, gates")

@@ -272,9 +272,11 @@ class CaptionerConfig:
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its learned frame-index embedding (without it, the order of frames is lost)
     temporal_causal: bool = False  # ours: each frame attends to itself and earlier frames only
+    weighted_words: tuple = ()  # ours: LM ids whose targets count `word_weight` times in the caption loss
+    word_weight: float = 1.0
 
     def __post_init__(self):
-        self.r = tuple(self.r)
+        self.r, self.weighted_words = tuple(self.r), tuple(self.weighted_words)
         if self.bridge not in BRIDGES:
             raise ValueError(f"bridge {self.bridge!r} is unknown (choose {' or '.join(BRIDGES)})")
         if self.bridge == "merge" and len(self.r) != self.bridge_depth:
@@ -358,6 +360,10 @@ class Captioner(nn.Module):
         self.lm_proj = nn.Linear(t.width, cfg.lm.width)
         self.lm = CausalLM(cfg.lm)
         self.lm.requires_grad_(False)
+        weight = torch.ones(cfg.lm.vocab_size)
+        weight[list(cfg.weighted_words)] = cfg.word_weight
+        # not saved: rebuilt from the config, so checkpoints without it load unchanged
+        self.register_buffer("word_weight", weight if cfg.word_weight != 1.0 else None, persistent=False)
         if cfg.freeze_vit:
             self.visual.requires_grad_(False)
         if cfg.stage1:
@@ -402,7 +408,7 @@ class Captioner(nn.Module):
             return self.representation_losses(images, ids, generator)
         prefix = self.prompt(images).x
         ids = ids[:, :self.cfg.lm.context_length - prefix.shape[1]]  # prompt + caption fit the LM's positions
-        loss = self.lm.loss(ids, prefix=prefix)
+        loss = self.lm.loss(ids, prefix=prefix, word_weight=self.word_weight)
         return dict(lm=loss, loss=loss)
 
     def representation_losses(self, images, ids, generator=None) -> dict:

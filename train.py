@@ -111,6 +111,7 @@ class TrainConfig:
     temporal_causal: bool = False  # ours: each frame attends to itself and earlier frames only (order from step 1)
     motion_marker: bool = False  # a diagnostic: the direction of a clip's one moving object painted in a corner
     temporal_lr_scale: float = 1.0  # the contextualizer's learning rate = this x --lr (its gradients start at zero)
+    motion_word_weight: float = 1.0  # ours: the caption loss counts each motion word (left, right, up, down, still) this many times
     eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
     eval_size: int = 200
     eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
@@ -211,6 +212,11 @@ def check_flags(cfg: TrainConfig):
                           or cfg.temporal_lr_scale != 1.0 or cfg.temporal_causal):
         raise ValueError("--frames, --no-temporal, --temporal-dim, --no-frame-embed, --temporal-lr-scale and "
                          "--temporal-causal apply with --video only")
+    if cfg.motion_word_weight != 1.0 and (cfg.method != "evlgen" or not cfg.video or cfg.data):
+        raise ValueError("--motion-word-weight weighs the motion words of the shapes videos' captions: "
+                         "--method evlgen --video, without --data")
+    if cfg.motion_word_weight <= 0:
+        raise ValueError(f"--motion-word-weight must be positive, not {cfg.motion_word_weight}")
     if cfg.temporal_causal and not cfg.temporal:
         raise ValueError("--temporal-causal masks the temporal contextualizer, which --no-temporal turns off")
     if cfg.motion_marker and (cfg.method != "evlgen" or not cfg.video or cfg.data or cfg.val_data):
@@ -654,6 +660,9 @@ def prepare(cfg: TrainConfig, rank: int):
     if "lm" in sources:
         check_vocabularies(tokenizer, sources, source)
         mcfg = captioner_config(cfg, sources, len(tokenizer))
+        if cfg.motion_word_weight != 1.0:
+            mcfg = dataclasses.replace(mcfg, weighted_words=tuple(tokenizer.stoi[w] for w in data.MOTIONS),
+                                       word_weight=cfg.motion_word_weight)
         if cfg.bridge == "merge":
             N = 1 + mcfg.vision.num_patches
             note = merge_schedule(cfg.bridge_r, mcfg.bridge_depth, N)[1]

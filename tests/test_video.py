@@ -296,8 +296,15 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     assert row[5:10] == [f"{100 * metrics[k]:.1f}" for k in keys]
     assert row[11].split() == [f"{a:+.2f}" for a in metrics["temporal_alpha"]]
     # a captioner against itself, clip by clip: no difference, and an interval of none
-    table = bench.video_paired([f"{cap}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
-    assert "5 test clips" in table and table.count("| +0.0 [+0.0, +0.0] |") == 3
+    table = bench.video_paired([f"{cap}/ckpt.pt", f"{cap}/ckpt.pt"] * 2, n_test=5)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    assert len(rows) == 2 and rows[0] == rows[1]  # a row per pair
+    assert rows[0][2:4] == ["0", "3"] and rows[0][4].startswith("5 (")
+    assert [cell.split(", ", 2)[2] for cell in rows[0][5:]] == ["+0.0 [+0.0, +0.0]"] * 3
+    assert [cell.split(", ")[0] for cell in rows[0][5:7]] == [f"{100 * metrics[k]:.1f}" for k in
+                                                             ("motion_accuracy", "direction_accuracy_one_object")]
+    with pytest.raises(data.DataError, match="in pairs A B"):
+        bench.video_paired([f"{cap}/ckpt.pt"] * 3, n_test=5)
     with pytest.raises(data.DataError, match="not a video captioner"):
         bench.video_paired([f"{lm}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
     # the causal contextualizer is trained, saved and read back as causal
@@ -331,6 +338,24 @@ def test_bad_video_flags_and_clips_stop_with_one_sentence(tmp_path):
     r = run(["--method", "lm", "--video", "--data", str(tmp_path / "caps.json"), "--image-root", str(tmp_path / "clips"),
              "--no-eval", "--out", str(tmp_path / "c")])
     assert r.returncode != 0 and "short" in r.stderr and "fewer than the 4" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_motion_word_weight_weighs_only_those_words_and_is_not_saved():
+    plain = tiny_video_captioner(temporal=True)
+    weighted = tiny_video_captioner(temporal=True, weighted_words=(7, 9), word_weight=4.0)
+    assert plain.word_weight is None and weighted.word_weight.tolist() == [4.0 if i in (7, 9) else 1.0 for i in range(30)]
+    assert "word_weight" not in weighted.state_dict()  # rebuilt from the config: old checkpoints load
+    weighted.load_state_dict(plain.state_dict())
+    clips, ids = torch.randn(2, 3, 3, 32, 32), torch.tensor([[2, 7, 5, 9, 3], [2, 5, 5, 6, 3]])
+    with torch.no_grad():
+        prefix = plain.prompt(clips).x
+        expected = plain.lm.loss(ids, prefix, word_weight=weighted.word_weight)
+        torch.testing.assert_close(weighted(clips, ids)["loss"], expected)
+        torch.testing.assert_close(plain(clips, ids)["loss"], plain.lm.loss(ids, prefix))
+    with pytest.raises(ValueError, match="--motion-word-weight weighs the motion words"):
+        train.check_flags(train.TrainConfig(method="lm", video=True, motion_word_weight=5.0))
+    with pytest.raises(ValueError, match="must be positive"):
+        train.check_flags(train.TrainConfig(method="evlgen", video=True, lm="lm.pt", motion_word_weight=0.0))
 
 
 def test_the_contextualizer_has_its_own_learning_rate_scale():
