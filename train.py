@@ -689,12 +689,14 @@ def prepare(cfg: TrainConfig, rank: int):
 
 # the flags that decide what a run trains on: a resumed run must keep them
 DATA_FLAGS = ("data", "image_root", "train_size", "video", "frames", "partial_captions", "motion_marker")
+LOSS_FLAGS = ("motion_word_weight", "temporal_causal")  # change what is learned, but no weight's shape
 
 
 def check_same_data(cfg: TrainConfig, ckpt: dict, path: str):
-    """A resumed run continues on the data it started on, never silently on other data."""
+    """A resumed run continues on the data and the loss it started with, never silently on others."""
     saved = saved_config(ckpt)
-    pairs = [(f"--{name.replace('_', '-')}", getattr(saved, name), getattr(cfg, name)) for name in DATA_FLAGS]
+    pairs = [(f"--{name.replace('_', '-')}", getattr(saved, name), getattr(cfg, name))
+             for name in DATA_FLAGS + LOSS_FLAGS]
     pairs.append(("--seed / --data-seed (the shapes scenes)", saved.scene_seed(), cfg.scene_seed()))
     for flag, then, now in pairs:
         if then != now:

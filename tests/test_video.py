@@ -313,6 +313,9 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
              f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--temporal-causal", "--out", causal])
     assert r.returncode == 0, r.stderr
     assert all(layer.causal for layer in train.load_checkpoint(f"{causal}/ckpt.pt", "cpu")[0].temporal.layers)
+    r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
+             f"{clip}/ckpt.pt", "--steps", "2", "--no-eval", "--out", causal, "--resume"])  # the mask forgotten
+    assert r.returncode != 0 and "was trained with --temporal-causal True, this run has False" in r.stderr
     assert "| causal contextualizer, learning rate x1 |" in bench.video_runs([f"{causal}/ckpt.pt"], n_test=3)
     # an image LM cannot caption videos: its words lack the motions
     image_lm = str(tmp_path / "image_lm")
