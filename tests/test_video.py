@@ -317,6 +317,13 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
              f"{clip}/ckpt.pt", "--steps", "2", "--no-eval", "--out", causal, "--resume"])  # the mask forgotten
     assert r.returncode != 0 and "was trained with --temporal-causal True, this run has False" in r.stderr
     assert "| causal contextualizer, learning rate x1 |" in bench.video_runs([f"{causal}/ckpt.pt"], n_test=3)
+    # --motion-word-weight: the captioner weighs exactly the LM's ids of the motion words
+    weighted = str(tmp_path / "weighted")
+    r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
+             f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--motion-word-weight", "5", "--out", weighted])
+    assert r.returncode == 0, r.stderr
+    model, tokenizer, _ = train.load_checkpoint(f"{weighted}/ckpt.pt", "cpu")
+    assert sorted(tokenizer.itos[i] for i in torch.nonzero(model.word_weight == 5).flatten()) == sorted(data.MOTIONS)
     # an image LM cannot caption videos: its words lack the motions
     image_lm = str(tmp_path / "image_lm")
     assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--no-eval", "--out", image_lm]).returncode == 0
