@@ -644,7 +644,7 @@ def prepare(cfg: TrainConfig, rank: int):
     source = ckpt_path if cfg.resume else cfg.init
     ckpt = read_checkpoint(source) if source else None
     if cfg.resume:
-        check_same_data(cfg, ckpt, ckpt_path)
+        check_same_run(cfg, ckpt, ckpt_path)
     if cfg.method == "ranking":  # the images are the size the CLIP of --init was trained at
         probe = ranking_config(cfg, ckpt, source).clip
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
@@ -692,7 +692,7 @@ DATA_FLAGS = ("data", "image_root", "train_size", "video", "frames", "partial_ca
 LOSS_FLAGS = ("motion_word_weight", "temporal_causal")  # change what is learned, but no weight's shape
 
 
-def check_same_data(cfg: TrainConfig, ckpt: dict, path: str):
+def check_same_run(cfg: TrainConfig, ckpt: dict, path: str):
     """A resumed run continues on the data and the loss it started with, never silently on others."""
     saved = saved_config(ckpt)
     pairs = [(f"--{name.replace('_', '-')}", getattr(saved, name), getattr(cfg, name))
