@@ -407,7 +407,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     several seeds) pruned at the same layer to the same count by every criterion. Rows without
     training are measured on the first checkpoint; the predictor rows on all (their seeds)."""
     import ranking
-    model, tokenizer = train.load_checkpoint(paths[0], device)[:2]
+    model, tokenizer, ckpt = train.load_checkpoint(paths[0], device)
     layer, keep = model.rcfg.layer, ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
     fuse = model.rcfg.fuse  # every row prunes the way the checkpoints did: dropping, or fusing the rest
     prune = lambda scorer: lambda m, cfg: ranking.RankPrune(layer, keep, scorer, fuse=fuse)
@@ -424,8 +424,10 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
                lambda m, cfg: (m.reducer(tokens=False), predictor_flops(m.predictor))),
               ("predictor", f"predictor + {model.rcfg.num_tokens} learnable tokens", paths,
                lambda m, cfg: (m.reducer(), predictor_flops(m.predictor)))]
-    return cost_points(specs, batch_size, repeats, n_test, device, zeroshot=True,
-                       against=[spec[0] for spec in specs].index("ToMe"))
+    points = cost_points(specs, batch_size, repeats, n_test, device, zeroshot=True,
+                         against=[spec[0] for spec in specs].index("ToMe"))
+    scene_seed = train.saved_config(ckpt).scene_seed()
+    return [dict(p, scene_seed=scene_seed, n_test=n_test) for p in points]  # which test images: --pool-ranking checks
 
 
 def ranking_markdown(points: list) -> str:
@@ -443,6 +445,60 @@ def ranking_markdown(points: list) -> str:
                      f"{p['gallery_loss']:.4f} | {paired(p, 'loss', '.4f')} | {p['gflops']:.3f} | "
                      + (f"{p['img_s']:.0f} | {p['img_s'] / base['img_s']:.2f}x" if p["img_s"] == p["img_s"] else "— | —")
                      + f" | {base['gflops'] / p['gflops']:.2f}x |")
+    return "\n".join(lines)
+
+
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def pooled_difference(estimates: list) -> tuple:
+    """Fixed-effect (inverse-variance) pooling of independent differences, each (estimate, low,
+    high) with a 95% interval: its standard error read off the interval as if it were normal.
+    Returns the pooled estimate and its 95% interval."""
+    weights = []
+    for d, low, high in estimates:
+        se = (high - low) / (2 * Z95)
+        if not se > 0:
+            raise DataError(f"a difference of {d:+.4f} has an empty interval [{low}, {high}]: nothing to weigh it by")
+        weights.append(1 / se ** 2)
+    mean = sum(w * d for w, (d, _, _) in zip(weights, estimates)) / sum(weights)
+    half = Z95 / sum(weights) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def read_ranking_points(path: str) -> list:
+    """The points `bench.py --ranking` wrote (its --points), checked to carry the paired differences."""
+    try:
+        with open(path) as f:
+            points = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--pool-ranking: cannot read {path} as JSON ({e})")
+    if not (isinstance(points, list) and points and all(isinstance(p, dict) and "paired_r1_high" in p for p in points)):
+        raise DataError(f"--pool-ranking: {path} is not the --points file of a `bench.py --ranking` run")
+    return points
+
+
+def pool_ranking(paths: list) -> str:
+    """The differences from ToMe of each row of several Patch Ranking tables, one per CLIP (each on
+    its own test images, so independent), side by side and pooled (pooled_difference)."""
+    if len(paths) < 2:
+        raise DataError(f"--pool-ranking takes the --points files of two or more CLIPs, got {len(paths)}")
+    tables = [read_ranking_points(path) for path in paths]
+    seeds = [t[0].get("scene_seed") for t in tables]  # absent in files written before it was recorded
+    if None not in seeds and len(set(seeds)) < len(seeds):
+        raise DataError(f"--pool-ranking: {' '.join(paths)} share test images (scene seeds {seeds}): "
+                        "pooling needs independent galleries, one per CLIP of a different --seed")
+    names = [p["name"] for p in tables[0] if p["method"] != "ToMe"
+             and all(p["name"] in {q["name"] for q in t} for t in tables[1:])]
+    fmt = lambda d, f: f"{d[0]:+{f}} [{d[1]:+{f}}, {d[2]:+{f}}]"
+    lines = ["| pruning at the layer | " + " | ".join(f"CLIP {i + 1}: mean R@1 − ToMe's [95%]" for i in range(len(paths)))
+             + " | pooled mean R@1 − ToMe's [95%] | pooled gallery loss − ToMe's [95%] |",
+             "|---|" + "---|" * (len(paths) + 2)]
+    for name in names:
+        rows = [next(p for p in t if p["name"] == name) for t in tables]
+        diffs = {k: [(p[f"paired_{k}"], p[f"paired_{k}_low"], p[f"paired_{k}_high"]) for p in rows] for k in ("r1", "loss")}
+        lines.append(f"| {name} | " + " | ".join(fmt(d, ".2f") for d in diffs["r1"])
+                     + f" | {fmt(pooled_difference(diffs['r1']), '.2f')} | {fmt(pooled_difference(diffs['loss']), '.4f')} |")
     return "\n".join(lines)
 
 
@@ -1163,6 +1219,9 @@ def main(argv=None):
     p.add_argument("--ranking", nargs="+", metavar="CKPT", default=[],
                    help="instead: the Patch Ranking table (unpruned, random, [CLS] attention, ToMe at equal FLOPs, "
                         "golden oracle, predictor, predictor + tokens) from --method ranking checkpoints of one CLIP")
+    p.add_argument("--pool-ranking", nargs="+", metavar="POINTS", default=[],
+                   help="instead: the differences from ToMe of the --points files of `--ranking` runs on different "
+                        "CLIPs (each its own test images), side by side and pooled by inverse variance")
     p.add_argument("--fused-probe", metavar="CKPT", default="",
                    help="instead: R@1 of this CLIP pruned at inference at ELIP's schedule, by ELIP / EViT / random / "
                         "ground-truth object scores, the fused token attending as one token or proportionally")
@@ -1211,6 +1270,9 @@ def main(argv=None):
         return
     if args.video_runs:
         print_and_save(video_runs(args.video_runs, args.n_test, args.device), args.out)
+        return
+    if args.pool_ranking:
+        print_and_save(pool_ranking(args.pool_ranking), args.out)
         return
     if args.ranking:
         points = ranking_points(args.ranking, args.n_test, args.device, oracle=not args.no_oracle)

@@ -178,3 +178,40 @@ def test_a_missing_checkpoint_stops_with_one_sentence(tmp_path):
     r = subprocess.run([sys.executable, "bench.py", "--direction-probe", str(tmp_path / "none.pt")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "none.pt does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pooled_difference_by_hand():
+    z = bench.Z95
+    # standard errors 1 and 2: weights 1 and 1/4, pooled (1 * 1 + 4 / 4) / 1.25 = 1.6, se 1 / sqrt(1.25)
+    mean, low, high = bench.pooled_difference([(1.0, 1 - z, 1 + z), (4.0, 4 - 2 * z, 4 + 2 * z)])
+    assert mean == pytest.approx(1.6) and high - mean == pytest.approx(mean - low) == pytest.approx(z / 1.25 ** 0.5)
+    # the same estimate twice: the same mean, the interval narrower by sqrt(2)
+    mean, low, high = bench.pooled_difference([(0.5, -0.5, 1.5)] * 2)
+    assert mean == pytest.approx(0.5) and high - low == pytest.approx(2 / 2 ** 0.5)
+    with pytest.raises(bench.DataError, match="empty interval"):
+        bench.pooled_difference([(0.5, 0.5, 0.5), (0.5, -0.5, 1.5)])
+
+
+def ranking_points_file(path, scene_seed, shift):
+    row = lambda method, name, d: dict(method=method, name=name, scene_seed=scene_seed, paired_r1=d, paired_r1_low=d - 1,
+                                       paired_r1_high=d + 1, paired_loss=-d / 100, paired_loss_low=-d / 100 - 0.01,
+                                       paired_loss_high=-d / 100 + 0.01)
+    points = [row("none", "unpruned", 0.5 + shift), row("ToMe", f"ToMe r={5 + shift}", 0.0),
+              row("predictor", "predictor + 4 learnable tokens", 1.0 + shift)]
+    path.write_text(json.dumps(points))
+    return str(path)
+
+
+def test_pool_ranking_pools_every_row_but_tome_and_refuses_shared_galleries(tmp_path):
+    a, b = ranking_points_file(tmp_path / "a.json", 0, 0.0), ranking_points_file(tmp_path / "b.json", 1, 1.0)
+    rows = bench.pool_ranking([a, b]).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| unpruned", "| predictor + 4 learnable tokens"]
+    # equal intervals: the pooled difference is the plain mean, (1.0 + 2.0) / 2, on R@1 and on the loss
+    assert "| +1.00 [+0.00, +2.00] | +2.00 [+1.00, +3.00] | +1.50 [+0.79, +2.21] | -0.0150 [-0.0221, -0.0079] |" in rows[1]
+    with pytest.raises(bench.DataError, match="share test images"):
+        bench.pool_ranking([a, ranking_points_file(tmp_path / "c.json", 0, 1.0)])
+    with pytest.raises(bench.DataError, match="two or more"):
+        bench.pool_ranking([a])
+    (tmp_path / "bad.json").write_text('[{"name": "unpruned"}]')
+    with pytest.raises(bench.DataError, match=r"bad\.json is not the --points file"):
+        bench.pool_ranking([a, str(tmp_path / "bad.json")])

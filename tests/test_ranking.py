@@ -286,6 +286,7 @@ def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
         p[f"paired_{k}_low"] <= p[f"paired_{k}"] <= p[f"paired_{k}_high"] for p in points for k in ("r1", "loss"))
     assert by["unpruned"]["paired_r1"] == pytest.approx(by["unpruned"]["accuracy"] - tome["accuracy"], abs=1e-6)
     assert "| unpruned | 1 |" in bench.ranking_markdown(points)
+    assert all(p["scene_seed"] == 0 and p["n_test"] == 10 for p in points)  # --pool-ranking's check reads them
     import viz
     from test_viz import readable_png
     assert readable_png(viz.draw_masks(f"{out}/ckpt.pt", n=2, out=str(tmp_path / "masks.png")))
