@@ -20,6 +20,8 @@ For each method and model it reports, relative to `none` measured in the same ru
     python bench.py                 # all three tables (each one's time on 2 CPU cores: README)
     python bench.py --tome vit_s16 --no-captioner --models ''   # ToMe's row alone
     python bench.py --direction-probe out/clip/ckpt.pt out/video_ctx/ckpt.pt   # video: who can read the direction of motion
+    python bench.py --ranking out/ranking_0/ckpt.pt out/ranking_1/ckpt.pt out/ranking_2/ckpt.pt   # Patch Ranking's table
+    python bench.py --pool-ranking a_points.json b_points.json   # its differences from ToMe pooled over CLIPs
 """
 import argparse
 import dataclasses
