@@ -429,7 +429,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     points = cost_points(specs, batch_size, repeats, n_test, device, zeroshot=True,
                          against=[spec[0] for spec in specs].index("ToMe"))
     scene_seed = train.saved_config(ckpt).scene_seed()
-    return [dict(p, scene_seed=scene_seed, n_test=n_test) for p in points]  # which test images: --pool-ranking checks
+    return [dict(p, scene_seed=scene_seed, n_test=n_test) for p in points]  # which test images (--pool-ranking reads the seed)
 
 
 def ranking_markdown(points: list) -> str:
@@ -499,8 +499,12 @@ def pool_ranking(paths: list) -> str:
     for name in names:
         rows = [next(p for p in t if p["name"] == name) for t in tables]
         diffs = {k: [(p[f"paired_{k}"], p[f"paired_{k}_low"], p[f"paired_{k}_high"]) for p in rows] for k in ("r1", "loss")}
+        try:
+            pooled = {k: pooled_difference(d) for k, d in diffs.items()}
+        except DataError as e:
+            raise DataError(f"--pool-ranking, row {name!r}: {e}")
         lines.append(f"| {name} | " + " | ".join(fmt(d, ".2f") for d in diffs["r1"])
-                     + f" | {fmt(pooled_difference(diffs['r1']), '.2f')} | {fmt(pooled_difference(diffs['loss']), '.4f')} |")
+                     + f" | {fmt(pooled['r1'], '.2f')} | {fmt(pooled['loss'], '.4f')} |")
     return "\n".join(lines)
 
 
