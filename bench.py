@@ -432,11 +432,20 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     return [dict(p, scene_seed=scene_seed, n_test=n_test) for p in points]  # which test images (--pool-ranking reads the seed)
 
 
+def signed_interval(d: float, low: float, high: float, f: str) -> str:
+    """A difference and its interval as one table cell: +0.56 [+0.13, +0.99]."""
+    return f"{d:+{f}} [{low:+{f}}, {high:+{f}}]"
+
+
+def paired_of(p: dict, k: str) -> tuple:
+    """A point's difference from the reference (paired_differences) and its interval."""
+    return p[f"paired_{k}"], p[f"paired_{k}_low"], p[f"paired_{k}_high"]
+
+
 def ranking_markdown(points: list) -> str:
     base = points[0]
     cell = lambda p, k: f"{p[k]:.1f}" + (f" ± {p[k + '_std']:.1f}" if p["seeds"] > 1 else "")
-    paired = lambda p, k, f: ("—" if p["method"] == "ToMe" else
-                              f"{p[f'paired_{k}']:+{f}} [{p[f'paired_{k}_low']:+{f}}, {p[f'paired_{k}_high']:+{f}}]")
+    paired = lambda p, k, f: "—" if p["method"] == "ToMe" else signed_interval(*paired_of(p, k), f)
     lines = ["| pruning at the layer | seeds | zero-shot top-1 | image→text R@1 | text→image R@1 | mean R@1 | "
              "mean R@1 − ToMe's [95%] | gallery loss | gallery loss − ToMe's [95%] | "
              "GFLOPs (image tower) | img/s | measured speed-up | FLOP-allowed speed-up |",
@@ -492,19 +501,18 @@ def pool_ranking(paths: list) -> str:
                         "pooling needs independent galleries, one per CLIP of a different --seed")
     names = [p["name"] for p in tables[0] if p["method"] != "ToMe"
              and all(p["name"] in {q["name"] for q in t} for t in tables[1:])]
-    fmt = lambda d, f: f"{d[0]:+{f}} [{d[1]:+{f}}, {d[2]:+{f}}]"
     lines = ["| pruning at the layer | " + " | ".join(f"CLIP {i + 1}: mean R@1 − ToMe's [95%]" for i in range(len(paths)))
              + " | pooled mean R@1 − ToMe's [95%] | pooled gallery loss − ToMe's [95%] |",
              "|---|" + "---|" * (len(paths) + 2)]
     for name in names:
         rows = [next(p for p in t if p["name"] == name) for t in tables]
-        diffs = {k: [(p[f"paired_{k}"], p[f"paired_{k}_low"], p[f"paired_{k}_high"]) for p in rows] for k in ("r1", "loss")}
+        diffs = {k: [paired_of(p, k) for p in rows] for k in ("r1", "loss")}
         try:
             pooled = {k: pooled_difference(d) for k, d in diffs.items()}
         except DataError as e:
             raise DataError(f"--pool-ranking, row {name!r}: {e}")
-        lines.append(f"| {name} | " + " | ".join(fmt(d, ".2f") for d in diffs["r1"])
-                     + f" | {fmt(pooled['r1'], '.2f')} | {fmt(pooled['loss'], '.4f')} |")
+        lines.append(f"| {name} | " + " | ".join(signed_interval(*d, ".2f") for d in diffs["r1"])
+                     + f" | {signed_interval(*pooled['r1'], '.2f')} | {signed_interval(*pooled['loss'], '.4f')} |")
     return "\n".join(lines)
 
 
@@ -887,7 +895,7 @@ def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
         for key in ("motion_accuracy", "direction_accuracy_one_object", "cider_d"):
             d, (low, high) = paired[key]["diff"], paired[key]["interval"]
             cells.append(f"{100 * own[0][key]:.1f}, {100 * own[1][key]:.1f}, "
-                         f"{100 * d:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+                         + signed_interval(100 * d, 100 * low, 100 * high, ".1f"))
         steps = [r["cfg"].steps for r in runs]
         steps = steps[0] if steps[0] == steps[1] else f"{steps[0]} / {steps[1]}"
         rows.append(f"| `{pa}` | `{pb}` | {a['cfg'].seed} | {steps} | {len(a['scenes'])} "
