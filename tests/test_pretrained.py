@@ -229,6 +229,39 @@ def test_gpt2_tokenizer_merges_by_rank_and_round_trips(tmp_path):
     assert torch.equal(Tokenizer.from_state_dict(tok.state_dict())(["hello wow"]), ids[:1])
 
 
+def test_bpe_text_split_by_unicode_letters_and_numbers_by_hand():
+    """Catches a `re` stand-in for \\p{L} / \\p{N} / \\s that drops punctuation ("Héllo, 12 wörld!"
+    losing ",", "!"), files "²" and "½" (numbers) or a combining mark (neither) under letters, or
+    takes the separator \\x1c (not white space in Unicode) for a space."""
+    from text import CLIPTokenizer, GPT2Tokenizer, unicode_pattern
+    gpt2, clip = unicode_pattern(GPT2Tokenizer.PATTERN), unicode_pattern(CLIPTokenizer.PATTERN)
+    assert gpt2.findall("Héllo, 12 wörld!\n  x") == ["Héllo", ",", " 12", " wörld", "!", "\n ", " x"]
+    assert gpt2.findall("x²! y½ e\u0301 日本's") == ["x", "²", "!", " y", "½", " e", "\u0301", " 日本", "'s"]
+    assert clip.findall("a&b 12 x² <|endoftext|>") == ["a", "&", "b", "1", "2", "x", "²", "<|endoftext|>"]
+    # a combining mark that case-folds to a letter is not a letter (OpenAI's case-insensitive
+    # `regex` drops it from the text altogether: the one code point where the two differ)
+    assert clip.findall("\u0345a") == ["\u0345", "a"]
+    assert gpt2.findall("a \x1cb\u3000c") == ["a", " \x1c", "b", "\u3000", "c"]
+
+
+def test_bpe_text_split_equals_the_regex_package_on_every_code_point():
+    """The authors split with the `regex` package's \\p{L} and \\p{N}; ours must agree on every
+    assigned code point (where `regex` is installed; Unicode versions may differ, so only code
+    points this Python knows are compared, and not U+0345: see the test above)."""
+    regex = pytest.importorskip("regex")
+    import sys
+    import unicodedata
+    from text import CLIPTokenizer, GPT2Tokenizer, unicode_pattern
+    chars = [chr(c) for c in range(sys.maxunicode + 1)
+             if unicodedata.category(chr(c)) not in ("Cn", "Cs") and c != 0x345]
+    text = " ".join("".join(chars[i:i + 7]) for i in range(0, len(chars), 7))  # runs of mixed kinds
+    for pattern, flags in ((GPT2Tokenizer.PATTERN, 0), (CLIPTokenizer.PATTERN, regex.IGNORECASE)):
+        theirs = regex.compile(pattern.replace("{L}", r"\p{L}").replace("{N}", r"\p{N}").replace("{S}", r"\s"), flags)
+        ours = unicode_pattern(pattern)
+        sample = text if pattern is GPT2Tokenizer.PATTERN else text.lower()  # CLIP lower-cases first
+        assert ours.findall(sample) == theirs.findall(sample)
+
+
 def test_clip_tokenizer_vocabulary_layout_and_padding(tmp_path):
     import gzip
     from text import CLIPTokenizer
