@@ -129,3 +129,71 @@ def test_train_with_tome_reports_the_cap_once_and_eval_merges_off_the_shelf(tmp_
                        cwd=root, capture_output=True, text=True)
     assert r.returncode == 0 and "r per block [25, 19]" in r.stderr  # auto: 156/197 of 65 tokens over 2 blocks, capped
     assert "image_to_text_R@1" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# ToMe inside a transformer stack, against the definition written out block by block
+
+def reduced_stack_by_definition(blocks, x, r, mode="wavg", prop_attn=True):
+    """One sample (N, D) through `blocks`, merging r[i] tokens between attention and MLP of block i:
+    attention with log(size) added to every key's logits, matching on that block's keys averaged
+    over heads (`matching_by_hand`), values merged by size-weighted or plain mean. Returns the
+    values, sizes and groups of original token indices, before any final norm."""
+    size, groups = torch.ones(len(x), dtype=x.dtype), [[i] for i in range(len(x))]
+    for block, r_i in zip(blocks, r):
+        attn = block.attn
+        H, d = attn.heads, attn.head_dim
+        q, k, v = (block.norm1(x) @ attn.qkv.weight.T + attn.qkv.bias).split(H * d, -1)
+        q, k, v = (t.view(-1, H, d).transpose(0, 1) for t in (q, k, v))  # (H, N, d)
+        logits = q @ k.transpose(1, 2) / math.sqrt(d) + (size.log() if prop_attn else 0)
+        heads = (logits.softmax(-1) @ v).transpose(0, 1).reshape(len(x), H * d)
+        x = x + heads @ attn.proj.weight.T + attn.proj.bias
+        if r_i:
+            out_groups = matching_by_hand(k.mean(0), r_i)
+            if mode == "wavg":
+                x = torch.stack([(size[g, None] * x[g]).sum(0) / size[g].sum() for g in out_groups])
+            else:
+                x = torch.stack([x[g].mean(0) for g in out_groups])
+            size = torch.stack([size[g].sum() for g in out_groups])
+            groups = [sorted(sum((groups[i] for i in g), [])) for g in out_groups]
+        x = x + block.mlp(block.norm2(x))
+    return x, size, groups
+
+
+def test_tome_in_the_vit_equals_the_definition_block_by_block():
+    """Catches ToMe bugs that only show inside the ViT: the wrong block's keys as the metric, keys
+    not averaged over heads, proportional attention missing or with size instead of log(size),
+    sizes not carried between blocks, an unweighted mean, merged tokens out of order."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2)
+    vit = ViT(cfg).double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.double)
+    r = [3, 4, 2]
+    with torch.no_grad():
+        got = vit.forward_tokens(images, ToMe(r), track_source=True)
+        start = vit.embed(images).x
+        for b in range(2):
+            x, size, groups = reduced_stack_by_definition(vit.blocks, start[b], r)
+            torch.testing.assert_close(got.x[b], vit.norm(x))
+            torch.testing.assert_close(got.size[b], size)
+            assert groups_from_source(got.source[b]) == groups
+            assert len(set(map(len, groups))) > 1  # sizes differ, so the weighting was exercised
+
+
+@pytest.mark.parametrize("mode,prop_attn", [("mean", False), ("wavg", True)])
+def test_merging_bridge_equals_the_definition_block_by_block(mode, prop_attn):
+    """Catches the same bugs in EVLGen's bridge, for its published plain mean without proportional
+    attention and for ToMe's weighting: the Linear, every layer's merge, the final norm."""
+    from merge import MergingBridge
+    torch.manual_seed(1)
+    bridge = MergingBridge(in_dim=12, width=16, depth=3, heads=2, r=[4, 3, 3], mode=mode,
+                           prop_attn=prop_attn).double().eval()
+    feats = torch.randn(2, 17, 12, dtype=torch.double)
+    with torch.no_grad():
+        got = bridge(feats, track_source=True)
+        for b in range(2):
+            x, size, groups = reduced_stack_by_definition(bridge.blocks, bridge.input_proj(feats[b]), [4, 3, 3],
+                                                          mode, prop_attn)
+            torch.testing.assert_close(got.x[b], bridge.norm(x))
+            torch.testing.assert_close(got.size[b], size)
+            assert groups_from_source(got.source[b]) == groups
