@@ -63,6 +63,67 @@ def test_prune_and_fuse_weights_sum_to_one_and_carry_no_gradient():
     torch.testing.assert_close(out.source[:, -1, 1:].sum(1), torch.full((2,), 3.0))
 
 
+def fused_by_hand_case():
+    """One image, 5 patches. Tokens 1 and 5 already stand for 2 and 3 patches (an earlier fusion),
+    so sizes and sources are not all ones. Scores 0.1 0.4 0.05 0.3 0.15: keep 2 -> tokens 2 and 4;
+    tokens 1, 3, 5 fuse with weights 0.1, 0.05, 0.15 over 0.3 = 1/3, 1/6, 1/2."""
+    x = torch.tensor([[[9., 9], [1, 0], [0, 1], [2, 2], [4, 0], [0, 8]]], requires_grad=True)
+    size = torch.tensor([[1., 2, 1, 1, 1, 3]])
+    holds = [{0}, {1, 6}, {2}, {3}, {4}, {5, 7, 8}]  # original tokens ([CLS] = 0) each one holds
+    source = torch.tensor([[[float(j in h) for j in range(9)] for h in holds]])
+    return Tokens(x, size, source), torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]], requires_grad=True)
+
+
+def test_fused_token_by_hand_with_unequal_scores_and_sizes():
+    """Catches a fused token that averages the pruned tokens uniformly (or by size) instead of by
+    their scores, loses sizes or sources of already-fused tokens, lets gradient into the weights,
+    or blocks it from the values."""
+    tokens, scores = fused_by_hand_case()
+    out = prune_and_fuse(tokens, scores, keep=2)
+    assert groups(out) == [[0], [2], [4], [1, 3, 5, 6, 7, 8]]  # [CLS], the kept in order, the fused
+    fused = (0.1 * torch.tensor([1., 0]) + 0.05 * torch.tensor([2., 2]) + 0.15 * torch.tensor([0., 8])) / (0.3 + 1e-6)
+    torch.testing.assert_close(out.x[0, -1], fused)  # = (2/3, 13/3)
+    torch.testing.assert_close(out.x[0, :3], tokens.x[0, [0, 2, 4]])
+    assert out.size[0].tolist() == [1, 1, 1, 2 + 1 + 3]
+    out.x[0, -1].sum().backward()
+    assert scores.grad is None  # the weights carry no gradient...
+    weights = torch.tensor([0, 1 / 3, 0, 1 / 6, 0, 1 / 2])  # ...the values do, each by its weight
+    torch.testing.assert_close(tokens.x.grad[0], weights[:, None].expand(-1, 2), atol=1e-5, rtol=0)
+
+
+def groups(tokens, b=0):
+    return [row.nonzero().flatten().tolist() for row in tokens.source[b]]
+
+
+def test_evit_fuses_by_the_cls_attention_of_its_block_by_hand():
+    """Catches EViT fusing with anything but the head-averaged [CLS] attention of the pruning
+    block on its own input (another block's, one head's, logits before the softmax), or fusing
+    the tokens after the MLP instead of between attention and MLP."""
+    from vit import Observed
+    vit = small_vit(depth=4)
+    images = torch.randn(2, 3, 32, 32)
+    seen = {}
+
+    class Record(Observed):
+        def observe(self, i, hook, before, after):
+            seen[i, hook] = (before, after)
+
+    vit.forward_tokens(images, Record(evit(4, 16)), track_source=True)
+    layer = 1  # EViT's layer 3 of 12, scaled to 4 blocks
+    block, x_in = vit.blocks[layer], seen[layer, "before_block"][1].x
+    _, probs = plain_attention(block.attn, block.norm1(x_in))  # (B, H, N, N)
+    s = probs.mean(1)[:, 0, 1:]  # the [CLS] row over the patches, averaged over heads
+    x_mid, out = seen[layer, "after_attn"]
+    keep = int(16 * 0.7)
+    for b in range(2):
+        top = s[b].topk(keep).indices
+        pruned = torch.ones(16, dtype=torch.bool)
+        pruned[top] = False
+        w = s[b] * pruned / (s[b] * pruned).sum()
+        torch.testing.assert_close(out.x[b, -1], (w[:, None] * x_mid.x[b, 1:]).sum(0), atol=1e-5, rtol=1e-4)
+        assert out.size[b, -1] == 16 - keep and w[pruned].std() > 0  # unequal weights were exercised
+
+
 @pytest.mark.parametrize("prop_attn,rollout", [(False, False), (True, False), (True, True)])
 def test_lookahead_scores_equal_a_hand_written_lookahead(prop_attn, rollout):
     vit = small_vit()

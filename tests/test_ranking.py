@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import ranking
 from model import CLIPConfig
 from text import TextConfig
-from vit import ViTConfig
+from vit import Tokens, ViTConfig
 
 torch.manual_seed(0)
 
@@ -106,6 +106,22 @@ def test_fused_pruning_keeps_the_top_tokens_and_averages_the_rest():
         for block in clip.visual.blocks[1:]:
             seq = block(seq)
         torch.testing.assert_close(out.x[b, 0], clip.visual.norm(seq)[0, 0])
+
+
+def test_fused_token_of_patch_ranking_by_hand():
+    """Catches Patch Ranking's fused token (ours: a plain mean of the patches not kept, ELIP's
+    token with equal weights) weighting by the predictor's scores, letting gradient into them,
+    or miscounting its size and source."""
+    x = torch.tensor([[[9., 9], [1, 0], [0, 1], [2, 2], [4, 0], [0, 8]]], requires_grad=True)
+    tokens = Tokens(x, torch.ones(1, 6), torch.eye(6)[None])
+    scores = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]], requires_grad=True)  # keep 2 -> patches 2 and 4
+    out = ranking.RankPrune(layer=0, keep=2, scorer=lambda x, vit: scores, fuse=True).before_block(0, tokens, None)
+    torch.testing.assert_close(out.x[0], torch.tensor([[9., 9], [0, 1], [4, 0], [1, 10 / 3]]), atol=1e-5, rtol=0)
+    assert out.size[0].tolist() == [1, 1, 1, 3]
+    assert [row.nonzero().flatten().tolist() for row in out.source[0]] == [[0], [2], [4], [1, 3, 5]]
+    out.x[0, -1].sum().backward()
+    assert scores.grad is None
+    torch.testing.assert_close(x.grad[0, :, 0], torch.tensor([0, 1 / 3, 0, 1 / 3, 0, 1 / 3]), atol=1e-5, rtol=0)
 
 
 def test_label_and_max_modes_score_a_class_logit():
