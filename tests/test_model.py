@@ -37,27 +37,72 @@ def test_clip_forward_and_temperature_clamp():
     assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_hard_negatives_are_never_the_positive_and_follow_similarity():
-    from model import sample_negatives
-    sim = torch.randn(6, 6) + 50 * torch.eye(6)  # the positive dominates and must still be skipped
-    sim[0, 3] = 40.0  # image 0's hardest negative
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        neg = sample_negatives(sim, g)
-        assert (neg != torch.arange(6)).all()
-        assert neg[0] == 3
-
-
-def test_mlm_masking_spares_special_tokens():
+def test_mlm_masks_only_words_and_splits_80_10_10_by_count():
+    """Catches masking that touches [CLS]/[SEP]/[PAD], labels off the chosen positions, a split
+    other than 80% [MASK] / 10% random word / 10% unchanged (e.g. the choice and the split drawn
+    from the same random numbers), or random "words" that are special tokens."""
     from text import MASK, SPECIALS, mask_tokens
-    ids = torch.randint(len(SPECIALS), 50, (400, 20))
-    ids[:, 0], ids[:, 15], ids[:, 16:] = 2, 3, 0  # [CLS] words [SEP] [PAD]...
-    masked, labels = mask_tokens(ids, 50, torch.Generator().manual_seed(0))
+    V = 50
+    ids = torch.randint(len(SPECIALS), V, (1000, 20))
+    ids[:, 0], ids[:, 15], ids[:, 16:] = 2, 3, 0  # [CLS] 14 words [SEP] [PAD]...
+    masked, labels = mask_tokens(ids, V, torch.Generator().manual_seed(0))
     chosen = labels != -100
-    assert not chosen[:, [0, 15, 16, 17]].any()
+    assert not chosen[:, [0, 15, 16, 17, 18, 19]].any()
     assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
-    assert 0.13 < chosen.float().sum() / (400 * 14) < 0.17
-    assert 0.75 < (masked[chosen] == MASK).float().mean() < 0.85
+    n_words, n = 1000 * 14, int(chosen.sum())
+    within = lambda count, total, p: abs(count - total * p) < 4 * math.sqrt(total * p * (1 - p))
+    assert within(n, n_words, 0.15)
+    new = masked[chosen]
+    as_mask, changed = int((new == MASK).sum()), int(((new != MASK) & (new != ids[chosen])).sum())
+    same_word = 1 / (V - len(SPECIALS))  # a random word may draw the word itself
+    assert within(as_mask, n, 0.8)
+    assert within(changed, n, 0.1 * (1 - same_word))
+    assert within(n - as_mask - changed, n, 0.1 + 0.1 * same_word)
+    assert (new[new != MASK] >= len(SPECIALS)).all()
+
+
+def test_itm_labels_land_exactly_on_the_matched_pairs():
+    """Catches ITM labels shifted off the positive pairs, negatives paired with the wrong ids, or a
+    "negative" that is the positive itself: a stand-in ITM head says "match" exactly where image
+    and text belong together, so the loss is ~0 only if every label agrees with it."""
+    from model import matching_loss
+    B = 6
+    image_tokens = torch.arange(float(B))[:, None, None].expand(B, 3, 2)  # token value = image index
+    text_tokens = torch.arange(float(B))[:, None, None].expand(B, 4, 2)
+    ids = torch.arange(B)[:, None].expand(B, 4) + 10
+
+    def head(images, texts, all_ids):
+        assert torch.equal(texts[:, 0, 0].long() + 10, all_ids[:, 0])  # ids travel with their texts
+        match = images[:, 0, 0] == texts[:, 0, 0]
+        return torch.stack([(~match).float(), match.float()], 1) * 60.0
+
+    sim = torch.randn(B, B)
+    for seed in range(5):
+        loss = matching_loss(head, image_tokens, text_tokens, ids, sim, torch.Generator().manual_seed(seed))
+        assert loss.item() < 1e-6
+
+
+def test_hard_negatives_follow_a_row_softmax_of_an_asymmetric_similarity():
+    """Catches hard negatives drawn uniformly, with the positive in the softmax's normaliser left
+    unaccounted, from the similarity's rows for both directions (images need its columns), or
+    ever equal to the positive: frequencies over many draws against softmax over the others."""
+    from model import matching_loss
+    B, draws = 4, 4000
+    sim = torch.tensor([[5.0, 2.0, 0.0, 1.0], [0.5, 5.0, 1.5, -1.0], [2.5, 0.0, 5.0, 1.0], [0.0, 0.0, 3.0, 5.0]])
+    tokens = torch.arange(float(B))[:, None, None]
+    picked = []
+    head = lambda images, texts, ids: picked.append((texts[B:2 * B, 0, 0], images[2 * B:, 0, 0])) or torch.zeros(3 * B, 2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        matching_loss(head, tokens, tokens, torch.zeros(B, 1, dtype=torch.long), sim, g)
+    neg_text = torch.stack([p[0] for p in picked]).long()  # (draws, B): text drawn for image i
+    neg_image = torch.stack([p[1] for p in picked]).long()  # image drawn for text j
+    for neg, s in ((neg_text, sim), (neg_image, sim.T)):
+        counts = F.one_hot(neg, B).sum(0).float()  # (B, B): row i = how often each column was drawn
+        expected = s.masked_fill(torch.eye(B, dtype=torch.bool), -math.inf).softmax(1)
+        assert counts.diagonal().sum() == 0
+        se = (expected * (1 - expected) / draws).sqrt()
+        assert ((counts / draws - expected).abs() <= 4 * se + 1e-9).all(), (counts / draws, expected)
 
 
 def test_albef_objectives_see_the_pruned_tokens():
