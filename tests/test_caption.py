@@ -7,7 +7,7 @@ import torch
 
 import data
 import train
-from eval import bleu, cider_d
+from eval import bleu, cider_d, cider_d_scores
 from model import Captioner, CaptionerConfig
 from text import CLS, LMConfig, TextConfig, Tokenizer
 from vit import ViTConfig
@@ -40,6 +40,44 @@ def test_cider_d_by_hand():
     # "a a": the candidate's weight of "a" is clipped at the reference's (the D in CIDEr-D)
     clipped = 10 * (1 / (2 * math.sqrt(2))) / 4
     assert cider_d(["a a", "c d"], refs) == pytest.approx((clipped + 5.0) / 2)
+
+
+# A small but realistic corpus: six images, two to four references each, unequal document
+# frequencies ("a" everywhere, "yellow" in one image), candidates of every quality, some shorter
+# than their closest reference, one repeating itself.
+CORPUS_CANDS = [
+    "a red circle above a blue square",
+    "a blue square on the left",
+    "a green triangle and a red circle",
+    "two yellow circles",
+    "a red square a red square",
+    "a blue circle",
+]
+CORPUS_REFS = [
+    ["a red circle above a blue square", "a blue square below a red circle", "red circle and blue square"],
+    ["a blue square on the left side", "the square"],
+    ["a red circle to the right of a green triangle", "a green triangle beside a red circle",
+     "a triangle and a circle", "two shapes a green triangle and a red circle"],
+    ["two yellow circles and a gray square", "a gray square next to two yellow circles"],
+    ["a big red square in the middle of the image", "a red square in the centre", "one red square"],
+    ["a blue circle under a green triangle", "a green triangle on the right above a small blue circle"],
+]
+
+
+def test_bleu_and_cider_d_equal_the_coco_caption_code_on_a_corpus():
+    """Catches departures from COCO's scorers that hand cases with one reference miss: document
+    frequency counted per reference instead of per image, IDF over the wrong number of images, the
+    brevity penalty against the shortest instead of the closest reference, clipping by the sum
+    instead of the max over references, the length penalty or the clipping of CIDEr-D dropped.
+    The constants were computed once with pycocoevalcap 1.2 (the COCO caption evaluation code, from
+    PyPI): Bleu(4).compute_score and Cider().compute_score on {i: refs} and {i: [candidate]}, the
+    captions above being already lower-case and tokenized (its PTBTokenizer needs Java)."""
+    assert bleu(CORPUS_CANDS, CORPUS_REFS) == pytest.approx(0.6456931775476433, rel=1e-9)
+    assert bleu(CORPUS_CANDS, CORPUS_REFS, max_n=1) == pytest.approx(0.6840733892597834, rel=1e-9)
+    assert cider_d(CORPUS_CANDS, CORPUS_REFS) == pytest.approx(3.2674120530676642, rel=1e-9)
+    coco_per_image = [4.937703477712098, 4.434803029685018, 4.134885127548053, 3.327919155418231,
+                      1.0258509662948414, 1.7433105617477436]
+    assert cider_d_scores(CORPUS_CANDS, CORPUS_REFS) == pytest.approx(coco_per_image, rel=1e-9)
 
 
 def test_questions_are_answered_by_the_scene():
