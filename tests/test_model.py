@@ -22,6 +22,52 @@ def test_contrastive_loss_matches_hand_computation():
     assert abs(got.item() - (i2t + t2i) / 2) < 1e-5
 
 
+def global_batch_gradients(rank, world, init_file, out_file):
+    """One rank of `test_two_processes_have_the_single_process_gradient`: the contrastive loss of
+    this rank's slice of the batch through two shared linear towers and a learned scale; the
+    gradients averaged over ranks exactly as DDP's all-reduce does, nothing else in between."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    towers, images, texts = gradient_case()
+    B = len(images) // world
+    rows = slice(rank * B, (rank + 1) * B)
+    loss = towers_loss(towers, images[rows], texts[rows])
+    loss.backward()
+    for p in towers:
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    if rank == 0:
+        torch.save([p.grad for p in towers], out_file)
+    dist.destroy_process_group()
+
+
+def gradient_case():
+    g = torch.Generator().manual_seed(0)
+    towers = [torch.randn(6, 5, generator=g).requires_grad_(), torch.randn(7, 5, generator=g).requires_grad_(),
+              torch.tensor(2.5, requires_grad=True)]
+    return towers, torch.randn(8, 6, generator=g), torch.randn(8, 7, generator=g)
+
+
+def towers_loss(towers, images, texts):
+    w_image, w_text, log_scale = towers
+    return contrastive_loss(F.normalize(images @ w_image, dim=-1), F.normalize(texts @ w_text, dim=-1), log_scale.exp())
+
+
+def test_two_processes_have_the_single_process_gradient(tmp_path):
+    """Catches a global-batch contrastive loss whose gradient is wrong under torch.distributed:
+    gathered features without a backward (the other ranks' rows get no gradient), a backward that
+    forgets to sum over ranks, the wrong slice handed back, or labels not offset by the rank. Two
+    gloo processes, gradients averaged as DDP does, against autograd on the whole batch in one."""
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(global_batch_gradients, args=(2, str(tmp_path / "init"), out), nprocs=2)
+    towers, images, texts = gradient_case()
+    towers_loss(towers, images, texts).backward()
+    for got, p in zip(torch.load(out, weights_only=True), towers):
+        torch.testing.assert_close(got, p.grad, atol=1e-6, rtol=1e-5)
+        assert p.grad.abs().max() > 1e-3
+
+
 def test_clip_forward_and_temperature_clamp():
     cfg = CLIPConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
                      text=TextConfig(vocab_size=20, context_length=8, width=32, depth=1, heads=2), embed_dim=16)
