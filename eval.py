@@ -24,7 +24,8 @@ captioner, and (`--curves`) CIDEr-D learning curves from training logs.
 Definitions (as in CLIP, ALBEF and open_clip's benchmark): with several captions per image,
 image->text R@k is the share of images with ANY of their captions among the k most similar texts;
 text->image R@k is the share of captions whose own image is among the k most similar images.
-Metric names follow open_clip (`image_to_text_R@1`, ...), values are fractions.
+Ties are broken in a random order, in expectation (`hit_chance`), so a collapsed model that
+scores everything alike gets chance, not 100%. Metric names follow open_clip (`image_to_text_R@1`, ...), values are fractions.
 """
 import argparse
 import json
@@ -48,30 +49,58 @@ from vit import Observed, Reducer
 @torch.no_grad()
 def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10)) -> dict:
     """image_features (N, E), text_features (M, E), text_to_image (M,) the image of each text."""
-    sim = image_features.float() @ text_features.float().T  # (N, M)
+    sim = similarity(image_features, text_features)  # (N, M)
     return recall_at_k(sim, sim, text_to_image, ks)
 
 
-def retrieval_ranks(i2t_scores, t2i_scores, text_to_image) -> tuple:
-    """From (N, M) image-text score matrices: per image, the rank of its best-scored caption
-    (texts scored strictly higher), (N,); per caption, the rank of its own image, (M,). 0 = first."""
+def similarity(image_features, text_features) -> torch.Tensor:
+    """(N, M) dot products, after checking that no feature is NaN or infinite (a diverged model
+    would otherwise score whatever its NaNs happen to compare as)."""
+    for what, f in (("image", image_features), ("text", text_features)):
+        bad = int((~torch.isfinite(f)).any(-1).sum())
+        if bad:
+            raise ValueError(f"{bad} of {len(f)} {what} features are NaN or infinite: the model has diverged "
+                             f"or its weights are broken, so retrieval cannot be scored")
+    return image_features.float() @ text_features.float().T
+
+
+def hit_chance(ahead, tied_wrong, tied_right, k: int) -> torch.Tensor:
+    """The chance that one of the `tied_right` items lands in the top k when `ahead` items score
+    strictly higher and `tied_wrong` wrong items tie with them, ties broken in a random order:
+    1 - C(w, m) / C(w + r, m) with m = k - ahead places left. Without ties it is exactly 0 or 1."""
+    m = (k - ahead).clamp(min=0).double()
+    w, n = tied_wrong.double(), (tied_wrong + tied_right).double()
+    log_choose = lambda a, b: torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
+    fits = torch.minimum(m, w)  # m > w: the wrong ones cannot fill the places, a hit for sure
+    miss = torch.where(m <= w, (log_choose(w, fits) - log_choose(n, fits)).exp(), torch.zeros_like(m))
+    return (1 - miss).float()
+
+
+def retrieval_hits(i2t_scores, t2i_scores, text_to_image, k: int) -> tuple:
+    """From (N, M) image-text score matrices: per image, whether one of its captions is among its
+    k best-scored texts, (N,); per caption, whether its image is among its k best images, (M,).
+    Ties count as a random order, so they count against the model as often as for it: a model
+    that scores everything alike gets chance (k / N text->image), never a perfect score."""
     N, M = i2t_scores.shape
     cols = torch.arange(M, device=i2t_scores.device)
     positive = torch.zeros(N, M, dtype=torch.bool, device=i2t_scores.device)
     positive[text_to_image, cols] = True
-    best_correct = i2t_scores.masked_fill(~positive, float("-inf")).max(1).values  # (N,)
-    own = t2i_scores[text_to_image, cols]  # (M,)
-    return (i2t_scores > best_correct[:, None]).sum(1), (t2i_scores > own[None, :]).sum(0)
+    best = i2t_scores.masked_fill(~positive, float("-inf")).max(1, keepdim=True).values  # (N, 1)
+    tied = i2t_scores == best
+    i2t = hit_chance((i2t_scores > best).sum(1), (tied & ~positive).sum(1), (tied & positive).sum(1), k)
+    own = t2i_scores[text_to_image, cols][None]  # (1, M)
+    t2i = hit_chance((t2i_scores > own).sum(0), (t2i_scores == own).sum(0) - 1, torch.ones_like(cols), k)
+    return i2t, t2i
 
 
 def recall_at_k(i2t_scores, t2i_scores, text_to_image, ks=(1, 5, 10)) -> dict:
     """R@k both ways from (N, M) image-text score matrices (one per direction, so a reranker may
     rescore each direction's candidates)."""
-    i2t_rank, t2i_rank = retrieval_ranks(i2t_scores, t2i_scores, text_to_image)
     out = {}
     for k in ks:
-        out[f"image_to_text_R@{k}"] = (i2t_rank < k).float().mean().item()
-        out[f"text_to_image_R@{k}"] = (t2i_rank < k).float().mean().item()
+        i2t, t2i = retrieval_hits(i2t_scores, t2i_scores, text_to_image, k)
+        out[f"image_to_text_R@{k}"] = i2t.mean().item()
+        out[f"text_to_image_R@{k}"] = t2i.mean().item()
     return out
 
 
@@ -122,11 +151,11 @@ def per_image_retrieval(image_features, text_features, text_to_image, logit_scal
     latter weighted N/M so the mean over images is the mean R@1 exactly, whatever the captions per image).
     `loss`: its term of CLIP's contrastive loss with the whole gallery as one batch, each image
     with its first caption: a smooth measure of the same ranking that R@1 thresholds."""
-    sim = image_features.float() @ text_features.float().T  # (N, M)
+    sim = similarity(image_features, text_features)  # (N, M)
     N, M = sim.shape
-    i2t_rank, t2i_rank = retrieval_ranks(sim, sim, text_to_image)
-    caption_hits = torch.zeros(N, device=sim.device).index_add_(0, text_to_image, (t2i_rank == 0).float())
-    r1 = 0.5 * ((i2t_rank == 0).float() + caption_hits * N / M)
+    i2t_hit, t2i_hit = retrieval_hits(sim, sim, text_to_image, 1)
+    caption_hits = torch.zeros(N, device=sim.device).index_add_(0, text_to_image, t2i_hit)
+    r1 = 0.5 * (i2t_hit + caption_hits * N / M)
     first = torch.full((N,), M, device=sim.device).scatter_reduce(
         0, text_to_image, torch.arange(M, device=sim.device), "amin")  # each image's first caption
     logits = logit_scale * sim[:, first]  # (N, N)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -24,6 +26,55 @@ def test_retrieval_metrics_match_brute_force():
         assert abs(got[f"image_to_text_R@{k}"] - i2t) < 1e-6
         assert abs(got[f"text_to_image_R@{k}"] - t2i) < 1e-6
     assert 0 < got["image_to_text_R@1"] < 1  # the noise makes it a real test
+
+
+def test_a_collapsed_model_scores_chance_not_a_perfect_score():
+    """Catches ties counted for the model: when every image and caption embed alike, each image's
+    captions and each caption's image tie with everything, so R@k is chance (by hand: C(M-t, k) /
+    C(M, k) the chance that none of an image's t captions is among k of M), not 100%."""
+    owner = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 4, 4])  # 1 to 3 captions per image
+    N, M = 5, len(owner)
+    got = evaluation.retrieval_metrics(torch.ones(N, 4), torch.ones(M, 4), owner)
+    counts = owner.bincount().tolist()
+    for k in (1, 5):
+        i2t = sum(1 - math.comb(M - t, k) / math.comb(M, k) for t in counts) / N
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-6)
+        assert got[f"text_to_image_R@{k}"] == pytest.approx(min(k, N) / N, abs=1e-6)
+
+
+def test_retrieval_with_ties_equals_the_mean_over_every_tie_break():
+    """Catches tie handling that is not a fair random order: scores on a coarse grid tie often,
+    and each image's (caption's) hit must equal its hit averaged over every order of the texts
+    (images), each order ranking by score, then by the order."""
+    import itertools
+    torch.manual_seed(0)
+    owner = torch.tensor([0, 0, 1, 2, 2, 3])
+    N, M = 4, 6
+    sim = torch.randint(0, 3, (N, M)).float()
+    for k in (1, 2, 3):
+        i2t, t2i = evaluation.retrieval_hits(sim, sim, owner, k)
+        for i in range(N):
+            hits = [any(owner[j] == i for j in sorted(range(M), key=lambda j: (-sim[i, j].item(), order[j]))[:k])
+                    for order in itertools.permutations(range(M))]
+            assert i2t[i].item() == pytest.approx(sum(hits) / len(hits), abs=1e-6)
+        for j in range(M):
+            hits = [owner[j].item() in sorted(range(N), key=lambda i: (-sim[i, j].item(), order[i]))[:k]
+                    for order in itertools.permutations(range(N))]
+            assert t2i[j].item() == pytest.approx(sum(hits) / len(hits), abs=1e-6)
+    assert 0 < i2t.mean() < 1 and (sim[:, None] == sim[:, :, None]).sum() > N * M  # real ties, not all hits
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_stop_with_one_sentence(bad):
+    """Catches NaN or infinite features scored as if they were numbers (NaN compares false with
+    everything, so a diverged model would get whatever the comparisons happen to give)."""
+    img, txt = torch.randn(4, 8), torch.randn(6, 8)
+    img[2, 3] = bad
+    owner = torch.tensor([0, 0, 1, 2, 3, 3])
+    with pytest.raises(ValueError, match=r"^1 of 4 image features are NaN or infinite: the model has diverged"):
+        evaluation.retrieval_metrics(img, txt, owner)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        evaluation.per_image_retrieval(txt[:4], img.repeat(2, 1)[:6], owner, 10.0)
 
 
 def test_per_image_retrieval_averages_to_the_gallery_metrics():
