@@ -469,8 +469,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model, weight_decay: float, temporal_lr_scale: float = 1.0) -> list:
-    """No weight decay on norms, biases, embeddings and the temperature (as open_clip/timm); the
-    video contextualizer's parameters in groups of their own whose learning rate is scaled."""
+    """Weight decay on the weight matrices of linear layers only. Our rule: exempt are tensors of
+    fewer than 2 dims (norms, biases, the temperature, gates) and every parameter named "*embed*"
+    or "*token*" (position, patch and frame embeddings, the class token, the word table, learnable
+    tokens). timm exempts the 1-dim tensors, pos_embed and cls_token; open_clip the 1-dim tensors.
+    The video contextualizer's parameters get groups of their own whose learning rate is scaled."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -159,12 +159,19 @@ def test_lookahead_scores_equal_a_hand_written_lookahead(prop_attn, rollout):
 
 
 def test_text_changes_the_choice_and_no_text_means_lambda_one():
+    """Catches text that does not reach the look-ahead, and a missing text treated as a zero
+    vector mixed in with weight 1 - lambda (which shrinks the [CLS] and changes the choice):
+    without text ELIP must score exactly as with lambda = 1, whatever the text."""
     vit = small_vit()
     images = torch.randn(4, 3, 32, 32)
     schedule = scaled_schedule(6)
-    plain = vit.forward_tokens(images, ELIP(schedule, 16, text=None), track_source=True)
+    plain = vit.forward_tokens(images, ELIP(schedule, 16, text=None, lam=0.2), track_source=True)
     guided = vit.forward_tokens(images, ELIP(schedule, 16, text=30 * torch.randn(4, 32), lam=0.0), track_source=True)
     assert kept_patches(plain) != kept_patches(guided)
+    ignored = ELIP(schedule, 16, text=30 * torch.randn(4, 32), lam=1.0)
+    same = vit.forward_tokens(images, ignored, track_source=True)
+    assert kept_patches(plain) == kept_patches(same)
+    torch.testing.assert_close(plain.x, same.x)
 
 
 def test_lambda_one_without_lookahead_equals_evit_selection():

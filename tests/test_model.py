@@ -151,18 +151,42 @@ def test_hard_negatives_follow_a_row_softmax_of_an_asymmetric_similarity():
         assert ((counts / draws - expected).abs() <= 4 * se + 1e-9).all(), (counts / draws, expected)
 
 
-def test_albef_objectives_see_the_pruned_tokens():
+def test_albef_objectives_each_term_by_hand_on_the_pruned_tokens():
+    """Catches an objective computed on the wrong tokens (ITM or MLM on all 17 image tokens instead
+    of ELIP's 8, ITC on features of the unpruned image) or a term mis-weighted in the sum: each
+    term recomputed from the parts (the same random draws, in the same order), then their sum."""
     from elip import ELIP, scaled_schedule
+    from model import sample_negatives
+    from text import mask_tokens
     cfg = CLIPConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, depth=6, heads=2),
                      text=TextConfig(vocab_size=20, context_length=8, width=32, depth=1, heads=2),
                      embed_dim=16, objectives=("itc", "itm", "mlm"))
+    torch.manual_seed(0)
     model = CLIP(cfg)
     images, ids = torch.randn(4, 3, 32, 32), torch.randint(5, 20, (4, 8))
-    seen = []
-    model.fusion.register_forward_hook(lambda m, args, out: seen.append(args[2].shape[1]))
-    out = model(images, ids, lambda t: ELIP(scaled_schedule(6), 16, t), torch.Generator().manual_seed(0))
-    assert set(out) == {"itc", "itm", "mlm", "loss"}
-    torch.testing.assert_close(out["loss"], out["itc"] + out["itm"] + out["mlm"])
-    assert seen == [1 + 6 + 1, 1 + 6 + 1]  # ITM and MLM passes cross-attend to 8 tokens, not 17
+    elip = lambda t: ELIP(scaled_schedule(6), 16, t)
+    out = model(images, ids, elip, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text_tokens = model.text.forward_tokens(ids)
+        text_cls = model.text.pooled(text_tokens, ids)
+        image_tokens = model.visual.forward_tokens(images, elip(model.text_guidance(text_cls))).x
+        assert image_tokens.shape[1] == 1 + 6 + 1  # ELIP kept 6 of 16 patches, plus the fused token
+        image_feat = F.normalize(model.visual_proj(image_tokens[:, 0]), dim=-1)
+        text_feat = F.normalize(model.text_proj(text_cls), dim=-1)
+        itc = contrastive_loss(image_feat, text_feat, model.scale())
+        g = torch.Generator().manual_seed(0)
+        sim = model.scale() * image_feat @ text_feat.T
+        neg_text, neg_image = sample_negatives(sim, g).tolist(), sample_negatives(sim.T, g).tolist()
+        pairs = [(i, i, 1) for i in range(4)] + [(i, neg_text[i], 0) for i in range(4)] + \
+                [(neg_image[j], j, 0) for j in range(4)]
+        itm = sum(F.cross_entropy(model.itm_logits(image_tokens[[i]], text_tokens[[j]], ids[[j]]), torch.tensor([y]))
+                  for i, j, y in pairs) / len(pairs)
+        masked, labels = mask_tokens(ids, 20, g)
+        logits = model.mlm_head(model.fusion(model.text.forward_tokens(masked), masked, image_tokens))
+        at = labels != -100
+        mlm = F.cross_entropy(logits[at], labels[at])
+    for name, expected in (("itc", itc), ("itm", itm), ("mlm", mlm)):
+        torch.testing.assert_close(out[name].detach(), expected, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(out["loss"].detach(), itc + itm + mlm, atol=1e-5, rtol=1e-5)
     out["loss"].backward()
     assert model.itm_head.weight.grad.abs().sum() > 0 and model.mlm_head.weight.grad.abs().sum() > 0

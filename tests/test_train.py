@@ -58,14 +58,20 @@ def test_partial_captions_flag_is_checked():
     train.check_flags(train.parse_args(["--partial-captions", "0.5", "--method", "elip"]))
 
 
-def test_no_weight_decay_on_norms_biases_embeddings():
+def test_weight_decay_groups_match_the_names_written_out():
+    """Catches a weight-decay rule that decays a norm, a bias, an embedding or the temperature, or
+    exempts a linear layer's weight, checked against the list of names written out by hand."""
     from model import CLIP
     model = CLIP(train.model_config(TrainConfig(width=32, depth=1, heads=2, text_width=32, text_depth=1), 20))
-    decay, no_decay = train.param_groups(model, 0.1)
+    groups = train.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
-                                             if p.ndim == 2 and "embed" not in n and "token" not in n}
-    assert "visual.pos_embed" in {names[id(p)] for p in no_decay["params"]} and no_decay["weight_decay"] == 0
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    linear = [f"{tower}.blocks.0.{layer}.weight" for tower in ("visual", "text")
+              for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert decayed == {*linear, "visual_proj.weight", "text_proj.weight"}
+    exempt = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert exempt == set(names.values()) - decayed and {"logit_scale", "visual.pos_embed", "visual.cls_token",
+        "visual.patch_embed.proj.weight", "text.token_embedding.weight", "visual.blocks.0.norm1.weight"} <= exempt
 
 
 def test_micro_run_end_to_end_and_eval_cli(tmp_path):
