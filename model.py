@@ -239,8 +239,10 @@ def matching_loss(itm_logits, image_tokens, text_tokens, ids, sim, generator=Non
     itm_logits(image_tokens, text_tokens, ids) -> (3B, 2)."""
     neg_text = sample_negatives(sim, generator)
     neg_image = sample_negatives(sim.T, generator)
-    images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])  # (3B, N', Dv)
-    texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens])
+    # index_select, not x[idx]: on the CPU the backward of x[idx] adds repeated rows' gradients in
+    # a thread-dependent order, so runs would differ in the last bits; index_select's does not
+    images = torch.cat([image_tokens, image_tokens, image_tokens.index_select(0, neg_image)])  # (3B, N', Dv)
+    texts = torch.cat([text_tokens, text_tokens.index_select(0, neg_text), text_tokens])
     all_ids = torch.cat([ids, ids[neg_text], ids])
     labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
     return F.cross_entropy(itm_logits(images, texts, all_ids).float(), labels)
