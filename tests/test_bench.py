@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+from experiments import points, reproduce
 import train
 from model import CLIP
 from train import TrainConfig
@@ -74,9 +75,9 @@ def test_tome_token_counts_and_rows():
 
 
 def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
-    """`bench.py --all --quick`: every run, table and figure of the README at toy size."""
+    """`python -m experiments --all --quick`: every run, table and figure of the README at toy size."""
     import os
-    text = bench.reproduce_all(str(tmp_path), quick=True)
+    text = reproduce.reproduce_all(str(tmp_path), quick=True)
     for heading in ("ELIP and EViT against no pruning", "ToMe off the shelf", "Captioners: final metrics",
                     "Cost (bench.py)", "Patch Ranking on the default CLIP"):
         assert heading in text
@@ -106,25 +107,25 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
         50 * (evals["image_to_text_R@1"]["mean"] + evals["text_to_image_R@1"]["mean"]))
     assert os.path.exists(tmp_path / "results.md")
     times = json.loads((tmp_path / "timings.json").read_text())  # every step timed, runs and tables
-    runs = [f"train.py {name}" for name in bench.all_runs(str(tmp_path), quick=True)]
-    assert set(runs) <= set(times) and {"elip table", "bench.py --ranking (ranking_fuse)", "viz.py masks_elip.png"} <= set(times)
+    runs = [f"train.py {name}" for name in reproduce.all_runs(str(tmp_path), quick=True)]
+    assert set(runs) <= set(times) and {"elip table", "experiments --ranking (ranking_fuse)", "viz.py masks_elip.png"} <= set(times)
     assert all(t > 0 for t in times.values())
     stated = float(re.search(r"each timed when it last ran: ([0-9.]+) min", text).group(1))
     assert stated == pytest.approx(sum(times.values()) / 60, abs=0.051) and "finished before timings.json" not in text
     with pytest.MonkeyPatch.context() as mp:  # a second --all keeps the finished runs: nothing is retrained
-        mp.setattr(bench, "run_logged", lambda cmd, *rest: pytest.fail(f"{cmd[:2]} ran again"))
-        again = bench.train_all(str(tmp_path), True, bench.StepTimes(str(tmp_path)), t0=0.0)
-    assert again == list(bench.all_runs(str(tmp_path), quick=True))
+        mp.setattr(reproduce, "run_logged", lambda cmd, *rest: pytest.fail(f"{cmd[:2]} ran again"))
+        again = reproduce.train_all(str(tmp_path), True, reproduce.StepTimes(str(tmp_path)), t0=0.0)
+    assert again == list(reproduce.all_runs(str(tmp_path), quick=True))
     check_elip_table_of_a_folder(tmp_path, text)
 
 
 def test_step_times_keep_earlier_steps_across_invocations(tmp_path):
     """An interrupted --all continues in a new process: the steps timed before stay in timings.json,
     a step run again gets its new time."""
-    first = bench.StepTimes(str(tmp_path))
+    first = reproduce.StepTimes(str(tmp_path))
     assert first.run("train.py a", lambda x: x + 1, 1) == 2
     first.run("table", time.sleep, 0.05)
-    second = bench.StepTimes(str(tmp_path))  # a later invocation
+    second = reproduce.StepTimes(str(tmp_path))  # a later invocation
     second.run("table", lambda: None)
     second.run("train.py b", time.sleep, 0.01)
     saved = json.loads((tmp_path / "timings.json").read_text())
@@ -141,7 +142,7 @@ def check_elip_table_of_a_folder(root, all_text):
     for name in ("none", "elip"):
         for seed in (0, 1, 2):
             shutil.copytree(root / f"{name}_{seed}", sub / f"{name}_{seed}")
-    table = bench.elip_table_of_folder(str(sub), n_test=20)
+    table = reproduce.elip_table_of_folder(str(sub), n_test=20)
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [r.split(" |")[0] for r in rows] == ["| `none`", "| `elip` (`--keep-warmup 0`; default: proportional attention and rollout)"]
     assert all(row in all_text for row in rows) and table.startswith("2 runs x 3 seeds, 3 steps each")
@@ -149,47 +150,47 @@ def check_elip_table_of_a_folder(root, all_text):
     ckpt["config"]["steps"] = 4
     torch.save(ckpt, sub / "elip_1" / "ckpt.pt")
     with pytest.raises(SystemExit, match="different numbers of steps.*elip_1 4"):
-        bench.elip_table_of_folder(str(sub), n_test=20)
+        reproduce.elip_table_of_folder(str(sub), n_test=20)
     shutil.rmtree(sub / "none_2")
     with pytest.raises(SystemExit, match="needs none_0, none_1 and none_2"):
-        bench.elip_table_of_folder(str(sub), n_test=20)
+        reproduce.elip_table_of_folder(str(sub), n_test=20)
 
 
 @pytest.mark.parametrize("in_process", [False, True])
 def test_a_failed_step_of_all_names_itself_and_its_log(tmp_path, monkeypatch, in_process):
     """--all runs each script in a process of its own, --all --quick in this one: a failure reads
     the same either way, one sentence naming the step and its log, the script's own error in the log."""
-    monkeypatch.setattr(bench, "IN_PROCESS", in_process)
+    monkeypatch.setattr(reproduce, "IN_PROCESS", in_process)
     from test_train import ROOT
     monkeypatch.chdir(ROOT)
     log = tmp_path / "step.txt"
     for cmd, code, said in ((["eval.py", "--ckpt", str(tmp_path / "none.pt")], 1, "none.pt does not exist"),
-                            (["bench.py", "--direction-probe", str(tmp_path / "none.pt")], 1, "none.pt does not exist"),
+                            (["experiments", "--direction-probe", str(tmp_path / "none.pt")], 1, "none.pt does not exist"),
                             (["train.py", "--steps", "x"], 2, "train.py: error: argument --steps: invalid int")):
         with pytest.raises(SystemExit, match=re.escape(f"error: the step failed (exit {code}); its output is in {log}")):
-            bench.run_logged(cmd, str(log), "the step")
+            reproduce.run_logged(cmd, str(log), "the step")
         assert said in log.read_text() and "Traceback" not in log.read_text()
-    assert bench.IN_PROCESS == in_process and sys.argv[0] != "train.py"  # nothing of a step stays behind
+    assert reproduce.IN_PROCESS == in_process and sys.argv[0] != "train.py"  # nothing of a step stays behind
 
 
 def test_a_missing_checkpoint_stops_with_one_sentence(tmp_path):
     import subprocess
     from test_train import ROOT
-    r = subprocess.run([sys.executable, "bench.py", "--direction-probe", str(tmp_path / "none.pt")], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "experiments", "--direction-probe", str(tmp_path / "none.pt")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "none.pt does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_pooled_difference_by_hand():
-    z = bench.Z95
+    z = points.Z95
     # standard errors 1 and 2: weights 1 and 1/4, pooled (1 * 1 + 4 / 4) / 1.25 = 1.6, se 1 / sqrt(1.25)
-    mean, low, high = bench.pooled_difference([(1.0, 1 - z, 1 + z), (4.0, 4 - 2 * z, 4 + 2 * z)])
+    mean, low, high = points.pooled_difference([(1.0, 1 - z, 1 + z), (4.0, 4 - 2 * z, 4 + 2 * z)])
     assert mean == pytest.approx(1.6) and high - mean == pytest.approx(mean - low) == pytest.approx(z / 1.25 ** 0.5)
     # the same estimate twice: the same mean, the interval narrower by sqrt(2)
-    mean, low, high = bench.pooled_difference([(0.5, -0.5, 1.5)] * 2)
+    mean, low, high = points.pooled_difference([(0.5, -0.5, 1.5)] * 2)
     assert mean == pytest.approx(0.5) and high - low == pytest.approx(2 / 2 ** 0.5)
-    with pytest.raises(bench.DataError, match="empty interval"):
-        bench.pooled_difference([(0.5, 0.5, 0.5), (0.5, -0.5, 1.5)])
+    with pytest.raises(points.DataError, match="empty interval"):
+        points.pooled_difference([(0.5, 0.5, 0.5), (0.5, -0.5, 1.5)])
 
 
 def ranking_points_file(path, scene_seed, shift):
@@ -204,14 +205,14 @@ def ranking_points_file(path, scene_seed, shift):
 
 def test_pool_ranking_pools_every_row_but_tome_and_refuses_shared_galleries(tmp_path):
     a, b = ranking_points_file(tmp_path / "a.json", 0, 0.0), ranking_points_file(tmp_path / "b.json", 1, 1.0)
-    rows = bench.pool_ranking([a, b]).splitlines()[2:]
+    rows = points.pool_ranking([a, b]).splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| unpruned", "| predictor + 4 learnable tokens"]
     # equal intervals: the pooled difference is the plain mean, (1.0 + 2.0) / 2, on R@1 and on the loss
     assert "| +1.00 [+0.00, +2.00] | +2.00 [+1.00, +3.00] | +1.50 [+0.79, +2.21] | -0.0150 [-0.0221, -0.0079] |" in rows[1]
-    with pytest.raises(bench.DataError, match="share test images"):
-        bench.pool_ranking([a, ranking_points_file(tmp_path / "c.json", 0, 1.0)])
-    with pytest.raises(bench.DataError, match="two or more"):
-        bench.pool_ranking([a])
+    with pytest.raises(points.DataError, match="share test images"):
+        points.pool_ranking([a, ranking_points_file(tmp_path / "c.json", 0, 1.0)])
+    with pytest.raises(points.DataError, match="two or more"):
+        points.pool_ranking([a])
     (tmp_path / "bad.json").write_text('[{"name": "unpruned"}]')
-    with pytest.raises(bench.DataError, match=r"bad\.json is not the --points file"):
-        bench.pool_ranking([a, str(tmp_path / "bad.json")])
+    with pytest.raises(points.DataError, match=r"bad\.json is not the --points file"):
+        points.pool_ranking([a, str(tmp_path / "bad.json")])

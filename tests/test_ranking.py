@@ -278,7 +278,7 @@ def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
     import json
     import subprocess
     import sys
-    import bench
+    from experiments import points as experiment
     from test_train import ROOT, TINY, run
     clip, out = str(tmp_path / "clip"), str(tmp_path / "rank")
     assert run([*TINY, "--depth", "4", "--steps", "2", "--batch-size", "8", "--no-eval", "--out", clip]).returncode == 0
@@ -288,7 +288,7 @@ def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
                          capture_output=True, text=True)
     assert got.returncode == 0, got.stderr
     assert "image_to_text_R@1" in json.loads(got.stdout.strip().splitlines()[-1])
-    points = bench.ranking_points([f"{out}/ckpt.pt"], n_test=10, repeats=1, batch_size=2)
+    points = experiment.ranking_points([f"{out}/ckpt.pt"], n_test=10, repeats=1, batch_size=2)
     names = [p["name"] for p in points]
     assert names[0] == "unpruned" and "golden ranking (oracle)" in names and names[-1].endswith("learnable tokens")
     by = {p["name"]: p for p in points}
@@ -301,7 +301,7 @@ def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
     assert tome["paired_r1"] == tome["paired_loss"] == 0 and all(  # every row paired with ToMe, inside its interval
         p[f"paired_{k}_low"] <= p[f"paired_{k}"] <= p[f"paired_{k}_high"] for p in points for k in ("r1", "loss"))
     assert by["unpruned"]["paired_r1"] == pytest.approx(by["unpruned"]["accuracy"] - tome["accuracy"], abs=1e-6)
-    assert "| unpruned | 1 |" in bench.ranking_markdown(points)
+    assert "| unpruned | 1 |" in experiment.ranking_markdown(points)
     assert all(p["scene_seed"] == 0 and p["n_test"] == 10 for p in points)  # --pool-ranking's check reads them
     import viz
     from test_viz import readable_png

@@ -101,7 +101,7 @@ def test_motion_of_and_motion_accuracy_by_hand():
 
 
 def test_on_the_axis_counts_the_first_words_on_the_true_axis_by_hand():
-    from bench import on_the_axis
+    from experiments.video import on_the_axis
     said = dict(left={"left": 3, "right": 2, "up": 1}, right={"none": 4}, up={"down": 5}, down={"down": 1, "still": 2})
     # on the axis: left 3 + right 2 (moving left), down 5 (moving up), down 1 (moving down); 18 clips in all
     assert on_the_axis(said) == (11, 18)
@@ -289,14 +289,14 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{cap}/ckpt.pt", "--n-test", "5", "--json"], cwd=ROOT,
                        capture_output=True, text=True)
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
-    import bench  # the runs table says what eval.py says, and what the run was trained with
-    row = [cell.strip() for cell in bench.video_runs([f"{cap}/ckpt.pt"], n_test=5).splitlines()[-1].split("|")[1:-1]]
+    from experiments import video  # the runs table says what eval.py says, and what the run was trained with
+    row = [cell.strip() for cell in video.video_runs([f"{cap}/ckpt.pt"], n_test=5).splitlines()[-1].split("|")[1:-1]]
     assert row[1:5] == ["0", "3", "contextualizer, learning rate x1", "no"]
     keys = ("cider_d", "bleu4", "motion_accuracy", "direction_accuracy", "direction_accuracy_one_object")
     assert row[5:10] == [f"{100 * metrics[k]:.1f}" for k in keys]
     assert row[11].split() == [f"{a:+.2f}" for a in metrics["temporal_alpha"]]
     # a captioner against itself, clip by clip: no difference, and an interval of none
-    table = bench.video_paired([f"{cap}/ckpt.pt", f"{cap}/ckpt.pt"] * 2, n_test=5)
+    table = video.video_paired([f"{cap}/ckpt.pt", f"{cap}/ckpt.pt"] * 2, n_test=5)
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
     assert len(rows) == 2 and rows[0] == rows[1]  # a row per pair
     assert rows[0][2:4] == ["0", "3"] and rows[0][4].startswith("5 (")
@@ -304,9 +304,9 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     assert [cell.split(", ")[0] for cell in rows[0][5:7]] == [f"{100 * metrics[k]:.1f}" for k in
                                                              ("motion_accuracy", "direction_accuracy_one_object")]
     with pytest.raises(data.DataError, match="in pairs A B"):
-        bench.video_paired([f"{cap}/ckpt.pt"] * 3, n_test=5)
+        video.video_paired([f"{cap}/ckpt.pt"] * 3, n_test=5)
     with pytest.raises(data.DataError, match="not a video captioner"):
-        bench.video_paired([f"{lm}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
+        video.video_paired([f"{lm}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
     # the causal contextualizer is trained, saved and read back as causal
     causal = str(tmp_path / "causal")
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
@@ -316,7 +316,7 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
              f"{clip}/ckpt.pt", "--steps", "2", "--no-eval", "--out", causal, "--resume"])  # the mask forgotten
     assert r.returncode != 0 and "was trained with --temporal-causal True, this run has False" in r.stderr
-    assert "| causal contextualizer, learning rate x1 |" in bench.video_runs([f"{causal}/ckpt.pt"], n_test=3)
+    assert "| causal contextualizer, learning rate x1 |" in video.video_runs([f"{causal}/ckpt.pt"], n_test=3)
     # --motion-word-weight: the captioner weighs exactly the LM's ids of the motion words
     weighted = str(tmp_path / "weighted")
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
@@ -382,17 +382,17 @@ def test_the_contextualizer_has_its_own_learning_rate_scale():
 
 
 def test_the_set_reader_ignores_where_tokens_are_and_the_layout_reader_does_not():
-    import bench
+    from experiments import video
     torch.manual_seed(0)
     x, order = torch.randn(3, 10, 16), torch.randperm(10)
     for name, sees_order in (("set", False), ("layout", True), ("attention", True)):
-        reader = bench.READERS[name](16, 10, 4).eval()
+        reader = video.READERS[name](16, 10, 4).eval()
         same = torch.allclose(reader(x), reader(x[:, order]), atol=1e-6)
         assert same != sees_order, name
 
 
 def test_the_direction_probe_keeps_the_vit_frozen_and_trains_the_contextualizer():
-    import bench
+    from experiments import video
     from model import CLIP
     from train import TrainConfig, model_config
     torch.manual_seed(0)
@@ -400,23 +400,23 @@ def test_the_direction_probe_keeps_the_vit_frozen_and_trains_the_contextualizer(
     model = CLIP(model_config(cfg, vocab_size=20))
     before = {k: v.clone() for k, v in model.visual.state_dict().items()}
     cases = [("frames", "layout"), ("average", "set"), ("contextualizer", "attention")]
-    rows = bench.direction_probe(model, 0, steps=2, batch_size=4, n_train=40, n_test=20, cases=cases)
+    rows = video.direction_probe(model, 0, steps=2, batch_size=4, n_train=40, n_test=20, cases=cases)
     assert [(r["tokens"], r["reader"]) for r in rows] == cases
     assert all(torch.equal(v, before[k]) for k, v in model.visual.state_dict().items())
     assert all(p.requires_grad for p in model.visual.parameters())  # given back as it came
     assert rows[0]["gates"] is None and all(a != 0.0 for a in rows[2]["gates"])  # the gates left 0
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["majority"] >= 0.25 for r in rows)
-    assert "| frame averaging (frozen ViT) | set |" in bench.direction_markdown(rows)
+    assert "| frame averaging (frozen ViT) | set |" in video.direction_markdown(rows)
 
 
 def test_the_direction_probe_reads_through_a_captioners_contextualizer_without_changing_it():
-    import bench
+    from experiments import video
     model = tiny_video_captioner(temporal=True)
     with torch.no_grad():
         for layer in model.temporal.layers:
             layer.alpha.fill_(0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = bench.direction_probe(model, 0, steps=2, batch_size=4, n_train=40, n_test=20, frames=3,
+    rows = video.direction_probe(model, 0, steps=2, batch_size=4, n_train=40, n_test=20, frames=3,
                                  cases=[("captioner", "layout")])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert rows[0]["gates"] == [0.5, 0.5]

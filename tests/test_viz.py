@@ -42,8 +42,8 @@ def test_masks_for_every_reducer_and_a_note_for_none(tmp_path):
         assert readable_png(png)
     png = viz.draw_masks(f"{out}/ckpt.pt", "", n=2, out=str(tmp_path / "none.png"))  # --method none: a note
     assert readable_png(png)
-    import bench  # the accuracy-cost points come from a measurement, then plot
-    points = bench.tome_sweep(f"{out}/ckpt.pt", rs=(0, 8), batch_size=4, repeats=1, n_test=10)
+    from experiments import points as experiment  # the accuracy-cost points come from a measurement, then plot
+    points = experiment.tome_sweep(f"{out}/ckpt.pt", rs=(0, 8), batch_size=4, repeats=1, n_test=10)
     assert [p["name"] for p in points] == ["none", "ToMe r=8"] and points[1]["gflops"] < points[0]["gflops"]
     assert all(0 <= p["accuracy"] <= 100 and p["img_s"] > 0 for p in points)
     assert readable_png(viz.plot_tradeoff(points, str(tmp_path / "t.png")))
