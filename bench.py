@@ -24,19 +24,20 @@ Accuracy against cost, the Patch Ranking table, the probes and the harness that 
 results table live in `experiments/` (`python -m experiments --help`).
 """
 import argparse
-import dataclasses
 import statistics
 import time
 
 import torch
 
-import train
+from captioner import Captioner, CaptionerConfig
+from checkpoint import ReducerConfig, elip_schedule, make_reducer, tome_schedule
 from data import DataError
-from model import CLIP
-from train import TrainConfig
-from vit import Observed
+from merge import merge_schedule
+from model import CLIP, CLIPConfig
+from text import LMConfig, TextConfig
+from vit import Observed, vit_config
 
-VARIANTS = {  # name -> TrainConfig overrides
+VARIANTS = {  # name -> ReducerConfig (train.py's flags of the same names)
     "none": dict(method="none"),
     "evit": dict(method="evit"),
     "elip": dict(method="elip"),
@@ -68,9 +69,9 @@ def block_flops(n_attn, n_mlp, d, mlp_ratio=4.0, context=0, d_context=0) -> floa
     return f
 
 
-def count_tokens(model, cfg: TrainConfig, images, ids):
+def count_tokens(model, cfg: ReducerConfig, images, ids):
     """(per-block attention and MLP token counts, tokens leaving the ViT) of one guided forward."""
-    make = train.reducer_fn(cfg, model.cfg.vision, step=cfg.steps)  # past any warm-up
+    make = make_reducer(cfg, model.cfg.vision)  # past any warm-up
     text = model.text_guidance(model.text(ids))
     counter = TokenCounter(make(text) if make else None)
     with torch.no_grad():
@@ -85,14 +86,14 @@ def vit_forward_flops(vit, counter) -> float:
         block_flops(counter.attn[i], counter.mlp[i], v.width, v.mlp_ratio) for i in range(v.depth))
 
 
-def forward_flops(model, cfg: TrainConfig, counter, n_out, text_len) -> dict:
+def forward_flops(model, cfg: ReducerConfig, counter, n_out, text_len) -> dict:
     """Per-sample forward FLOPs of a training step, by part."""
     v, t = model.cfg.vision, model.cfg.text
     P = v.num_patches
     vit = vit_forward_flops(model.visual, counter)
     lookahead = 0.0
     if cfg.method == "elip" and cfg.lookahead:
-        s = train.elip_schedule(cfg, v.depth)
+        s = elip_schedule(cfg, v.depth)
         for b, n in zip(s.begin_layers, s.num_layers):
             N = counter.mlp[b - 1] if b else 1 + P  # the sequence entering block b, unpruned
             # n - 1 whole blocks, then the last block's qkv projection and one row of logits
@@ -124,19 +125,26 @@ def saved_activation_bytes(fn, model) -> int:
     return out, sum(seen.values())
 
 
+def clip_config(preset: str, objectives: str) -> CLIPConfig:
+    """train.py's CLIP for a ViT preset: its default text tower on tiny64, CLIP ViT-B/16's otherwise."""
+    wide = preset != "tiny64"
+    text = TextConfig(vocab_size=100, context_length=40, width=768 if wide else 128, depth=2, heads=12 if wide else 2)
+    return CLIPConfig(vision=vit_config(preset), text=text, embed_dim=512 if wide else 128,
+                      objectives=tuple(objectives.split(",")))
+
+
 def bench_model(preset, batch_size, objectives, repeats, budget_gb, device):
     rows = {}
     for name, overrides in VARIANTS.items():
-        cfg = TrainConfig(vit=preset, objectives=objectives, **overrides,
-                          **({} if preset == "tiny64" else dict(text_width=768, text_heads=12, embed_dim=512)))
+        cfg = ReducerConfig(**overrides)
         torch.manual_seed(0)
-        model = CLIP(train.model_config(cfg, vocab_size=100)).to(device)
+        model = CLIP(clip_config(preset, objectives)).to(device)
         v = model.cfg.vision
         images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
         ids = torch.randint(5, 100, (batch_size, 24), device=device)
         ids[:, 0], ids[:, -1] = 2, 3
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        make = train.reducer_fn(cfg, v, step=cfg.steps)
+        make = make_reducer(cfg, v)
 
         def step():
             out = model(images, ids, make, torch.Generator().manual_seed(0))
@@ -205,7 +213,7 @@ def bench_tome(preset: str, batch_size: int, r: str, repeats: int, device) -> di
     torch.manual_seed(0)
     vit = ViT(vit_config(preset)).to(device).eval()
     images = torch.randn(batch_size, 3, vit.cfg.image_size, vit.cfg.image_size, device=device)
-    schedule, note = train.tome_schedule(TrainConfig(tome_r=r), vit.cfg.depth, 1 + vit.cfg.num_patches)
+    schedule, note = tome_schedule(ReducerConfig(tome_r=r), vit.cfg.depth, 1 + vit.cfg.num_patches)
     reducers = dict(none=None, tome=ToMe(schedule))
     times = {k: [] for k in reducers}
     with torch.inference_mode():
@@ -237,11 +245,11 @@ def tome_markdown(preset, batch_size, rows) -> str:
 # ----------------------------------------------------------------------------------------------
 # EVLGen: the captioner's training step, merged and unmerged, and where its time goes
 
-CAPTIONERS = {  # name -> TrainConfig overrides (the bridge)
-    "evlgen (merge r=16)": dict(bridge="merge", bridge_r=16),
-    "no merging (r=0)": dict(bridge="merge", bridge_r=0),
+CAPTIONERS = {  # name -> the bridge (train.py's --bridge, --bridge-r, --stage1-steps)
+    "evlgen (merge r=16)": dict(bridge="merge", r=16),
+    "no merging (r=0)": dict(bridge="merge", r=0),
     "learned queries (32)": dict(bridge="query"),
-    "learned queries, stage 1 (ITC+ITM)": dict(bridge="query", stage1_steps=1),
+    "learned queries, stage 1 (ITC+ITM)": dict(bridge="query", stage1=True),
 }
 
 
@@ -249,20 +257,20 @@ def bench_captioner(batch_size: int, repeats: int, device) -> dict:
     """Per bridge: seconds of a training step, split into the frozen ViT's forward, the bridge
     (forward + backward of its output alone) and the rest (the frozen LM's forward and backward
     to the prompt); tokens entering the LM. Default model sizes, frozen ViT, random weights and captions."""
-    from model import Captioner
-    from text import LMConfig
     rows = {}
-    for name, overrides in CAPTIONERS.items():
-        cfg = TrainConfig(method="evlgen", lm="-", **overrides)
-        lm = dict(model_config=dict(vars(LMConfig(vocab_size=100, context_length=cfg.lm_context))))
+    for name, bridge in CAPTIONERS.items():
+        vision = vit_config("tiny64")  # train.py's defaults: the tiny ViT, a 2-layer bridge, a 128-position LM
+        r = merge_schedule(bridge.get("r", 16), 2, 1 + vision.num_patches)[0]
+        mcfg = CaptionerConfig(vision=vision, lm=LMConfig(vocab_size=100, context_length=128),
+                               text=TextConfig(vocab_size=100, context_length=128), bridge=bridge["bridge"],
+                               bridge_depth=2, r=tuple(r), freeze_vit=True, stage1=bridge.get("stage1", False))
         torch.manual_seed(0)
-        mcfg = dataclasses.replace(train.captioner_config(cfg, dict(lm=lm), vocab_size=100), freeze_vit=True)
         model = Captioner(mcfg).to(device).train()  # the ViT frozen, as when loaded with --clip
         v = model.cfg.vision
         images = torch.randn(batch_size, 3, v.image_size, v.image_size, device=device)
         ids = torch.randint(5, 100, (batch_size, 24), device=device)
         ids[:, 0], ids[:, -1] = 2, 3
-        model.stage = 1 if cfg.stage1_steps else 2
+        model.stage = 1 if mcfg.stage1 else 2
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step():

@@ -4,7 +4,6 @@ special case.
 
 Papers: "ELIP: Efficient Language-Image Pre-training with Fewer Vision Tokens" (Guo et al., 2023,
 arXiv 2309.16738); "Not All Patches are What You Need" (EViT, Liang et al., ICLR 2022).
-The algorithm, precisely: ../shared/METHODS.md section 1.
 
 Read first: `Schedule` (stages as data), then `prune_and_fuse` (keep the top-K tokens in their
 original order, fuse the rest into one), then `ELIP.score_lookahead` and `ELIP.before_block`.

@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 
 import data
-from data import DataError
+from checkpoint import ReducerConfig, elip_schedule, load_checkpoint, make_reducer, reducer_config, tome_schedule, trained_on
+from data import DataError, qa_text
 from elip import ELIP, RandomPrune, scaled_schedule
 from merge import ToMe
 from text import normalize
-from data import qa_text
 from vit import Observed, Reducer
 
 
@@ -674,9 +674,8 @@ def format_table(metrics: dict) -> str:
 
 def evaluate_checkpoint(path, args) -> dict:
     """Every metric the flags ask for, for one checkpoint."""
-    from train import TrainConfig, elip_schedule, load_checkpoint, reducer_fn, saved_config, tome_schedule
-    model, tokenizer, ckpt = load_checkpoint(path, args.device)  # train.py: the one reader of checkpoints
-    cfg = saved_config(ckpt)
+    model, tokenizer, ckpt = load_checkpoint(path, args.device)
+    cfg, trained = reducer_config(ckpt), trained_on(ckpt)
     kind = ckpt.get("kind", "clip")
     if kind in ("lm", "captioner") and (args.prune or args.tome_r or args.relevance or args.itm_rerank or args.zeroshot_dir):
         raise ValueError(f"{path} holds a {kind}: --prune, --tome-r, --relevance, --itm-rerank and "
@@ -684,25 +683,25 @@ def evaluate_checkpoint(path, args) -> dict:
     if kind == "ranking" and (args.prune or args.tome_r or args.relevance):
         raise ValueError(f"{path} holds a Patch Ranking model, evaluated with its own pruning: --prune, --tome-r "
                          f"and --relevance are for the CLIPs of train.py's other methods")
-    frames = cfg.frames if cfg.video else 0
+    frames = trained["frames"]
     if kind == "lm":  # only its captions are read
-        sets = eval_sets(64, 8, cfg.scene_seed(), args.n_test, args.val_data, args.image_root, frames=frames)
+        sets = eval_sets(64, 8, trained["scene_seed"], args.n_test, args.val_data, args.image_root, frames=frames)
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
-    sets = eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), args.n_test, args.val_data, args.image_root,
-                     args.zeroshot_dir, frames=frames, marker=cfg.motion_marker)
+    sets = eval_sets(v.image_size, v.patch_size, trained["scene_seed"], args.n_test, args.val_data, args.image_root,
+                     args.zeroshot_dir, frames=frames, marker=trained["marker"])
     if kind == "captioner":
         return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
     reducer = model.reducer() if kind == "ranking" else None  # Patch Ranking: its predictor and learned tokens
     if args.prune:
-        make = reducer_fn(cfg, v, ckpt["step"], training=False)
+        make = make_reducer(cfg, v, guided=False)
         if make is None:
             raise ValueError(f"--prune: {path} was trained with --method none, which prunes nothing")
         reducer = make(None)
     if args.tome_r:  # off the shelf: ToMe needs no training, so any checkpoint can be merged
         if args.prune:
             raise ValueError("--prune and --tome-r each choose the reducer: give one")
-        r, note = tome_schedule(TrainConfig(tome_r=args.tome_r), v.depth, 1 + v.num_patches)
+        r, note = tome_schedule(ReducerConfig(tome_r=args.tome_r), v.depth, 1 + v.num_patches)
         print(f"ToMe off the shelf: r per block {r}" + (f" ({note})" if note else ""), file=sys.stderr)
         reducer = ToMe(r)
     metrics = evaluate(model, tokenizer, args.device, sets, args.n_test, reducer)
@@ -711,7 +710,7 @@ def evaluate_checkpoint(path, args) -> dict:
             raise ValueError(f"--itm-rerank: {path} was trained without the itm objective")
         metrics.update(itm_rerank(model, tokenizer, sets[0], args.device, args.n_test, args.itm_rerank))
     if args.relevance:
-        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, cfg.scene_seed())
+        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, trained["scene_seed"])
         schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
         prop_attn = cfg.fused_prop_attn if cfg.method in ("elip", "evit") else True  # as trained, else ours
         rollout = cfg.rollout if cfg.method == "elip" else True

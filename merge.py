@@ -4,7 +4,6 @@ merges visual tokens on their way into a frozen language model.
 
 Papers: "Token Merging: Your ViT but Faster" (ToMe, Bolya et al., ICLR 2023); "Expedited Training
 of Visual Conditioned Language Generation via Redundancy Reduction" (EVLGen, Jian et al., ACL 2024).
-The algorithms, precisely: ../shared/METHODS.md sections 3 and 4.
 
 Read first: `bipartite_soft_matching` (which tokens merge), then `merge_tokens` (how values, sizes
 and sources combine), then `ToMe` (the reducer: merge r tokens between attention and MLP of every
@@ -185,7 +184,7 @@ class MergingBridge(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Video: soft attentive temporal token contextualizing (EVLGen, METHODS.md section 3)
+# Video: soft attentive temporal token contextualizing (EVLGen)
 #
 # A frozen image ViT sees each of a clip's T frames alone. Between attention and MLP of every
 # block, each spatial position looks at itself in the other frames: small multi-head query/key

@@ -10,7 +10,7 @@ Morgado, WACV 2025, arXiv 2409.14607). Three steps, each below:
   2. `Predictor`: ~50K parameters that imitate the golden ranking from the tokens entering the
      pruning layer (the CLIP's own early features: inference needs nothing else), trained with a
      listwise KL loss (`listwise_loss`) or a pairwise margin loss.
-  3. `RankingCLIP`: the CLIP with the predictor wired in through the seam (`RankPrune`: run the
+  3. `RankPrune` (and model.py's `RankingCLIP`): the CLIP with the predictor wired in through the seam (`RankPrune`: run the
      blocks before the pruning layer, score, keep the top 60% of patches in original order, run
      the rest) and a few learnable tokens appended to the pruned sequence, trained with the
      contrastive loss while everything else stays frozen, to win back what pruning lost.
@@ -20,20 +20,18 @@ averaged into one token that attends with log(their count) — ELIP's fused toke
 attention — in the search as in pruning, so the ranking is found for the pruning it will serve.
 
 Read first: `embed_subsets` (how one image's candidates become one batch), `golden_ranking`, then
-`Predictor`, `RankPrune` and `RankingCLIP`. train.py's `--method ranking` runs the three phases;
+`Predictor` and `RankPrune` (model.py's `RankingCLIP` holds them). train.py's `--method ranking` runs the three phases;
 `search_cached` keeps the rankings on disk with the identity of the checkpoint they came from.
 """
 import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CLIP, CLIPConfig, contrastive_loss
 from elip import prune_and_fuse
 from vit import Mlp, Reducer, Tokens, size_bias
 
@@ -67,7 +65,7 @@ def candidate_groups(grid: tuple, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_from(clip: CLIP, layer: int, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
+def embed_from(clip: nn.Module, layer: int, x: torch.Tensor, attn_bias=None) -> torch.Tensor:
     """The normalised image embedding after blocks layer.. of the ViT on tokens x (B, N, D)."""
     for block in clip.visual.blocks[layer:]:
         x = block(x, attn_bias)
@@ -75,7 +73,7 @@ def embed_from(clip: CLIP, layer: int, x: torch.Tensor, attn_bias=None) -> torch
 
 
 @torch.no_grad()
-def embed_subsets(clip: CLIP, layer: int, x: torch.Tensor, keep: torch.Tensor, max_rows: int = 256,
+def embed_subsets(clip: nn.Module, layer: int, x: torch.Tensor, keep: torch.Tensor, max_rows: int = 256,
                   fuse: bool = False) -> torch.Tensor:
     """The embedding of every subset of patches of every image in one batch: x (B, 1+P, D) the
     tokens entering `layer`, keep (B, n, P) bool, n subsets per image. Subsets of different sizes
@@ -119,7 +117,7 @@ def removal_scores(emb, ref, mode="similarity", classes=None, labels=None) -> to
 
 
 @torch.no_grad()
-def golden_ranking(clip: CLIP, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 1,
+def golden_ranking(clip: nn.Module, x: torch.Tensor, layer: int, grid=None, k: int = 1, chunk: int = 1,
                    mode: str = "similarity", classes=None, labels=None, max_rows: int = 256,
                    fuse: bool = False) -> torch.Tensor:
     """Greedy backward elimination on tokens x (B, 1+P, D) entering block `layer` of a frozen CLIP.
@@ -161,7 +159,7 @@ def positions(ranking: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_input(clip: CLIP, images: torch.Tensor, layer: int) -> torch.Tensor:
+def layer_input(clip: nn.Module, images: torch.Tensor, layer: int) -> torch.Tensor:
     """The tokens entering block `layer`: (B, 1+P, D)."""
     x = clip.visual.embed(images).x
     for block in clip.visual.blocks[:layer]:
@@ -181,7 +179,7 @@ def file_identity(path: str) -> str:
     return h.hexdigest()
 
 
-def search_cached(clip: CLIP, images_of, n: int, cache: str, identity: dict, layer: int, batch_size: int = 16,
+def search_cached(clip: nn.Module, images_of, n: int, cache: str, identity: dict, layer: int, batch_size: int = 16,
                   labels_of=None, say=print, **search) -> torch.Tensor:
     """Golden rankings (n, P) of images_of(i) for i < n (labels_of(i) for the `label` mode),
     cached at `cache` with `identity` (the checkpoint's sha256 and every setting of the search).
@@ -276,7 +274,7 @@ def top_n_match(scores: torch.Tensor, ranking: torch.Tensor, n: int) -> float:
     return (predicted & golden).sum().item() / (n * len(scores))
 
 
-def train_predictor(clip: CLIP, predictor: Predictor, images_of, rankings: torch.Tensor, layer: int, steps: int,
+def train_predictor(clip: nn.Module, predictor: Predictor, images_of, rankings: torch.Tensor, layer: int, steps: int,
                     loss: str = "listwise", batch_size: int = 64, lr: float = 1e-3, seed: int = 0, say=print):
     """Fit the predictor to the golden rankings of images_of(i), i < len(rankings), from the frozen
     CLIP's tokens entering `layer` (computed once: the CLIP never changes)."""
@@ -304,7 +302,7 @@ def train_predictor(clip: CLIP, predictor: Predictor, images_of, rankings: torch
 
 
 @torch.no_grad()
-def predictor_match(clip: CLIP, predictor: Predictor, images: torch.Tensor, rankings: torch.Tensor, layer: int,
+def predictor_match(clip: nn.Module, predictor: Predictor, images: torch.Tensor, rankings: torch.Tensor, layer: int,
                     n: int) -> float:
     """Top-n match of the predictor with the golden rankings of these images."""
     return top_n_match(predictor(layer_input(clip, images, layer)[:, 1:]), rankings.to(images.device), n)
@@ -354,54 +352,6 @@ def cls_attention_scorer(layer: int):
     return lambda x, vit: vit.blocks[layer].cls_attention(x)[:, 1:]
 
 
-def golden_scorer(clip: CLIP, layer: int, **search):
+def golden_scorer(clip: nn.Module, layer: int, **search):
     """The oracle: the golden ranking of each image, searched on the spot."""
     return lambda x, vit: -positions(golden_ranking(clip, x, layer, **search)).float()
-
-
-@dataclass
-class RankingConfig:
-    clip: CLIPConfig = field(default_factory=CLIPConfig)
-    layer: int = 2  # the block whose input is pruned
-    keep: float = 0.6  # share of the patch tokens kept
-    dim: int = 64  # the predictor's channels after pooling
-    num_tokens: int = 4  # learnable tokens appended after pruning (0: none)
-    fuse: bool = False  # ours: fuse the pruned patches into one token (proportional attention) instead of dropping
-
-    def __post_init__(self):
-        pruning_layer(self.clip.vision.depth, self.layer)
-        keep_count(self.keep, self.clip.vision.num_patches)
-
-    @classmethod
-    def from_dict(cls, d) -> "RankingConfig":
-        return cls(clip=CLIPConfig.from_dict(d["clip"]), **{k: v for k, v in d.items() if k != "clip"})
-
-
-class RankingCLIP(CLIP):
-    """A CLIP (frozen) with the predictor and the learnable tokens. `encode_image(images)` is
-    the unpruned CLIP; `encode_image(images, model.reducer())` prunes the Patch Ranking way."""
-
-    def __init__(self, cfg: RankingConfig):
-        super().__init__(cfg.clip)
-        self.rcfg = cfg
-        v = cfg.clip.vision
-        self.predictor = Predictor(v.width, v.num_patches, cfg.dim)
-        self.learned_tokens = nn.Parameter(torch.randn(cfg.num_tokens, v.width) * 0.02)
-
-    def freeze_all_but_tokens(self):
-        """What train.py's loop trains: the learnable tokens; the CLIP and the predictor stay as they are."""
-        for name, p in self.named_parameters():
-            p.requires_grad_(name == "learned_tokens")
-
-    def reducer(self, scorer=None, tokens: bool = True) -> RankPrune:
-        """Pruning at the configured layer by `scorer` (default: the predictor), with the learnable tokens."""
-        scorer = scorer or (lambda x, vit: self.predictor(x[:, 1:]))
-        extra = self.learned_tokens if tokens and self.rcfg.num_tokens else None
-        return RankPrune(self.rcfg.layer, keep_count(self.rcfg.keep, self.cfg.vision.num_patches), scorer, extra,
-                         self.rcfg.fuse)
-
-    def forward(self, images, ids, reducer_fn=None, generator=None) -> dict:
-        """The learnable tokens' objective: the contrastive loss of the pruned image tower."""
-        image = self.encode_image(images, self.reducer())
-        loss = contrastive_loss(image, self.encode_text(ids), self.scale())
-        return dict(itc=loss, loss=loss)

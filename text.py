@@ -123,7 +123,7 @@ def padding_bias(ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 class TextEncoder(nn.Module):
     """Bidirectional transformer; the pooled output is the final [CLS] token (BERT/ALBEF style).
-    With `causal` and `pool="eot"` it is OpenAI CLIP's text tower (model.CLIP.from_openai)."""
+    With `causal` and `pool="eot"` it is OpenAI CLIP's text tower (pretrained.clip_from_openai)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()

@@ -38,14 +38,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import eval as evaluation
-from data import DataError
-from elip import ELIP, Schedule, evit, scaled_schedule
-from merge import MERGE_MODES, ToMe, merge_schedule
 import ranking
-from ranking import RankingCLIP, RankingConfig
-from model import CLIP, Captioner, CaptionerConfig, CLIPConfig, LanguageModel
+from captioner import Captioner, CaptionerConfig, LanguageModel
+from checkpoint import (BEFORE_FIELD, ReducerConfig, build_model, elip_schedule, kind_of, load_state, make_reducer,
+                        read_checkpoint, save_checkpoint, tome_schedule)
+from data import DataError
+from merge import MERGE_MODES, merge_schedule
+from model import CLIPConfig, RankingCLIP, RankingConfig
 from text import LMConfig, TextConfig, TextEncoder, Tokenizer
-from vit import load_exactly, vit_config
+from vit import vit_config
 
 METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
 
@@ -57,23 +58,11 @@ RANKING_LR = 3e-2
 
 
 @dataclass
-class TrainConfig:
-    method: str = "none"  # token reduction method; see METHODS
+class TrainConfig(ReducerConfig):
+    """Every field is a flag; the method's reduction settings come first (checkpoint.ReducerConfig)."""
     objectives: str = "auto"  # comma-separated itc,itm,mlm; auto: itc for none, all three otherwise
-    elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
-    lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
-    fused_prop_attn: bool = True  # ELIP/EViT (ours): the fused token attends with log(size); off: the papers'
-    rollout: bool = True  # ELIP (ours): the look-ahead's [CLS] row is rolled back to the stage's input tokens; off: the papers'
-
     keep_warmup: float = 0.1  # share of the steps over which the pruned share grows from 0 to the schedule's
     prune_until: float = 1.0  # share of the steps trained pruned; the rest see all tokens (the authors' fine-tuning)
-    begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
-    num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
-    keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
-    tome_r: str = "auto"  # ToMe: tokens merged per block, a constant or one per block; auto: ViT-B/16's r=13 share
-    tome_decreasing: bool = False  # ToMe: r falls linearly from 2r to 0 over the blocks (the same total)
-    prop_attn: bool = True  # ToMe: proportional attention (log size added to the attention logits)
-    merge_mode: str = "wavg"  # wavg: size-weighted mean (ToMe); mean: plain mean (EVLGen's release)
     # Patch Ranking (--method ranking --init CLIP): golden-ranking search -> predictor -> learnable tokens (--steps)
     phase: str = "all"  # all, or stop after search / predictor; each phase reuses what is cached in --out
     rank_layer: int = -1  # the block whose input is pruned; -1: the authors' 3 of 12, scaled to depth
@@ -307,61 +296,15 @@ def objectives(cfg: TrainConfig) -> tuple:
     return tuple(o.strip() for o in cfg.objectives.split(",") if o.strip())
 
 
-def elip_schedule(cfg: TrainConfig, depth: int) -> Schedule:
-    """The schedule the flags give, or the authors' scaled to `depth`."""
-    lists = (cfg.begin_layers, cfg.num_layers, cfg.keep_ratios)
-    if not any(lists):
-        return scaled_schedule(depth)
-    if not all(lists):
-        raise ValueError("give all three of --begin-layers, --num-layers and --keep-ratios, or none")
-    try:
-        b, n = (tuple(int(v) for v in s.split(",")) for s in lists[:2])
-        r = tuple(float(v) for v in cfg.keep_ratios.split(","))
-    except ValueError:
-        raise ValueError("--begin-layers and --num-layers take whole numbers, --keep-ratios fractions, "
-                         "comma-separated (e.g. 2,4,10 / 2,6,2 / 0.9,0.65,0.4)") from None
-    return Schedule(b, n, r)
-
-
-TOME_B16_SHARE = 12 * 13 / 197  # the share of ViT-B/16's 197 tokens that ToMe's r = 13 merges away
-
-
-def tome_schedule(cfg: TrainConfig, depth: int, num_tokens: int):
-    """(r per block, capped, and a note on the caps) from --tome-r and --tome-decreasing."""
-    spec = cfg.tome_r.strip()
-    try:
-        if spec == "auto":
-            r = int(TOME_B16_SHARE * num_tokens / depth)
-        elif "," in spec:
-            r = [int(v) for v in spec.split(",")]
-        else:
-            r = int(spec)
-    except ValueError:
-        raise ValueError(f"--tome-r takes auto, a whole number or one per block (comma-separated), not {spec!r}") from None
-    return merge_schedule(r, depth, num_tokens, cfg.tome_decreasing)
-
-
 def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
-    """The method's reducer for one step, as a function of the text guidance (None: no text).
-    A step of cfg.steps or later asks for the reduction as trained once the keep-rate warm-up is
-    over (bench.py and viz.py do). This is the whole dispatch: a new method adds one branch."""
-    if cfg.method not in ("elip", "evit", "tome"):
-        return None
+    """The method's reducer for one step, as a function of the text guidance (None: no text):
+    checkpoint.make_reducer with the keep-rate warm-up and the all-token tail of this step.
+    A step of cfg.steps or later asks for the reduction as trained once the warm-up is over."""
     if training and cfg.prune_until * cfg.steps <= step < cfg.steps:
         return None  # the all-token tail: the model meets the full sequence it will be evaluated on
-    P, depth = vision.num_patches, vision.depth
     warm = cfg.keep_warmup * cfg.steps
     keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
-    if cfg.method == "elip":
-        schedule = elip_schedule(cfg, depth)
-        return lambda text: ELIP(schedule, P, text if training else None, cfg.elip_lambda, cfg.lookahead, keep_scale,
-                                 cfg.fused_prop_attn, cfg.rollout)
-    if cfg.method == "evit":
-        return lambda text: evit(depth, P, keep_scale=keep_scale, prop_attn=cfg.fused_prop_attn)
-    if cfg.method == "tome":
-        r = tome_schedule(cfg, depth, 1 + P)[0]
-        return lambda text: ToMe(r, cfg.prop_attn, cfg.merge_mode)
-    return None
+    return make_reducer(cfg, vision, keep_scale, guided=training) if cfg.method in ("elip", "evit", "tome") else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,63 +464,11 @@ def global_mean(values: dict, world: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
-def save_checkpoint(path: str, state: dict):
-    """Atomic: a reader sees the old checkpoint or the new one, never a partial file."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path: str, device="cpu") -> dict:
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise DataError(f"checkpoint {path} cannot be read: {e}") from None
-
-
-# What a checkpoint holds ("kind"): its model class and how its saved config is read back
-KINDS = {"clip": (CLIP, CLIPConfig, CLIPConfig.from_dict), "lm": (LanguageModel, LMConfig, lambda d: LMConfig(**d)),
-         "captioner": (Captioner, CaptionerConfig, CaptionerConfig.from_dict),
-         "ranking": (RankingCLIP, RankingConfig, RankingConfig.from_dict)}
-
-
-def kind_of(mcfg) -> str:
-    return next(kind for kind, (_, config, _) in KINDS.items() if isinstance(mcfg, config))
-
-
-def build_model(mcfg) -> torch.nn.Module:
-    return KINDS[kind_of(mcfg)][0](mcfg)
-
-
-def load_checkpoint(path: str, device="cpu"):
-    """(model in eval mode, tokenizer, raw checkpoint) from a train.py checkpoint of any kind."""
-    ckpt = read_checkpoint(path, device)
-    if not {"model", "model_config", "tokenizer", "config"} <= set(ckpt):
-        raise DataError(f"checkpoint {path} was not written by train.py (keys: {', '.join(sorted(ckpt))})")
-    model = build_model(KINDS[ckpt.get("kind", "clip")][2](ckpt["model_config"])).to(device)
-    load_state(model, ckpt["model"], path)
-    return model.eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
-
-
-# fields added after checkpoints existed, whose default differs from what those checkpoints did
-BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False, "rollout": False}
-
-
 def saved_config(ckpt: dict, **overrides) -> "TrainConfig":
     """The TrainConfig a checkpoint was trained with (fields added since then keep their defaults,
     or what the code did before them: BEFORE_FIELD)."""
     saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
     return TrainConfig(**{**BEFORE_FIELD, **saved, **overrides})
-
-
-def load_state(model, state: dict, path: str):
-    """load_state_dict that stops with one sentence listing what does not fit."""
-    try:
-        load_exactly(model, state, f"checkpoint {path}", show=5)
-    except ValueError as e:
-        raise DataError(str(e)) from None
 
 
 def config_differences(saved: dict, current: dict, prefix="") -> list:

@@ -12,7 +12,7 @@ object outlines on top, the guiding caption under each row).
     python viz.py --curves a/log.jsonl b/log.jsonl --metric loss --out curves.png
     python viz.py --tradeoff points.json --out tradeoff.png
 
-No method is re-implemented here: the reducer comes from train.py's dispatch and the stages from
+No method is re-implemented here: the reducer comes from checkpoint.py's dispatch and the stages from
 eval.py's `StageRecorder`.
 """
 import argparse
@@ -107,21 +107,21 @@ def mask_grid(images, captions, scenes, stages, patch, title, note=""):
 
 def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.png") -> str:
     """The kept / merged patches of a CLIP checkpoint's reducer on the first n shapes test images,
-    guided by each image's first caption (ELIP) — through train.py's dispatch (a Patch Ranking
+    guided by each image's first caption (ELIP) — through checkpoint.py's dispatch (a Patch Ranking
     checkpoint: its predictor)."""
     import data
-    import train
-    model, tokenizer, ckpt = train.load_checkpoint(ckpt_path)
+    from checkpoint import load_checkpoint, make_reducer, reducer_config, trained_on
+    model, tokenizer, ckpt = load_checkpoint(ckpt_path)
     kind = ckpt.get("kind", "clip")
     if kind not in ("clip", "ranking"):
         raise ValueError(f"{ckpt_path} holds a {kind}: masks are drawn for CLIP checkpoints")
-    cfg = train.saved_config(ckpt, method=method or ckpt["config"]["method"])
+    cfg = reducer_config(ckpt, method=method or ckpt["config"]["method"])
     v = model.cfg.vision
-    dataset = data.ShapesDataset("test", n, v.image_size, v.patch_size, cfg.scene_seed())
+    dataset = data.ShapesDataset("test", n, v.image_size, v.patch_size, trained_on(ckpt)["scene_seed"])
     items = [dataset[i] for i in range(n)]
     images = torch.stack([it["image"] for it in items])
     captions = [it["captions"][0] for it in items]
-    make = train.reducer_fn(cfg, v, step=cfg.steps, training=True)  # None for a method that reduces nothing
+    make = make_reducer(cfg, v)  # as trained, past any warm-up; None for a method that reduces nothing
     if kind == "ranking" and not method:  # Patch Ranking: its predictor's choice (the learned tokens hold no patch)
         make = lambda text: model.reducer()
     note = ""

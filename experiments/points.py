@@ -9,6 +9,7 @@ import statistics
 import torch
 
 import train
+from checkpoint import load_checkpoint
 from bench import TokenCounter, forward_flops, timed, vit_forward_flops
 from data import DataError
 
@@ -28,7 +29,7 @@ def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int
     for method, name, paths, make in specs:
         runs, speeds, images_of_runs = [], [], []
         for path in paths:
-            model, tokenizer, ckpt = train.load_checkpoint(path, device)
+            model, tokenizer, ckpt = load_checkpoint(path, device)
             cfg, v = train.saved_config(ckpt), model.cfg.vision
             made = make(model, cfg)
             reducer, extra, timeable = (made + (True,))[:3] if isinstance(made, tuple) else (made, 0.0, True)
@@ -122,7 +123,7 @@ def fused_attention_probe(ckpt_path: str, n_test: int = 1000, device="cpu", batc
     import eval as evaluation
     import data
     from elip import ELIP, RandomPrune, scaled_schedule
-    model, tokenizer, ckpt = train.load_checkpoint(ckpt_path, device)
+    model, tokenizer, ckpt = load_checkpoint(ckpt_path, device)
     v = model.cfg.vision
     dataset = data.ShapesDataset("test", n_test, v.image_size, v.patch_size, train.saved_config(ckpt).scene_seed())
     images, captions, owner = evaluation.load_gallery(dataset, n_test)
@@ -186,7 +187,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
     several seeds) pruned at the same layer to the same count by every criterion. Rows without
     training are measured on the first checkpoint; the predictor rows on all (their seeds)."""
     import ranking
-    model, tokenizer, ckpt = train.load_checkpoint(paths[0], device)
+    model, tokenizer, ckpt = load_checkpoint(paths[0], device)
     layer, keep = model.rcfg.layer, ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
     fuse = model.rcfg.fuse  # every row prunes the way the checkpoints did: dropping, or fusing the rest
     prune = lambda scorer: lambda m, cfg: ranking.RankPrune(layer, keep, scorer, fuse=fuse)

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import torch
 
 import train
+from checkpoint import load_checkpoint
 from data import DataError
 from experiments.points import signed_interval
 PROBE_STEPS = 600  # the direction probe's, per reader (32 clips a step)
@@ -132,7 +133,7 @@ def direction_probe_checkpoints(paths: list, steps: int, n_test: int, device="cp
     contextualizer on a video captioner; training clips from the first 4 x n_test."""
     rows = []
     for path in paths:
-        model, _, ckpt = train.load_checkpoint(path, device)
+        model, _, ckpt = load_checkpoint(path, device)
         captioner = getattr(model, "temporal", None) is not None
         if not captioner and ckpt.get("kind", "clip") != "clip":
             raise DataError(f"--direction-probe {path}: neither a CLIP nor a video captioner with the temporal "
@@ -158,7 +159,7 @@ def caption_test_clips(path: str, n_test: int, device, flag: str) -> dict:
     """A video captioner checkpoint's greedy captions of its shapes test clips, with their
     references, scenes, the checkpoint's training config and its gates (empty: frame averaging)."""
     import eval as evaluation
-    model, tokenizer, ckpt = train.load_checkpoint(path, device)
+    model, tokenizer, ckpt = load_checkpoint(path, device)
     cfg = train.saved_config(ckpt)
     if ckpt.get("kind") != "captioner" or not cfg.video or cfg.val_data:
         raise DataError(f"{flag}: {path} is not a video captioner of the shapes clips (--method evlgen --video)")

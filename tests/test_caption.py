@@ -8,7 +8,7 @@ import torch
 import data
 import train
 from eval import bleu, cider_d, cider_d_scores
-from model import Captioner, CaptionerConfig
+from captioner import Captioner, CaptionerConfig
 from text import CLS, LMConfig, TextConfig, Tokenizer
 from vit import ViTConfig
 
@@ -181,7 +181,7 @@ def test_bad_captioner_inputs(tmp_path):
 
 
 def test_language_model_packs_texts_into_full_rows():
-    from model import pack
+    from captioner import pack
     ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0], [2, 5, 6, 7, 3]])
     assert pack(ids, 4).tolist() == [[2, 7, 8, 3], [2, 9, 3, 2], [5, 6, 7, 3]]
     assert pack(ids, 5).tolist() == [[2, 7, 8, 3, 2], [9, 3, 2, 5, 6]]  # the tail that does not fill a row is dropped

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CLIP, openai_config
+from model import CLIP
+from pretrained import clip_from_openai, openai_config
 
 torch.manual_seed(0)
 
@@ -99,7 +100,7 @@ def test_from_openai_matches_the_reference_forward():
     assert (cfg.vision.width, cfg.vision.depth, cfg.vision.heads, cfg.vision.image_size, cfg.vision.patch_size) == \
         (128, 2, 2, 32, 8)
     assert (cfg.text.vocab_size, cfg.text.context_length, cfg.text.width, cfg.embed_dim) == (50, 12, 64, 32)
-    ours = CLIP.from_openai(state)
+    ours = clip_from_openai(state)
     images, ids = torch.randn(3, 3, 32, 32), random_ids(3)
     with torch.no_grad():
         assert (ours.encode_image(images) - F.normalize(ref.visual(images), dim=-1)).abs().max() < 1e-5
@@ -109,7 +110,7 @@ def test_from_openai_matches_the_reference_forward():
 
 def test_from_openai_runs_every_reducer():
     import train
-    ours = CLIP.from_openai(OpenAICLIP().state_dict())
+    ours = clip_from_openai(OpenAICLIP().state_dict())
     images = torch.randn(2, 3, 32, 32)
     v = ours.cfg.vision
     for method in ("elip", "evit", "tome"):
@@ -121,11 +122,11 @@ def test_from_openai_runs_every_reducer():
 def test_from_openai_refuses_a_partial_or_foreign_state_dict():
     state = OpenAICLIP().state_dict()
     with pytest.raises(ValueError, match=r"missing \['text.blocks.1.norm2.bias'\]"):
-        CLIP.from_openai({k: v for k, v in state.items() if k != "transformer.resblocks.1.ln_2.bias"})
+        clip_from_openai({k: v for k, v in state.items() if k != "transformer.resblocks.1.ln_2.bias"})
     with pytest.raises(ValueError, match=r"unexpected \['visual.attnpool.k_proj.weight'\]"):
-        CLIP.from_openai({**state, "visual.attnpool.k_proj.weight": torch.zeros(1)})
+        clip_from_openai({**state, "visual.attnpool.k_proj.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="ResNet CLIPs are not supported"):
-        CLIP.from_openai({k: v for k, v in state.items() if k != "visual.conv1.weight"})
+        clip_from_openai({k: v for k, v in state.items() if k != "visual.conv1.weight"})
 
 
 def test_from_openai_matches_open_clip():
@@ -133,7 +134,7 @@ def test_from_openai_matches_open_clip():
     ref = open_clip.model.CLIP(32, open_clip.model.CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32),
                                open_clip.model.CLIPTextCfg(context_length=12, vocab_size=50, width=64, heads=1,
                                                            layers=2), quick_gelu=True).eval()
-    ours = CLIP.from_openai(ref.state_dict())
+    ours = clip_from_openai(ref.state_dict())
     images, ids = torch.randn(2, 3, 32, 32), random_ids(2)
     with torch.no_grad():
         assert (ours.encode_image(images) - ref.encode_image(images, normalize=True)).abs().max() < 1e-4
@@ -294,7 +295,7 @@ def test_a_converted_openai_clip_is_evaluated_and_pruned_by_patch_ranking(tmp_pa
         f.write("#version\n" + "\n".join(merges) + "\n")
     torch.save(OpenAICLIP(vocab=512 + len(merges) + 2, context=12).state_dict(), tmp_path / "weights.pt")
     sh = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-    made = sh("model.py", "--openai", str(tmp_path / "weights.pt"), "--bpe", str(tmp_path / "bpe.txt.gz"),
+    made = sh("pretrained.py", "--openai", str(tmp_path / "weights.pt"), "--bpe", str(tmp_path / "bpe.txt.gz"),
               "--out", str(tmp_path / "clip"))
     assert made.returncode == 0, made.stderr
     got = sh("eval.py", "--ckpt", str(tmp_path / "clip/ckpt.pt"), "--n-test", "10", "--json")
@@ -305,7 +306,7 @@ def test_a_converted_openai_clip_is_evaluated_and_pruned_by_patch_ranking(tmp_pa
                 "--batch-size", "4", "--out", str(tmp_path / "rank"))
     assert ranked.returncode == 0, ranked.stderr
     assert "frozen CLIP unchanged by training: yes" in ranked.stdout
-    bad = sh("model.py", "--openai", str(tmp_path / "bpe.txt.gz"), "--bpe", str(tmp_path / "bpe.txt.gz"), "--out", str(tmp_path / "x"))
+    bad = sh("pretrained.py", "--openai", str(tmp_path / "bpe.txt.gz"), "--bpe", str(tmp_path / "bpe.txt.gz"), "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and "neither a state dict" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -325,7 +326,7 @@ def test_a_converted_gpt2_is_the_frozen_lm_of_the_captioner(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     torch.save(gpt2_state(vocab=len(vocab), context=320, D=64, depth=1), tmp_path / "gpt2.pt")
     sh = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-    made = sh("model.py", "--gpt2", str(tmp_path / "gpt2.pt"), "--vocab", str(tmp_path / "vocab.json"),
+    made = sh("pretrained.py", "--gpt2", str(tmp_path / "gpt2.pt"), "--vocab", str(tmp_path / "vocab.json"),
               "--merges", str(tmp_path / "merges.txt"), "--out", str(tmp_path / "lm"))
     assert made.returncode == 0, made.stderr
     clip = sh("train.py", *TINY, "--steps", "1", "--batch-size", "4", "--no-eval", "--out", str(tmp_path / "clip"))

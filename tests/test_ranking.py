@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 
 import ranking
-from model import CLIPConfig
+from model import CLIPConfig, RankingCLIP, RankingConfig
 from text import TextConfig
 from vit import Tokens, ViTConfig
+from checkpoint import load_checkpoint
 
 torch.manual_seed(0)
 
@@ -13,7 +14,7 @@ torch.manual_seed(0)
 def tiny_clip(image_size=32, depth=4, dtype=torch.float64):
     cfg = CLIPConfig(vision=ViTConfig(image_size=image_size, patch_size=8, width=32, depth=depth, heads=4),
                      text=TextConfig(vocab_size=20, context_length=8, width=32, depth=1, heads=2), embed_dim=16)
-    return ranking.RankingCLIP(ranking.RankingConfig(clip=cfg, layer=1, num_tokens=2)).to(dtype).eval()
+    return RankingCLIP(RankingConfig(clip=cfg, layer=1, num_tokens=2)).to(dtype).eval()
 
 
 def without(x, patches, fuse):
@@ -258,7 +259,7 @@ def test_train_searches_by_the_predicted_class_with_rank_score_max(tmp_path):
     cached = torch.load(f"{out}/rankings.pt", weights_only=True)
     assert cached["identity"]["score"] == "max" and cached["identity"]["classes"] == data.SHAPES_CLASSES
     # the same search by hand: the CLIP of --init, its text tower's embeddings of the shapes classes
-    model, tokenizer, _ = train.load_checkpoint(f"{clip}/ckpt.pt")
+    model, tokenizer, _ = load_checkpoint(f"{clip}/ckpt.pt")
     classes = evaluation.zeroshot_classifier(model, tokenizer, data.SHAPES_CLASSES, data.SHAPES_TEMPLATES, "cpu")
     cfg = train.parse_args([*args, "--rank-score", "max"])
     dataset = train.build_data(cfg, model.cfg.vision.image_size, model.cfg.vision.patch_size)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from model import CLIP, CLIPConfig
 from train import EpochPermutations, TrainConfig, micro_batch_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,7 +241,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert r.returncode == 0, r.stderr
     p1 = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model"]
     p2 = torch.load(os.path.join(two, "ckpt.pt"), weights_only=True)["model"]
-    start = train.CLIP(train.CLIPConfig.from_dict(torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model_config"]))
+    start = CLIP(CLIPConfig.from_dict(torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model_config"]))
     moved = max((p1[k] - v).abs().max().item() for k, v in start.state_dict().items())
     assert moved > 1e-3  # training really changed the weights...
     for k in p1:  # ...and both runs changed them the same way

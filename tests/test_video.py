@@ -11,9 +11,10 @@ from PIL import Image
 
 import data
 import train
+from checkpoint import load_checkpoint
 from eval import format_table, motion_accuracy
 from merge import TemporalAttention, TemporalContext
-from model import Captioner, CaptionerConfig
+from captioner import Captioner, CaptionerConfig
 from text import LMConfig, TextConfig
 from vit import ViT, ViTConfig
 
@@ -312,7 +313,7 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
              f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--temporal-causal", "--out", causal])
     assert r.returncode == 0, r.stderr
-    assert all(layer.causal for layer in train.load_checkpoint(f"{causal}/ckpt.pt", "cpu")[0].temporal.layers)
+    assert all(layer.causal for layer in load_checkpoint(f"{causal}/ckpt.pt", "cpu")[0].temporal.layers)
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
              f"{clip}/ckpt.pt", "--steps", "2", "--no-eval", "--out", causal, "--resume"])  # the mask forgotten
     assert r.returncode != 0 and "was trained with --temporal-causal True, this run has False" in r.stderr
@@ -322,7 +323,7 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
              f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--motion-word-weight", "5", "--out", weighted])
     assert r.returncode == 0, r.stderr
-    model, tokenizer, _ = train.load_checkpoint(f"{weighted}/ckpt.pt", "cpu")
+    model, tokenizer, _ = load_checkpoint(f"{weighted}/ckpt.pt", "cpu")
     assert sorted(tokenizer.itos[i] for i in torch.nonzero(model.word_weight == 5).flatten()) == sorted(data.MOTIONS)
     # an image LM cannot caption videos: its words lack the motions
     image_lm = str(tmp_path / "image_lm")

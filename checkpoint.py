@@ -1,0 +1,165 @@
+"""
+The checkpoint format, and building a model and its token reducer from a config: what train.py
+writes and eval.py, viz.py, bench.py and the experiments read.
+
+A checkpoint (`OUT/ckpt.pt`) is one dict: `kind` (clip, lm, captioner, ranking), `config` (the
+train.py flags of the run), `model_config` (the model's dataclass, as a dict), `model`, `optimizer`,
+`scaler`, `step`, `tokenizer` and `train_seconds`. It is written atomically and read with
+`weights_only=True`, onto the device asked for.
+
+Read first: `ReducerConfig` and `make_reducer` (how `--method elip|evit|tome` becomes a reducer:
+the whole dispatch), then `load_checkpoint`.
+"""
+import os
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+
+from captioner import Captioner, CaptionerConfig, LanguageModel
+from data import DataError
+from elip import ELIP, Schedule, evit, scaled_schedule
+from merge import ToMe, merge_schedule
+from model import CLIP, CLIPConfig, RankingCLIP, RankingConfig
+from text import LMConfig, Tokenizer
+from vit import ViTConfig, load_exactly
+
+
+@dataclass
+class ReducerConfig:
+    """How a CLIP's vision tokens are reduced; train.py's flags of the same names."""
+    method: str = "none"  # token reduction method: none, elip, evit, tome (train.py adds lm, evlgen, ranking)
+    elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
+    lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
+    fused_prop_attn: bool = True  # ELIP/EViT (ours): the fused token attends with log(size); off: the papers'
+    rollout: bool = True  # ELIP (ours): the look-ahead's [CLS] row is rolled back to the stage's input tokens; off: the papers'
+    begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
+    num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
+    keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
+    tome_r: str = "auto"  # ToMe: tokens merged per block, a constant or one per block; auto: ViT-B/16's r=13 share
+    tome_decreasing: bool = False  # ToMe: r falls linearly from 2r to 0 over the blocks (the same total)
+    prop_attn: bool = True  # ToMe: proportional attention (log size added to the attention logits)
+    merge_mode: str = "wavg"  # wavg: size-weighted mean (ToMe); mean: plain mean (EVLGen's release)
+
+
+def elip_schedule(rc: ReducerConfig, depth: int) -> Schedule:
+    """The schedule the flags give, or the authors' scaled to `depth`."""
+    lists = (rc.begin_layers, rc.num_layers, rc.keep_ratios)
+    if not any(lists):
+        return scaled_schedule(depth)
+    if not all(lists):
+        raise ValueError("give all three of --begin-layers, --num-layers and --keep-ratios, or none")
+    try:
+        b, n = (tuple(int(v) for v in s.split(",")) for s in lists[:2])
+        r = tuple(float(v) for v in rc.keep_ratios.split(","))
+    except ValueError:
+        raise ValueError("--begin-layers and --num-layers take whole numbers, --keep-ratios fractions, "
+                         "comma-separated (e.g. 2,4,10 / 2,6,2 / 0.9,0.65,0.4)") from None
+    return Schedule(b, n, r)
+
+
+TOME_B16_SHARE = 12 * 13 / 197  # the share of ViT-B/16's 197 tokens that ToMe's r = 13 merges away
+
+
+def tome_schedule(rc: ReducerConfig, depth: int, num_tokens: int):
+    """(r per block, capped, and a note on the caps) from --tome-r and --tome-decreasing."""
+    spec = rc.tome_r.strip()
+    try:
+        if spec == "auto":
+            r = int(TOME_B16_SHARE * num_tokens / depth)
+        elif "," in spec:
+            r = [int(v) for v in spec.split(",")]
+        else:
+            r = int(spec)
+    except ValueError:
+        raise ValueError(f"--tome-r takes auto, a whole number or one per block (comma-separated), not {spec!r}") from None
+    return merge_schedule(r, depth, num_tokens, rc.tome_decreasing)
+
+
+def make_reducer(rc: ReducerConfig, vision: ViTConfig, keep_scale: float = 1.0,
+                 guided: bool = True) -> Optional[Callable]:
+    """The method's reducer as a function of the text guidance (None: no text), or None for a
+    method that reduces nothing. `keep_scale` (0..1) scales the pruned share (EViT's keep-rate
+    warm-up); `guided=False` prunes without text (evaluation). A new method adds one branch."""
+    P, depth = vision.num_patches, vision.depth
+    if rc.method == "elip":
+        schedule = elip_schedule(rc, depth)
+        return lambda text: ELIP(schedule, P, text if guided else None, rc.elip_lambda, rc.lookahead, keep_scale,
+                                 rc.fused_prop_attn, rc.rollout)
+    if rc.method == "evit":
+        return lambda text: evit(depth, P, keep_scale=keep_scale, prop_attn=rc.fused_prop_attn)
+    if rc.method == "tome":
+        r = tome_schedule(rc, depth, 1 + P)[0]
+        return lambda text: ToMe(r, rc.prop_attn, rc.merge_mode)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic: a reader sees the old checkpoint or the new one, never a partial file."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str, device="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise DataError(f"checkpoint {path} cannot be read: {e}") from None
+
+
+# What a checkpoint holds ("kind"): its model class and how its saved config is read back
+KINDS = {"clip": (CLIP, CLIPConfig, CLIPConfig.from_dict), "lm": (LanguageModel, LMConfig, lambda d: LMConfig(**d)),
+         "captioner": (Captioner, CaptionerConfig, CaptionerConfig.from_dict),
+         "ranking": (RankingCLIP, RankingConfig, RankingConfig.from_dict)}
+
+
+def kind_of(mcfg) -> str:
+    return next(kind for kind, (_, config, _) in KINDS.items() if isinstance(mcfg, config))
+
+
+def build_model(mcfg) -> torch.nn.Module:
+    return KINDS[kind_of(mcfg)][0](mcfg)
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """(model in eval mode, tokenizer, raw checkpoint) from a train.py checkpoint of any kind."""
+    ckpt = read_checkpoint(path, device)
+    if not {"model", "model_config", "tokenizer", "config"} <= set(ckpt):
+        raise DataError(f"checkpoint {path} was not written by train.py (keys: {', '.join(sorted(ckpt))})")
+    model = build_model(KINDS[ckpt.get("kind", "clip")][2](ckpt["model_config"])).to(device)
+    load_state(model, ckpt["model"], path)
+    return model.eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
+
+
+def load_state(model, state: dict, path: str):
+    """load_state_dict that stops with one sentence listing what does not fit."""
+    try:
+        load_exactly(model, state, f"checkpoint {path}", show=5)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+# flags added after checkpoints existed, whose default differs from what those checkpoints did
+BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False, "rollout": False}
+
+
+def reducer_config(ckpt: dict, **overrides) -> ReducerConfig:
+    """The reducer a checkpoint was trained with (flags added since: what the code did before them)."""
+    names = {f.name for f in fields(ReducerConfig)}
+    saved = {k: v for k, v in {**BEFORE_FIELD, **ckpt["config"]}.items() if k in names}
+    return ReducerConfig(**{**saved, **overrides})
+
+
+def trained_on(ckpt: dict) -> dict:
+    """What a checkpoint's run trained on, as evaluation needs it: the shapes scenes' seed, the
+    frames of a video clip (0: images) and whether the shapes videos carried the motion marker."""
+    c = ckpt["config"]
+    seed = c.get("data_seed", -1)
+    return dict(scene_seed=c.get("seed", 0) if seed < 0 else seed, frames=c.get("frames", 4) if c.get("video") else 0,
+                marker=c.get("motion_marker", False), steps=c.get("steps", 0))
