@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import shapes
 from checkpoint import ReducerConfig, elip_schedule, load_checkpoint, make_reducer, reducer_config, tome_schedule, trained_on
-from data import DataError, qa_text
+from data import DataError
+from shapes import qa_text
 from elip import ELIP, RandomPrune, scaled_schedule
 from merge import ToMe
 from text import normalize
@@ -219,10 +221,10 @@ def itm_rerank(model, tokenizer, dataset, device, n=None, k=16, chunk=64) -> dic
 
 class ShapesZeroShot(torch.utils.data.Dataset):
     """The first n one-object scenes of the shapes test split, labelled '{colour} {shape}'."""
-    classes, templates = data.SHAPES_CLASSES, data.SHAPES_TEMPLATES
+    classes, templates = shapes.SHAPES_CLASSES, shapes.SHAPES_TEMPLATES
 
     def __init__(self, n, image_size=64, patch_size=8, seed=0):
-        self.scenes = data.ShapesDataset("test", 10 ** 9, image_size, patch_size, seed)
+        self.scenes = shapes.ShapesDataset("test", 10 ** 9, image_size, patch_size, seed)
         self.index = []
         i = 0
         while len(self.index) < n:
@@ -235,7 +237,7 @@ class ShapesZeroShot(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         item = self.scenes[self.index[k]]
-        return item["image"], self.classes.index(data.zeroshot_label(item["attributes"]))
+        return item["image"], self.classes.index(shapes.zeroshot_label(item["attributes"]))
 
 
 @torch.no_grad()
@@ -255,13 +257,13 @@ def eval_sets(image_size, patch_size, seed=0, n_test=1000, val_data="", image_ro
     marker: the shapes videos with the direction painted in a corner (train.py --motion-marker)."""
     if frames:
         gallery = (data.VideoCaptionDataset(val_data, image_root, image_size, frames, skip_bad) if val_data else
-                   data.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames, marker=marker))
+                   shapes.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames, marker=marker))
         return gallery, None
     if val_data or zeroshot_dir:
         gallery = data.CaptionDataset(val_data, image_root, image_size, skip_bad=skip_bad) if val_data else None
         folder = data.ImageFolder(zeroshot_dir, image_size) if zeroshot_dir else None
         return gallery, folder
-    return (data.ShapesDataset("test", n_test, image_size, patch_size, seed),
+    return (shapes.ShapesDataset("test", n_test, image_size, patch_size, seed),
             ShapesZeroShot(max(1, n_test // 2), image_size, patch_size, seed))
 
 
@@ -396,11 +398,11 @@ def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions
     images, refs = caption_gallery(dataset, n)
     cands = caption_images(model, tokenizer, images, device, num_beams)
     metrics = dict(bleu4=bleu(cands, refs), cider_d=cider_d(cands, refs))
-    if isinstance(dataset, data.ShapesVideoDataset):
+    if isinstance(dataset, shapes.ShapesVideoDataset):
         metrics.update(motion_accuracy(cands, [dataset.scene(i)[0] for i in range(len(images))]))
     elif questions and hasattr(dataset, "scene"):
         rng = torch.Generator().manual_seed(0)
-        qa = [data.scene_questions(dataset.scene(i)[0]) for i in range(len(images))]
+        qa = [shapes.scene_questions(dataset.scene(i)[0]) for i in range(len(images))]
         picked = [q[torch.randint(len(q), (1,), generator=rng).item()] for q in qa]
         answers = answer_questions(model, tokenizer, images, cands, [q for q, _ in picked], device)
         metrics["vqa_accuracy"] = sum(a == want for a, (_, want) in zip(answers, picked)) / len(picked)
@@ -410,7 +412,7 @@ def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions
 
 def motion_accuracy(cands: list, scenes: list) -> dict:
     """How often a generated caption gives each object of the clip its true motion (the part of
-    the caption naming its colour, `data.motion_of`, must hold the right motion word; an object not
+    the caption naming its colour, `shapes.motion_of`, must hold the right motion word; an object not
     named counts as wrong): over all objects (5 choices) and over the moving ones (the direction, 4
     choices: a model that averages frames cannot tell them apart, 25% at best by guessing); and
     the direction in the clips of one moving object, read as the caption's first motion word
@@ -420,7 +422,7 @@ def motion_accuracy(cands: list, scenes: list) -> dict:
     hits = [h for c, scene in zip(cands, scenes) for h in motion_hits(c, scene)]
     moving = [h for h, m in hits if m]
     single = [d for d in map(one_mover_direction, cands, scenes) if d]  # (true direction, word said)
-    said = {d: dict(Counter(w for true, w in single if true == d)) for d in data.MOTIONS if d != "still"}
+    said = {d: dict(Counter(w for true, w in single if true == d)) for d in shapes.MOTIONS if d != "still"}
     return dict(motion_accuracy=sum(h for h, _ in hits) / max(1, len(hits)),
                 direction_accuracy=sum(moving) / max(1, len(moving)),
                 direction_accuracy_one_object=sum(true == w for true, w in single) / max(1, len(single)),
@@ -429,7 +431,7 @@ def motion_accuracy(cands: list, scenes: list) -> dict:
 
 def motion_hits(cand: str, scene: list) -> list:
     """(the caption gives the object its true motion, the object moves) for each object of a clip."""
-    return [(data.motion_of(cand, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still") for o in scene]
+    return [(shapes.motion_of(cand, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still") for o in scene]
 
 
 def one_mover_direction(cand: str, scene: list):
@@ -437,7 +439,7 @@ def one_mover_direction(cand: str, scene: list):
     colour it names, "none" if it has none); None for any other clip."""
     if len(scene) != 1 or scene[0]["motion"] == "still":
         return None
-    return scene[0]["motion"], next((w for w in cand.split() if w in data.MOTIONS), "none")
+    return scene[0]["motion"], next((w for w in cand.split() if w in shapes.MOTIONS), "none")
 
 
 def paired_motion(cands_a: list, cands_b: list, refs: list, scenes: list) -> dict:
@@ -473,8 +475,8 @@ def evaluate_captioner(model, tokenizer, device, sets, n=None, num_beams=1, vqa=
 @torch.no_grad()
 def continuation_nll(lm, tokenizer, firsts: list, seconds: list, device) -> tuple:
     """(summed negative log-likelihood, token count) of each second text, end id included, read
-    after its first text: `data.in_context(first, second)` scored on the second's tokens only."""
-    ids = tokenizer([data.in_context(a, b) for a, b in zip(firsts, seconds)]).to(device)
+    after its first text: `shapes.in_context(first, second)` scored on the second's tokens only."""
+    ids = tokenizer([shapes.in_context(a, b) for a, b in zip(firsts, seconds)]).to(device)
     begin = (tokenizer(firsts) != tokenizer.pad_id).sum(1).to(device) - 1  # [begin] + the first's words
     logits = lm(ids)[:, :-1]  # position t predicts token t + 1
     targets = ids[:, 1:].masked_fill(ids[:, 1:] == tokenizer.pad_id, -100)
@@ -569,7 +571,7 @@ def one_object_captions(dataset, n: int) -> list:
         if len(scene) >= 2:
             for a, b in ((0, 1), (1, 0)):
                 rng = np.random.default_rng([i, a])  # the cell's wording: fixed per image and object
-                out.append((i, a, b, data.caption_scene([scene[a]], rng, 1)[0]))
+                out.append((i, a, b, shapes.caption_scene([scene[a]], rng, 1)[0]))
     return out
 
 
@@ -710,7 +712,7 @@ def evaluate_checkpoint(path, args) -> dict:
             raise ValueError(f"--itm-rerank: {path} was trained without the itm objective")
         metrics.update(itm_rerank(model, tokenizer, sets[0], args.device, args.n_test, args.itm_rerank))
     if args.relevance:
-        shapes = data.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, trained["scene_seed"])
+        scenes = shapes.ShapesDataset("test", args.n_test, v.image_size, v.patch_size, trained["scene_seed"])
         schedule = elip_schedule(cfg, v.depth) if cfg.method == "elip" else None  # the one it trained with
         prop_attn = cfg.fused_prop_attn if cfg.method in ("elip", "evit") else True  # as trained, else ours
         rollout = cfg.rollout if cfg.method == "elip" else True
@@ -718,8 +720,8 @@ def evaluate_checkpoint(path, args) -> dict:
         if not 0 <= lam <= 1:
             raise ValueError(f"--elip-lambda is a weight between 0 and 1, not {lam}")
         settings = (min(500, args.n_test), lam, schedule, prop_attn, rollout)
-        metrics["token_relevance"] = relevance_table(model, tokenizer, shapes, args.device, *settings)
-        metrics["text_steering"] = steering_table(model, tokenizer, shapes, args.device, *settings)
+        metrics["token_relevance"] = relevance_table(model, tokenizer, scenes, args.device, *settings)
+        metrics["text_steering"] = steering_table(model, tokenizer, scenes, args.device, *settings)
     return metrics
 
 

@@ -22,7 +22,7 @@ Ties are broken towards the earlier token: among equal best matches an A token p
 B token, and among equally good A tokens the earlier one merges first.
 """
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn as nn

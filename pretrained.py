@@ -17,7 +17,8 @@ import torch
 from captioner import LanguageModel
 from checkpoint import save_checkpoint
 from model import CLIP, CLIPConfig
-from text import CausalLM, CLIPTokenizer, GPT2Tokenizer, TextConfig
+from bpe import CLIPTokenizer, GPT2Tokenizer
+from text import CausalLM, TextConfig
 from vit import ViTConfig, load_exactly
 
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import shapes
 import eval as evaluation
 import ranking
 from captioner import Captioner, CaptionerConfig, LanguageModel
@@ -384,7 +385,7 @@ class Pairs(torch.utils.data.Dataset):
             if self.context:  # another reference when there is one (a lone caption is its own context)
                 caps = self.dataset.captions(i)
                 others = [c for c in caps if not text.startswith(c)] or caps
-                text = data.in_context(others[int(rng.integers(len(others)))], text)
+                text = shapes.in_context(others[int(rng.integers(len(others)))], text)
             return torch.zeros(0), text, 0
         item = self.dataset.get(i, rng)
         caps = item["captions"]
@@ -489,11 +490,11 @@ def build_data(cfg: TrainConfig, image_size: int, patch_size: int):
     if cfg.video:
         if cfg.data:
             return data.VideoCaptionDataset(cfg.data, cfg.image_root, image_size, cfg.frames, cfg.skip_bad)
-        return data.ShapesVideoDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cfg.frames,
+        return shapes.ShapesVideoDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cfg.frames,
                                        cache=True, marker=cfg.motion_marker)
     if cfg.data:
         return data.CaptionDataset(cfg.data, cfg.image_root, image_size, skip_bad=cfg.skip_bad)
-    return data.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True,
+    return shapes.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True,
                               partial=cfg.partial_captions)
 
 
@@ -555,7 +556,7 @@ def prepare(cfg: TrainConfig, rank: int):
         check_vocabularies(tokenizer, sources, source)
         mcfg = captioner_config(cfg, sources, len(tokenizer))
         if cfg.motion_word_weight != 1.0:
-            mcfg = dataclasses.replace(mcfg, weighted_words=tuple(tokenizer.stoi[w] for w in data.MOTIONS),
+            mcfg = dataclasses.replace(mcfg, weighted_words=tuple(tokenizer.stoi[w] for w in shapes.MOTIONS),
                                        word_weight=cfg.motion_word_weight)
         if cfg.bridge == "merge":
             N = 1 + mcfg.vision.num_patches
@@ -620,7 +621,7 @@ def search_settings(cfg: TrainConfig, model: RankingCLIP, tokenizer: Tokenizer) 
     recorded = dict(block=cfg.rank_block, chunk=cfg.rank_chunk, score=cfg.rank_score)
     if cfg.rank_score == "max":
         folder = data.ImageFolder(cfg.zeroshot_dir) if cfg.zeroshot_dir else None
-        names, templates = (folder.classes, folder.templates) if folder else (data.SHAPES_CLASSES, data.SHAPES_TEMPLATES)
+        names, templates = (folder.classes, folder.templates) if folder else (shapes.SHAPES_CLASSES, shapes.SHAPES_TEMPLATES)
         device = next(model.parameters()).device
         search["classes"] = evaluation.zeroshot_classifier(model, tokenizer, names, templates, device)
         recorded.update(classes=list(names), templates=list(templates))

@@ -84,7 +84,8 @@ def reduction_stages(model, tokenizer, images, captions, make_reducer) -> list:
 
 def mask_grid(images, captions, scenes, stages, patch, title, note=""):
     """A figure: a row per image (the image, then each stage), object outlines on every panel."""
-    from data import denormalize, object_pixels
+    from data import denormalize
+    from shapes import object_pixels
     n, cols = len(images), 1 + len(stages)
     fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols, 2.0 * n + 0.6), squeeze=False)
     for b in range(n):
@@ -109,7 +110,7 @@ def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.p
     """The kept / merged patches of a CLIP checkpoint's reducer on the first n shapes test images,
     guided by each image's first caption (ELIP) — through checkpoint.py's dispatch (a Patch Ranking
     checkpoint: its predictor)."""
-    import data
+    import shapes
     from checkpoint import load_checkpoint, make_reducer, reducer_config, trained_on
     model, tokenizer, ckpt = load_checkpoint(ckpt_path)
     kind = ckpt.get("kind", "clip")
@@ -117,7 +118,7 @@ def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.p
         raise ValueError(f"{ckpt_path} holds a {kind}: masks are drawn for CLIP checkpoints")
     cfg = reducer_config(ckpt, method=method or ckpt["config"]["method"])
     v = model.cfg.vision
-    dataset = data.ShapesDataset("test", n, v.image_size, v.patch_size, trained_on(ckpt)["scene_seed"])
+    dataset = shapes.ShapesDataset("test", n, v.image_size, v.patch_size, trained_on(ckpt)["scene_seed"])
     items = [dataset[i] for i in range(n)]
     images = torch.stack([it["image"] for it in items])
     captions = [it["captions"][0] for it in items]

@@ -121,11 +121,11 @@ def fused_attention_probe(ckpt_path: str, n_test: int = 1000, device="cpu", batc
     previous-block [CLS] attention, random, and the ground-truth object patches) with the fused
     token attending as in the papers (one token) or with proportional attention (log size)."""
     import eval as evaluation
-    import data
+    import shapes
     from elip import ELIP, RandomPrune, scaled_schedule
     model, tokenizer, ckpt = load_checkpoint(ckpt_path, device)
     v = model.cfg.vision
-    dataset = data.ShapesDataset("test", n_test, v.image_size, v.patch_size, train.saved_config(ckpt).scene_seed())
+    dataset = shapes.ShapesDataset("test", n_test, v.image_size, v.patch_size, train.saved_config(ckpt).scene_seed())
     images, captions, owner = evaluation.load_gallery(dataset, n_test)
     masks = torch.stack([dataset[i]["patch_mask"] for i in range(len(images))])
     texts = evaluation.encode_texts(model, tokenizer, captions, device)

@@ -68,10 +68,10 @@ PROBE_TOKENS = {"frames": "the T frames' tokens, not averaged (frozen ViT)", "av
 
 def one_mover_clips(split: str, n: int, vcfg, seed: int, frames: int):
     """The clips among the first n of a split with exactly one moving object: (clips (M, T, 3, S, S),
-    direction index (M,)), the directions in data.DIRECTIONS order without "still"."""
-    import data
-    directions = [d for d in data.DIRECTIONS if d != "still"]
-    dataset = data.ShapesVideoDataset(split, n, vcfg.image_size, vcfg.patch_size, seed, frames)
+    direction index (M,)), the directions in shapes.DIRECTIONS order without "still"."""
+    import shapes
+    directions = [d for d in shapes.DIRECTIONS if d != "still"]
+    dataset = shapes.ShapesVideoDataset(split, n, vcfg.image_size, vcfg.patch_size, seed, frames)
     clips, labels = [], []
     for i in range(len(dataset)):
         moving = [o["motion"] for o in dataset.scene(i)[0] if o["motion"] != "still"]

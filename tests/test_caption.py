@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import shapes
 import train
 from eval import bleu, cider_d, cider_d_scores
 from captioner import Captioner, CaptionerConfig
@@ -82,10 +83,10 @@ def test_bleu_and_cider_d_equal_the_coco_caption_code_on_a_corpus():
 
 def test_questions_are_answered_by_the_scene():
     scene = [dict(shape="circle", colour="red"), dict(shape="circle", colour="blue"), dict(shape="cross", colour="red")]
-    qa = data.scene_questions(scene)
+    qa = shapes.scene_questions(scene)
     assert ("what color is the cross", "red") in qa and not any("the circle" in q for q, _ in qa)
     assert ("what shape is blue", "circle") in qa and ("how many objects are there", "three") in qa
-    assert data.qa_text("a red cross", "what color is the cross") == "a red cross question: what color is the cross answer:"
+    assert shapes.qa_text("a red cross", "what color is the cross") == "a red cross question: what color is the cross answer:"
 
 
 @pytest.mark.parametrize("r,expected", [((3, 3), 17 - 6), ((0, 0), 17), ((20, 20), 17 - 8 - 4)])
@@ -188,7 +189,7 @@ def test_language_model_packs_texts_into_full_rows():
 
 
 def test_lm_texts_follow_another_caption_of_their_scene():
-    ds = data.ShapesDataset("train", 20)
+    ds = shapes.ShapesDataset("train", 20)
     plain, ctx = (train.Pairs(ds, None, seed=0, images=False, context=c) for c in (False, True))
     for key in [(i, pos) for i in range(20) for pos in range(3)]:
         text, with_context = plain[key][1], ctx[key][1]
@@ -209,7 +210,7 @@ def test_in_context_perplexity_equals_scoring_token_by_token():
         nll, count = continuation_nll(lm, tok, firsts, seconds, "cpu")
         expected, n = 0.0, 0
         for a, b in zip(firsts, seconds):  # each token of the second text (and the end id), one forward each
-            ids = tok([data.in_context(a, b)])[0]
+            ids = tok([shapes.in_context(a, b)])[0]
             ids = ids[ids != tok.pad_id]
             for t in range(len(tok([a])[0][tok([a])[0] != tok.pad_id]) - 1, len(ids)):
                 expected -= torch.log_softmax(lm(ids[None, :t])[0, -1], -1)[ids[t]].item()

@@ -6,17 +6,18 @@ import torch
 from PIL import Image
 
 import data
+import shapes
 from data import DataError
 
 
 def test_shapes_are_deterministic_from_seed_and_index():
-    a, b = data.ShapesDataset("train", 50, seed=3), data.ShapesDataset("train", 50, seed=3)
+    a, b = shapes.ShapesDataset("train", 50, seed=3), shapes.ShapesDataset("train", 50, seed=3)
     for i in (0, 7, 49):
         torch.testing.assert_close(a[i]["image"], b[i]["image"])
         assert a[i]["captions"] == b[i]["captions"]
-    c = data.ShapesDataset("train", 50, seed=4)
+    c = shapes.ShapesDataset("train", 50, seed=4)
     assert not torch.equal(a[0]["image"], c[0]["image"])
-    cached = data.ShapesDataset("train", 50, seed=3, cache=True)
+    cached = shapes.ShapesDataset("train", 50, seed=3, cache=True)
     for _ in range(2):  # first read renders, second comes from the cache
         torch.testing.assert_close(cached[5]["image"], a[5]["image"])
 
@@ -26,18 +27,18 @@ def scene_key(scene):
 
 
 def test_splits_are_disjoint_by_scene():
-    train = {scene_key(data.ShapesDataset("train", 3000).scene(i)[0]) for i in range(3000)}
-    test = {scene_key(data.ShapesDataset("test", 600).scene(i)[0]) for i in range(600)}
+    train = {scene_key(shapes.ShapesDataset("train", 3000).scene(i)[0]) for i in range(3000)}
+    test = {scene_key(shapes.ShapesDataset("test", 600).scene(i)[0]) for i in range(600)}
     assert train and test and not (train & test)
 
 
 def test_patch_masks_match_the_drawn_pixels():
-    ds = data.ShapesDataset("test", 40, image_size=64, patch_size=8)
+    ds = shapes.ShapesDataset("test", 40, image_size=64, patch_size=8)
     for i in range(40):
         scene, rng = ds.scene(i)
-        data.caption_scene(scene, rng)  # the rng goes on to draw the texture, as in render()
-        texture = data.render_background(rng, 64)
-        image = data.render_scene(scene, texture)
+        shapes.caption_scene(scene, rng)  # the rng goes on to draw the texture, as in render()
+        texture = shapes.render_background(rng, 64)
+        image = shapes.render_scene(scene, texture)
         changed = (image != np.clip(texture, 0, 255).astype(np.uint8)).any(-1)  # pixels an object painted
         blocks = changed.reshape(8, 8, 8, 8).any(axis=(1, 3)).reshape(-1)  # (64,) patches
         item = ds[i]
@@ -48,7 +49,7 @@ def test_patch_masks_match_the_drawn_pixels():
 
 
 def test_captions_name_every_object():
-    ds = data.ShapesDataset("train", 20)
+    ds = shapes.ShapesDataset("train", 20)
     for i in range(20):
         scene, _ = ds.scene(i)
         for cap in ds[i]["captions"]:
@@ -58,7 +59,7 @@ def test_captions_name_every_object():
 
 
 def test_partial_captions_name_one_object_of_a_scene_of_several():
-    full, half, always = (data.ShapesDataset("train", 60, partial=p) for p in (0.0, 0.5, 1.0))
+    full, half, always = (shapes.ShapesDataset("train", 60, partial=p) for p in (0.0, 0.5, 1.0))
     draws = {"one": 0, "all": 0}
     for i in range(60):
         scene = full[i]["attributes"]
@@ -77,7 +78,7 @@ def test_partial_captions_name_one_object_of_a_scene_of_several():
 
 
 def test_background_is_textured():
-    item = data.ShapesDataset("train", 1)[0]
+    item = shapes.ShapesDataset("train", 1)[0]
     patches = item["image"].unfold(1, 8, 8).unfold(2, 8, 8).reshape(3, 64, -1)[:, ~item["patch_mask"]]
     assert patches.std(-1).min() > 0.01  # no flat background patch: merging it must not be trivial
 

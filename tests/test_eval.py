@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import shapes
 
 
 def brute_force_recall(sim, owner, k):
@@ -130,7 +131,7 @@ def test_token_relevance_records_every_stage():
     from model import CLIP, CLIPConfig
     from text import TextConfig, Tokenizer
     from vit import ViTConfig
-    ds = data.ShapesDataset("test", 8)
+    ds = shapes.ShapesDataset("test", 8)
     tok = Tokenizer.build([c for i in range(8) for c in ds.captions(i)])
     model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=6, heads=2),
                             text=TextConfig(vocab_size=len(tok), width=32, depth=1, heads=2), embed_dim=16))
@@ -144,7 +145,7 @@ def tiny_clip_on_shapes(n=8):
     from model import CLIP, CLIPConfig
     from text import TextConfig, Tokenizer
     from vit import ViTConfig
-    ds = data.ShapesDataset("test", n)
+    ds = shapes.ShapesDataset("test", n)
     tok = Tokenizer.build([c for i in range(n) for c in ds.captions(i)])
     torch.manual_seed(0)
     model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=6, heads=2),
@@ -207,7 +208,7 @@ def test_itm_rerank_reorders_only_the_top_k():
     from model import CLIP, CLIPConfig
     from text import TextConfig, Tokenizer
     from vit import ViTConfig
-    ds = data.ShapesDataset("test", 6)
+    ds = shapes.ShapesDataset("test", 6)
     tok = Tokenizer.build([c for i in range(6) for c in ds.captions(i)])
     torch.manual_seed(0)
     model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=2, heads=2), objectives=("itc", "itm"),

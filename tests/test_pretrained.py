@@ -206,7 +206,7 @@ def test_from_gpt2_matches_transformers():
 
 def test_gpt2_tokenizer_merges_by_rank_and_round_trips(tmp_path):
     import json
-    from text import GPT2Tokenizer, bytes_to_unicode
+    from bpe import GPT2Tokenizer, bytes_to_unicode
     chars = list(bytes_to_unicode().values())
     space = bytes_to_unicode()[ord(" ")]  # "Ġ"
     merges = ["l l", "h e", "he ll", "hell o", f"{space} w", f"{space}w o"]
@@ -234,7 +234,7 @@ def test_bpe_text_split_by_unicode_letters_and_numbers_by_hand():
     """Catches a `re` stand-in for \\p{L} / \\p{N} / \\s that drops punctuation ("Héllo, 12 wörld!"
     losing ",", "!"), files "²" and "½" (numbers) or a combining mark (neither) under letters, or
     takes the separator \\x1c (not white space in Unicode) for a space."""
-    from text import CLIPTokenizer, GPT2Tokenizer, unicode_pattern
+    from bpe import CLIPTokenizer, GPT2Tokenizer, unicode_pattern
     gpt2, clip = unicode_pattern(GPT2Tokenizer.PATTERN), unicode_pattern(CLIPTokenizer.PATTERN)
     assert gpt2.findall("Héllo, 12 wörld!\n  x") == ["Héllo", ",", " 12", " wörld", "!", "\n ", " x"]
     assert gpt2.findall("x²! y½ e\u0301 日本's") == ["x", "²", "!", " y", "½", " e", "\u0301", " 日本", "'s"]
@@ -252,7 +252,7 @@ def test_bpe_text_split_equals_the_regex_package_on_every_code_point():
     regex = pytest.importorskip("regex")
     import sys
     import unicodedata
-    from text import CLIPTokenizer, GPT2Tokenizer, unicode_pattern
+    from bpe import CLIPTokenizer, GPT2Tokenizer, unicode_pattern
     chars = [chr(c) for c in range(sys.maxunicode + 1)
              if unicodedata.category(chr(c)) not in ("Cn", "Cs") and c != 0x345]
     text = " ".join("".join(chars[i:i + 7]) for i in range(0, len(chars), 7))  # runs of mixed kinds
@@ -265,7 +265,7 @@ def test_bpe_text_split_equals_the_regex_package_on_every_code_point():
 
 def test_clip_tokenizer_vocabulary_layout_and_padding(tmp_path):
     import gzip
-    from text import CLIPTokenizer
+    from bpe import CLIPTokenizer
     merges = ["h e", "l l", "he ll", "hell o</w>"]
     with gzip.open(tmp_path / "bpe.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -315,7 +315,7 @@ def test_a_converted_gpt2_is_the_frozen_lm_of_the_captioner(tmp_path):
     import subprocess
     import sys
     from test_train import ROOT, TINY
-    from text import bytes_to_unicode
+    from bpe import bytes_to_unicode
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     merges = ["e </w>", "t h", "i n", "th e"]  # any rules will do: captions fall back to bytes
     merges = [m for m in merges if all(p in vocab for p in m.split())]

@@ -247,6 +247,7 @@ def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_pat
 
 def test_train_searches_by_the_predicted_class_with_rank_score_max(tmp_path):
     import data
+    import shapes
     import eval as evaluation
     import train
     from test_train import TINY, run
@@ -257,10 +258,10 @@ def test_train_searches_by_the_predicted_class_with_rank_score_max(tmp_path):
     got = run([*args, "--rank-score", "max"])
     assert got.returncode == 0, got.stderr
     cached = torch.load(f"{out}/rankings.pt", weights_only=True)
-    assert cached["identity"]["score"] == "max" and cached["identity"]["classes"] == data.SHAPES_CLASSES
+    assert cached["identity"]["score"] == "max" and cached["identity"]["classes"] == shapes.SHAPES_CLASSES
     # the same search by hand: the CLIP of --init, its text tower's embeddings of the shapes classes
     model, tokenizer, _ = load_checkpoint(f"{clip}/ckpt.pt")
-    classes = evaluation.zeroshot_classifier(model, tokenizer, data.SHAPES_CLASSES, data.SHAPES_TEMPLATES, "cpu")
+    classes = evaluation.zeroshot_classifier(model, tokenizer, shapes.SHAPES_CLASSES, shapes.SHAPES_TEMPLATES, "cpu")
     cfg = train.parse_args([*args, "--rank-score", "max"])
     dataset = train.build_data(cfg, model.cfg.vision.image_size, model.cfg.vision.patch_size)
     x = ranking.layer_input(model, torch.stack([dataset.get(i)["image"] for i in range(6)]), 1)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import shapes
 import train
 from checkpoint import load_checkpoint
 from eval import format_table, motion_accuracy
@@ -25,13 +26,13 @@ def colour_centroids(frames, colour):
     """(T, 2) mean x, y of the pixels painted exactly in `colour`, frame by frame."""
     out = []
     for f in frames:
-        ys, xs = np.nonzero((f == np.array(data.COLOURS[colour])).all(-1))
+        ys, xs = np.nonzero((f == np.array(shapes.COLOURS[colour])).all(-1))
         out.append((xs.mean(), ys.mean()))
     return np.array(out)
 
 
 def test_objects_move_the_way_their_captions_say():
-    ds = data.ShapesVideoDataset("train", 60, image_size=64, frames=4)
+    ds = shapes.ShapesVideoDataset("train", 60, image_size=64, frames=4)
     seen = set()
     for i in range(len(ds)):
         frames, captions, scene = ds.render(i)
@@ -40,24 +41,24 @@ def test_objects_move_the_way_their_captions_say():
         o = scene[0]
         c = colour_centroids(frames, o["colour"])
         shift = c[-1] - c[0]  # pixels, image y grows downwards
-        want = np.array(data.DIRECTIONS[o["motion"]]) * data.TRAVEL * 64 / 3
+        want = np.array(shapes.DIRECTIONS[o["motion"]]) * shapes.TRAVEL * 64 / 3
         assert np.abs(shift - want).max() < 3.5, (o, shift, want)  # rasterising and the image edge move it a little
-        assert all(data.motion_of(cap, o["colour"], o["shape"]) == o["motion"] for cap in captions), captions
+        assert all(shapes.motion_of(cap, o["colour"], o["shape"]) == o["motion"] for cap in captions), captions
         seen.add(o["motion"])
-    assert seen == set(data.MOTIONS)
+    assert seen == set(shapes.MOTIONS)
 
 
 def test_clips_are_deterministic_and_splits_disjoint():
-    a, b = data.ShapesVideoDataset("train", 5), data.ShapesVideoDataset("train", 5)
+    a, b = shapes.ShapesVideoDataset("train", 5), shapes.ShapesVideoDataset("train", 5)
     assert torch.equal(a[3]["image"], b[3]["image"]) and a[3]["captions"] == b[3]["captions"]
     assert a[0]["image"].shape == (4, 3, 64, 64)
     key = lambda s: repr(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"], o["motion"]) for o in s))
-    train, test = data.ShapesVideoDataset("train", 400), data.ShapesVideoDataset("test", 100)
+    train, test = shapes.ShapesVideoDataset("train", 400), shapes.ShapesVideoDataset("test", 100)
     assert not {key(train.scene(i)[0]) for i in range(400)} & {key(test.scene(i)[0]) for i in range(100)}
 
 
 def test_the_motion_marker_paints_one_movers_direction_in_the_corner_only():
-    plain, marked = data.ShapesVideoDataset("train", 80), data.ShapesVideoDataset("train", 80, marker=True)
+    plain, marked = shapes.ShapesVideoDataset("train", 80), shapes.ShapesVideoDataset("train", 80, marker=True)
     painted = set()
     for i in range(len(plain)):
         (a, caps_a, scene), (b, caps_b, _) = plain.render(i), marked.render(i)
@@ -69,7 +70,7 @@ def test_the_motion_marker_paints_one_movers_direction_in_the_corner_only():
             outside[corner] = False
             assert np.array_equal(fa[outside], fb[outside])  # nothing else touched
             if len(movers) == 1:
-                assert (fb[corner] == data.MARKERS[movers[0]]).all()
+                assert (fb[corner] == shapes.MARKERS[movers[0]]).all()
                 painted.add(movers[0])
             else:  # no single direction to give: the frame as it was
                 assert np.array_equal(fa[corner], fb[corner])
@@ -80,12 +81,12 @@ def test_the_motion_marker_paints_one_movers_direction_in_the_corner_only():
 
 def test_motion_of_and_motion_accuracy_by_hand():
     cap = "a small red circle moves to the left and a blue square of large size stays still"
-    assert data.motion_of(cap, "red", "circle") == "left"
-    assert data.motion_of(cap, "blue", "square") == "still"
-    assert data.motion_of(cap, "green", "cross") is None  # not named
-    assert data.motion_of(cap, "red", "square") == "left"  # found by its colour: the shape is often wrong
+    assert shapes.motion_of(cap, "red", "circle") == "left"
+    assert shapes.motion_of(cap, "blue", "square") == "still"
+    assert shapes.motion_of(cap, "green", "cross") is None  # not named
+    assert shapes.motion_of(cap, "red", "square") == "left"  # found by its colour: the shape is often wrong
     two_reds = "a red circle goes up and a red cross moving down"
-    assert data.motion_of(two_reds, "red", "cross") == "down" and data.motion_of(two_reds, "red", "diamond") == "up"
+    assert shapes.motion_of(two_reds, "red", "cross") == "down" and shapes.motion_of(two_reds, "red", "diamond") == "up"
     scenes = [[dict(colour="red", shape="circle", motion="left"), dict(colour="blue", shape="square", motion="still")],
               [dict(colour="green", shape="cross", motion="up")], [dict(colour="purple", shape="cross", motion="down")]]
     cands = [cap, "a green cross moves down", "a purple cross"]
@@ -324,7 +325,7 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
              f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--motion-word-weight", "5", "--out", weighted])
     assert r.returncode == 0, r.stderr
     model, tokenizer, _ = load_checkpoint(f"{weighted}/ckpt.pt", "cpu")
-    assert sorted(tokenizer.itos[i] for i in torch.nonzero(model.word_weight == 5).flatten()) == sorted(data.MOTIONS)
+    assert sorted(tokenizer.itos[i] for i in torch.nonzero(model.word_weight == 5).flatten()) == sorted(shapes.MOTIONS)
     # an image LM cannot caption videos: its words lack the motions
     image_lm = str(tmp_path / "image_lm")
     assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--no-eval", "--out", image_lm]).returncode == 0
