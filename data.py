@@ -252,3 +252,15 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.items[i]
         return to_tensor(resize_center_crop(load_image(path, f"class folder {self.classes[label]}"), self.image_size)), label
+
+
+def load_gallery(dataset, n=None):
+    """The first n items of a dataset as (images (n, 3, S, S), captions, text_to_image)."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    images, captions, owner = [], [], []
+    for i in range(n):
+        item = dataset[i]
+        images.append(item["image"])
+        captions += item["captions"]
+        owner += [i] * len(item["captions"])
+    return torch.stack(images), captions, torch.tensor(owner)

@@ -1,51 +1,36 @@
 """
-Evaluation: image-text retrieval (R@1/5/10 both ways, also ITM-reranked as in ALBEF), zero-shot
-classification, token relevance (does a reducer keep the patches the caption talks about?), and
-captioning metrics.
+Evaluation: image-text retrieval (R@1/5/10 both ways, also ITM-reranked as in ALBEF) and zero-shot
+classification; the command line for every kind of checkpoint (captioning metrics are in
+captioning.py, token relevance in relevance.py).
 
 Read first: `recall_at_k` (the standard definitions, on score matrices), then
-`zeroshot_classifier`, then `evaluate`, which `train.py` calls at the end; then `token_relevance`.
+`zeroshot_classifier`, then `evaluate`, which `train.py` calls at the end.
 `python eval.py --ckpt A [B C ...]` evaluates checkpoints and averages several (e.g. seeds).
-
-Token relevance (`token_relevance`): for any reducer, after each stage that changes the token
-count, the share of the patches covered by the captioned objects that are still held by kept
-(un-fused, size-1) tokens. Random pruning keeps that share equal to the share of patches kept;
-a reducer that keeps what the caption talks about does better. Text steering (`text_steering`):
-the same, with a caption that names one object of a scene of several, against one that names
-another — whether the text chooses WHICH object is kept, not only that objects are.
 
 Paired comparison (`per_image_retrieval`, `paired_interval`): whether one model is ahead of
 another on the same gallery, or inside its sampling noise (a bootstrap over the gallery's images).
-
-Captioning (`captioning`): BLEU-4 and CIDEr-D as the COCO caption evaluation defines them
-(`bleu`, `cider_d`: read these two for the exact formulas), question answering by prompting the
-captioner, and (`--curves`) CIDEr-D learning curves from training logs.
 
 Definitions (as in CLIP, ALBEF and open_clip's benchmark): with several captions per image,
 image->text R@k is the share of images with ANY of their captions among the k most similar texts;
 text->image R@k is the share of captions whose own image is among the k most similar images.
 Ties are broken in a random order, in expectation (`hit_chance`), so a collapsed model that
-scores everything alike gets chance, not 100%. Metric names follow open_clip (`image_to_text_R@1`, ...), values are fractions.
+scores everything alike gets chance, not 100%. Metric names follow open_clip (`image_to_text_R@1`,
+...), values are fractions.
 """
 import argparse
 import json
-import math
 import sys
-from collections import Counter
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
 import shapes
+from captioning import curves_table, evaluate_captioner, evaluate_lm
 from checkpoint import ReducerConfig, elip_schedule, load_checkpoint, make_reducer, reducer_config, tome_schedule, trained_on
 from data import DataError
-from shapes import qa_text
-from elip import ELIP, RandomPrune, scaled_schedule
 from merge import ToMe
-from text import normalize
-from vit import Observed, Reducer
+from relevance import relevance_table, steering_table
 
 
 @torch.no_grad()
@@ -118,22 +103,10 @@ def encode_images(model, images, device, batch_size=256, reducer=None) -> torch.
                       for i in range(0, len(images), batch_size)])
 
 
-def load_gallery(dataset, n=None):
-    """The first n items of a dataset as (images (n, 3, S, S), captions, text_to_image)."""
-    n = len(dataset) if n is None else min(n, len(dataset))
-    images, captions, owner = [], [], []
-    for i in range(n):
-        item = dataset[i]
-        images.append(item["image"])
-        captions += item["captions"]
-        owner += [i] * len(item["captions"])
-    return torch.stack(images), captions, torch.tensor(owner)
-
-
 @torch.no_grad()
 def gallery_features(model, tokenizer, dataset, device, n=None, reducer=None) -> tuple:
     """(image features (N, E), caption features (M, E), text_to_image (M,)) of a gallery's first n images."""
-    images, captions, owner = load_gallery(dataset, n)
+    images, captions, owner = data.load_gallery(dataset, n)
     return (encode_images(model, images, device, reducer=reducer), encode_texts(model, tokenizer, captions, device),
             owner.to(device))
 
@@ -194,7 +167,7 @@ def topk_accuracy(logits, labels, ks=(1, 5)) -> dict:
 def itm_rerank(model, tokenizer, dataset, device, n=None, k=16, chunk=64) -> dict:
     """ALBEF's retrieval: the top-k candidates by ITC similarity are rescored by the ITM head's
     match probability (all image tokens: inference does not prune); the rest keep -inf."""
-    images, captions, owner = load_gallery(dataset, n)
+    images, captions, owner = data.load_gallery(dataset, n)
     image_tokens = torch.cat([model.visual.forward_tokens(images[i:i + 256].to(device)).x
                               for i in range(0, len(images), 256)])  # (N, 1+P, Dv)
     ids = tokenizer(captions).to(device)
@@ -282,373 +255,6 @@ def evaluate(model, tokenizer, device, sets, n_test=None, reducer=None) -> dict:
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# Captioning: BLEU-4 and CIDEr-D as the COCO caption evaluation defines them, and question answering
-
-def ngram_counts(words: list, n: int) -> Counter:
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-
-
-def bleu(cands: list, refs: list, max_n: int = 4) -> float:
-    """Corpus BLEU-max_n (Papineni et al., 2002) as COCO computes it: n-gram matches clipped by the
-    most any one reference has, summed over the corpus; the brevity penalty against, per caption,
-    the reference length closest to the candidate's (the shorter on a tie)."""
-    match, total = [0] * max_n, [0] * max_n
-    cand_len = ref_len = 0
-    for cand, rs in zip(cands, refs):
-        c, rs = normalize(cand), [normalize(r) for r in rs]
-        cand_len += len(c)
-        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
-        for n in range(1, max_n + 1):
-            counts = ngram_counts(c, n)
-            most = Counter()
-            for r in rs:
-                most |= ngram_counts(r, n)  # elementwise max over references
-            match[n - 1] += sum(min(k, most[g]) for g, k in counts.items())
-            total[n - 1] += max(len(c) - n + 1, 0)
-    # COCO's scorer adds 1e-15 / 1e-9 so that a zero count gives a tiny score, not an error
-    log_p = sum(math.log((m + 1e-15) / (t + 1e-9)) for m, t in zip(match, total)) / max_n
-    brevity = 1.0 if cand_len >= ref_len else math.exp(1 - ref_len / max(cand_len, 1e-9))
-    return brevity * math.exp(log_p)
-
-
-def cider_d(cands: list, refs: list, max_n: int = 4, sigma: float = 6.0) -> float:
-    """CIDEr-D (Vedantam et al., 2015), COCO's definition: the mean over captions of `cider_d_scores`."""
-    scores = cider_d_scores(cands, refs, max_n, sigma)
-    return sum(scores) / len(scores)
-
-
-def cider_d_scores(cands: list, refs: list, max_n: int = 4, sigma: float = 6.0) -> list:
-    """Each caption's CIDEr-D: per n, TF-IDF vectors of n-gram counts (IDF from the references of
-    the whole corpus), the candidate's weights clipped at the reference's, cosine similarity times
-    a Gaussian penalty on the length difference; averaged over n and references, times 10."""
-    cands = [normalize(c) for c in cands]
-    refs = [[normalize(r) for r in rs] for rs in refs]
-    doc_freq = Counter()
-    for rs in refs:
-        doc_freq.update({g for r in rs for n in range(1, max_n + 1) for g in ngram_counts(r, n)})
-    log_docs = math.log(float(len(refs)))
-
-    def tfidf(words):
-        vecs, norms = [], []
-        for n in range(1, max_n + 1):
-            v = {g: k * (log_docs - math.log(max(1.0, doc_freq[g]))) for g, k in ngram_counts(words, n).items()}
-            vecs.append(v)
-            norms.append(math.sqrt(sum(w * w for w in v.values())))
-        return vecs, norms
-
-    scores = []
-    for c, rs in zip(cands, refs):
-        cv, cn = tfidf(c)
-        total = 0.0
-        for r in rs:
-            rv, rn = tfidf(r)
-            penalty = math.exp(-((len(c) - len(r)) ** 2) / (2 * sigma ** 2))
-            for n in range(max_n):
-                dot = sum(min(w, rv[n][g]) * rv[n][g] for g, w in cv[n].items() if g in rv[n])
-                if cn[n] and rn[n]:
-                    total += dot / (cn[n] * rn[n]) * penalty
-        scores.append(10.0 * total / max_n / len(rs))
-    return scores
-
-
-def batched(n: int, batch_size: int):
-    return (range(i, min(n, i + batch_size)) for i in range(0, n, batch_size))
-
-
-@torch.no_grad()
-def caption_images(model, tokenizer, images, device, num_beams=1, batch_size=200, max_new_tokens=30) -> list:
-    """Generated captions (strings) for (N, 3, S, S) images: the soft prompt, then the begin id."""
-    out = []
-    for idx in batched(len(images), batch_size):
-        start = torch.full((len(idx), 1), tokenizer.bos_id, dtype=torch.long, device=device)
-        new = model.generate(images[idx.start:idx.stop].to(device), start, max_new_tokens, num_beams)
-        out += [tokenizer.decode(ids) for ids in new]
-    return out
-
-
-@torch.no_grad()
-def answer_questions(model, tokenizer, images, captions, questions, device, batch_size=200) -> list:
-    """One-word answers: the captioner is prompted, after its soft prompt, with its own caption,
-    then "question: ... answer:" (the text format its language model learned), and greedily
-    continued."""
-    answers = []
-    for idx in batched(len(images), batch_size):
-        prompts = [qa_text(captions[i], questions[i]) for i in idx]
-        ids = tokenizer(prompts)
-        # drop the [SEP] and padding after each prompt: group prompts by length so none is padded
-        lengths = (ids != tokenizer.pad_id).sum(1) - 1
-        for L in lengths.unique().tolist():
-            rows = (lengths == L).nonzero().flatten()
-            new = model.generate(images[idx.start:idx.stop][rows].to(device), ids[rows, :L].to(device), 3)
-            for r, n in zip(rows.tolist(), new):
-                answers.append((idx.start + r, tokenizer.decode(n).split()[:1]))
-    return [" ".join(a) for _, a in sorted(answers)]
-
-
-def caption_gallery(dataset, n=None):
-    """(images, each image's reference captions) of the first n items."""
-    images, captions, owner = load_gallery(dataset, n)
-    return images, [[c for c, o in zip(captions, owner.tolist()) if o == i] for i in range(len(images))]
-
-
-def captioning(model, tokenizer, dataset, device, n=None, num_beams=1, questions=True) -> dict:
-    """BLEU-4 and CIDEr-D of generated captions against every reference caption of the first n
-    images; on shapes also question-answering exact-match accuracy (one question per image)."""
-    images, refs = caption_gallery(dataset, n)
-    cands = caption_images(model, tokenizer, images, device, num_beams)
-    metrics = dict(bleu4=bleu(cands, refs), cider_d=cider_d(cands, refs))
-    if isinstance(dataset, shapes.ShapesVideoDataset):
-        metrics.update(motion_accuracy(cands, [dataset.scene(i)[0] for i in range(len(images))]))
-    elif questions and hasattr(dataset, "scene"):
-        rng = torch.Generator().manual_seed(0)
-        qa = [shapes.scene_questions(dataset.scene(i)[0]) for i in range(len(images))]
-        picked = [q[torch.randint(len(q), (1,), generator=rng).item()] for q in qa]
-        answers = answer_questions(model, tokenizer, images, cands, [q for q, _ in picked], device)
-        metrics["vqa_accuracy"] = sum(a == want for a, (_, want) in zip(answers, picked)) / len(picked)
-    metrics["examples"] = cands[:3]
-    return metrics
-
-
-def motion_accuracy(cands: list, scenes: list) -> dict:
-    """How often a generated caption gives each object of the clip its true motion (the part of
-    the caption naming its colour, `shapes.motion_of`, must hold the right motion word; an object not
-    named counts as wrong): over all objects (5 choices) and over the moving ones (the direction, 4
-    choices: a model that averages frames cannot tell them apart, 25% at best by guessing); and
-    the direction in the clips of one moving object, read as the caption's first motion word
-    whatever object it names (motion apart from recognising the object); and, for those clips,
-    how often each word was said for each true direction (`direction_said`: does a captioner
-    know the axis at least, or say one word whatever it sees?)."""
-    hits = [h for c, scene in zip(cands, scenes) for h in motion_hits(c, scene)]
-    moving = [h for h, m in hits if m]
-    single = [d for d in map(one_mover_direction, cands, scenes) if d]  # (true direction, word said)
-    said = {d: dict(Counter(w for true, w in single if true == d)) for d in shapes.MOTIONS if d != "still"}
-    return dict(motion_accuracy=sum(h for h, _ in hits) / max(1, len(hits)),
-                direction_accuracy=sum(moving) / max(1, len(moving)),
-                direction_accuracy_one_object=sum(true == w for true, w in single) / max(1, len(single)),
-                direction_said=said)
-
-
-def motion_hits(cand: str, scene: list) -> list:
-    """(the caption gives the object its true motion, the object moves) for each object of a clip."""
-    return [(shapes.motion_of(cand, o["colour"], o["shape"]) == o["motion"], o["motion"] != "still") for o in scene]
-
-
-def one_mover_direction(cand: str, scene: list):
-    """For a clip of one moving object: (its direction, the caption's first motion word whatever
-    colour it names, "none" if it has none); None for any other clip."""
-    if len(scene) != 1 or scene[0]["motion"] == "still":
-        return None
-    return scene[0]["motion"], next((w for w in cand.split() if w in shapes.MOTIONS), "none")
-
-
-def paired_motion(cands_a: list, cands_b: list, refs: list, scenes: list) -> dict:
-    """Two captioners on the same clips: A's motion accuracy, one-mover direction accuracy and
-    CIDEr-D minus B's, each with its 95% bootstrap interval over the clips (`paired_interval`; a
-    clip's objects stay together). Motion accuracy counts objects, so each clip's difference in
-    hits is scaled by clips / objects: their mean is the difference of the two accuracies."""
-    scale = len(scenes) / sum(len(s) for s in scenes)
-    ones = [i for i, s in enumerate(scenes) if one_mover_direction("", s)]
-
-    def per_clip(cands):
-        hits = torch.tensor([sum(h for h, _ in motion_hits(c, s)) for c, s in zip(cands, scenes)], dtype=torch.float64)
-        said = [one_mover_direction(cands[i], scenes[i]) for i in ones]
-        right = torch.tensor([float(true == word) for true, word in said], dtype=torch.float64)
-        return scale * hits, right, torch.tensor(cider_d_scores(cands, refs), dtype=torch.float64)
-
-    keys = ("motion_accuracy", "direction_accuracy_one_object", "cider_d")
-    diffs = {k: a - b for k, a, b in zip(keys, per_clip(cands_a), per_clip(cands_b))}
-    return {k: dict(diff=d.mean().item(), interval=paired_interval(d), clips=len(d)) for k, d in diffs.items()}
-
-
-@torch.no_grad()
-def evaluate_captioner(model, tokenizer, device, sets, n=None, num_beams=1, vqa=True) -> dict:
-    was_training = model.training
-    model.eval()
-    metrics = captioning(model, tokenizer, sets[0], device, n, num_beams, vqa)
-    if model.temporal is not None:
-        metrics["temporal_alpha"] = model.temporal.gates()
-    model.train(was_training)
-    return metrics
-
-
-@torch.no_grad()
-def continuation_nll(lm, tokenizer, firsts: list, seconds: list, device) -> tuple:
-    """(summed negative log-likelihood, token count) of each second text, end id included, read
-    after its first text: `shapes.in_context(first, second)` scored on the second's tokens only."""
-    ids = tokenizer([shapes.in_context(a, b) for a, b in zip(firsts, seconds)]).to(device)
-    begin = (tokenizer(firsts) != tokenizer.pad_id).sum(1).to(device) - 1  # [begin] + the first's words
-    logits = lm(ids)[:, :-1]  # position t predicts token t + 1
-    targets = ids[:, 1:].masked_fill(ids[:, 1:] == tokenizer.pad_id, -100)
-    targets = targets.masked_fill(torch.arange(targets.shape[1], device=device)[None] < begin[:, None] - 1, -100)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
-                          reduction="sum")
-    return nll.item(), (targets != -100).sum().item()
-
-
-@torch.no_grad()
-def evaluate_lm(lm, tokenizer, device, sets, n=None) -> dict:
-    """Perplexity of the language model on the test captions (every reference), alone and, to
-    see whether it uses its context, after another reference of the same scene (`in_context`)
-    and after a reference of the next scene (`other_context`): if the two are equal, the LM
-    ignores what its context says, and so will it ignore a soft prompt."""
-    gallery = sets[0]
-    n = min(n or len(gallery), len(gallery))
-    refs = [gallery.captions(i) for i in range(n)]
-    captions = [c for caps in refs for c in caps]
-    was_training = lm.training
-    lm.eval()
-    total = count = 0.0
-    for idx in batched(len(captions), 500):
-        ids = tokenizer([captions[i] for i in idx]).to(device)
-        tokens = (ids[:, 1:] != tokenizer.pad_id).sum().item()
-        total += lm.loss(ids).item() * tokens
-        count += tokens
-    out = dict(perplexity=math.exp(total / count))
-    if n > 1 and all(len(caps) > 1 for caps in refs):
-        seconds = [caps[1] for caps in refs]
-        for name, shift in (("in_context", 0), ("other_context", 1)):
-            firsts = [refs[(i + shift) % n][0] for i in range(n)]
-            sums = [continuation_nll(lm, tokenizer, [firsts[i] for i in idx], [seconds[i] for i in idx], device)
-                    for idx in batched(n, 500)]
-            out[f"perplexity_{name}"] = math.exp(sum(s for s, _ in sums) / sum(c for _, c in sums))
-    lm.train(was_training)
-    return out
-
-
-class StageRecorder(Observed):
-    """Records (sizes, sources) each time the wrapped reducer changes the token count."""
-
-    def __init__(self, inner: Reducer):
-        super().__init__(inner)
-        self.stages = []
-
-    def observe(self, i, hook, before, after):
-        if after.x.shape[1] != before.x.shape[1]:
-            self.stages.append((after.size, after.source))
-
-
-def object_coverage(size, source, patch_mask) -> torch.Tensor:
-    """(B,) share of object patches held by un-fused tokens. size (B, N), source (B, N, 1+P),
-    patch_mask (B, P) bool."""
-    held = (source[:, :, 1:] * (size == 1)[..., None]).sum(1) > 0  # (B, P)
-    return (held & patch_mask).sum(1) / patch_mask.sum(1).clamp(min=1)
-
-
-def stage_coverage(model, tokenizer, images, captions, make_reducer, masks, device) -> list:
-    """Prune `images` guided by `captions` and return, for each mask batch in `masks` ((B, P) bool),
-    its coverage after every stage: a (B, stages) tensor per mask."""
-    ids = tokenizer(captions).to(device)
-    recorder = StageRecorder(make_reducer(model.text_guidance(model.text(ids))))
-    model.visual.forward_tokens(images.to(device), recorder, track_source=True)
-    return [torch.stack([object_coverage(s, src, m.to(device)) for s, src in recorder.stages], 1) for m in masks]
-
-
-@torch.no_grad()
-def token_relevance(model, tokenizer, dataset, device, make_reducer, n=500, batch_size=100) -> dict:
-    """Mean object coverage after each stage, guided by each image's first caption.
-    make_reducer(text_guidance) -> Reducer. Returns {"coverage": [...], "kept": [...]} per stage,
-    "kept" being the share of patches held by un-fused tokens (what random pruning would cover)."""
-    model.eval()
-    coverage, kept = [], []
-    for start in range(0, min(n, len(dataset)), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, n, len(dataset)))]
-        masks = torch.stack([it["patch_mask"] for it in items])
-        c, k = stage_coverage(model, tokenizer, torch.stack([it["image"] for it in items]),
-                              [it["captions"][0] for it in items], make_reducer, (masks, torch.ones_like(masks)), device)
-        coverage.append(c)
-        kept.append(k)
-    return dict(coverage=torch.cat(coverage).mean(0).tolist(), kept=torch.cat(kept).mean(0).tolist())
-
-
-def one_object_captions(dataset, n: int) -> list:
-    """(image index, a, b, caption naming object a alone) for the first two objects of every
-    scene of two or more among the first n, each object named once: the caption of a scene
-    made of that object alone, so it names its size, colour, shape and cell."""
-    out = []
-    for i in range(min(n, len(dataset))):
-        scene = dataset[i]["attributes"]
-        if len(scene) >= 2:
-            for a, b in ((0, 1), (1, 0)):
-                rng = np.random.default_rng([i, a])  # the cell's wording: fixed per image and object
-                out.append((i, a, b, shapes.caption_scene([scene[a]], rng, 1)[0]))
-    return out
-
-
-@torch.no_grad()
-def text_steering(model, tokenizer, dataset, device, make_reducer, n=500, batch_size=100) -> dict:
-    """Does the text choose WHICH object is kept? Each scene of two or more objects is pruned twice,
-    guided once by a caption naming its first object alone and once by one naming its second. Per
-    stage: the coverage of an object's patches when the caption names it ("named") and when it
-    names the other ("unnamed"). Reducers that ignore the text keep the same tokens both times, so
-    the two are equal; the gap is how far the text steers."""
-    model.eval()
-    named, unnamed = [], []
-    pairs = one_object_captions(dataset, n)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        items = [dataset[i] for i, _, _, _ in chunk]
-        mask_of = lambda k: torch.stack([it["object_patches"][pair[k]] for it, pair in zip(items, chunk)])
-        a, b = stage_coverage(model, tokenizer, torch.stack([it["image"] for it in items]), [c for *_, c in chunk],
-                              make_reducer, (mask_of(1), mask_of(2)), device)  # the named object, the other
-        named.append(a)
-        unnamed.append(b)
-    # each object appears once in each list (named in one pass, unnamed in the other): the same objects
-    return dict(named=torch.cat(named).mean(0).tolist(), unnamed=torch.cat(unnamed).mean(0).tolist(),
-                pairs=len(pairs))
-
-
-class ObjectPrune(ELIP):
-    """The control that knows the answer: ELIP's schedule and fusion, each token scored by the share
-    of its patches the objects cover (the ground truth `patch_mask` (B, P)), ties broken at random.
-    Needs the forward's source tracking."""
-
-    def __init__(self, schedule, num_patches, patch_mask, prop_attn=True, generator=None):
-        super().__init__(schedule, num_patches, prop_attn=prop_attn)
-        self.patch_mask, self.generator = patch_mask.float(), generator
-
-    def before_block(self, i, tokens, vit):
-        if i not in self.stages:
-            return tokens
-        held = tokens.source[:, 1:, 1:]  # (B, N-1, P)
-        score = (held * self.patch_mask[:, None]).sum(-1) / held.sum(-1).clamp(min=1)
-        score = score + 1e-3 * torch.rand(score.shape, generator=self.generator).to(score.device)
-        self.scores[i] = score
-        return self.prune(tokens, score, self.stages[i][1])
-
-
-def relevance_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None, prop_attn=True,
-                    rollout=True) -> dict:
-    """Token relevance at one ELIP schedule (default: the authors' scaled to the model's depth) for
-    ELIP, ELIP without its text, ELIP scored by the last block's row alone (the papers', when
-    `rollout`), ELIP without look-ahead, EViT's scoring (no text, previous block's [CLS]
-    attention) and random scores; the fused token's attention as `prop_attn`."""
-    reducers = relevance_reducers(model, lam, schedule, prop_attn, rollout)
-    return {name: token_relevance(model, tokenizer, dataset, device, make, n) for name, make in reducers.items()}
-
-
-def steering_table(model, tokenizer, dataset, device, n=500, lam=0.8, schedule=None, prop_attn=True,
-                   rollout=True) -> dict:
-    """`text_steering` for ELIP and, as the control that must show no gap, ELIP without its text."""
-    reducers = relevance_reducers(model, lam, schedule, prop_attn, rollout)
-    return {name: text_steering(model, tokenizer, dataset, device, reducers[name], n) for name in ("elip", "elip_no_text")}
-
-
-def relevance_reducers(model, lam, schedule, prop_attn, rollout) -> dict:
-    """name -> make_reducer(text_guidance) for every scoring the relevance tables compare."""
-    v = model.cfg.vision
-    schedule, P = schedule or scaled_schedule(v.depth), v.num_patches
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "elip": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn, rollout=rollout),
-        "elip_no_text": lambda t: ELIP(schedule, P, None, prop_attn=prop_attn, rollout=rollout),  # lambda = 1
-        **({"elip_no_rollout": lambda t: ELIP(schedule, P, t, lam, prop_attn=prop_attn)} if rollout else {}),
-        "elip_no_lookahead": lambda t: ELIP(schedule, P, t, lam, lookahead=False, prop_attn=prop_attn),
-        "evit_scoring": lambda t: ELIP(schedule, P, None, lookahead=False, prop_attn=prop_attn),
-        "random": lambda t: RandomPrune(schedule, P, generator, prop_attn=prop_attn),
-    }
-
-
 def shown_scale(key: str) -> int:
     """Metrics are fractions, printed as percentages; perplexities are printed as they are."""
     return 1 if key.startswith("perplexity") else 100
@@ -723,39 +329,6 @@ def evaluate_checkpoint(path, args) -> dict:
         metrics["token_relevance"] = relevance_table(model, tokenizer, scenes, args.device, *settings)
         metrics["text_steering"] = steering_table(model, tokenizer, scenes, args.device, *settings)
     return metrics
-
-
-def read_curve(path: str, metric: str = "cider_d") -> list:
-    """(step, training seconds, metric) of every --eval-every line of a train.py log."""
-    try:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"log {path} cannot be read: {e}") from None
-    curve = [(r["step"], r["time"], r["curve"][metric]) for r in rows if metric in r.get("curve", {})]
-    if not curve:
-        raise DataError(f"log {path} has no {metric} curve: train with --eval-every N")
-    return curve
-
-
-def time_to_reach(curve: list, target: float):
-    """Training seconds at the first point of the curve at or above target, or None."""
-    return next((t for _, t, v in curve if v >= target), None)
-
-
-def curves_table(paths: list, metric: str = "cider_d") -> str:
-    """Markdown: each run's metric along its curve, its final value, and when each run first
-    reached the final value of the LAST run given (the reference, e.g. the two-stage baseline)."""
-    curves = {p: read_curve(p, metric) for p in paths}
-    target = curves[paths[-1]][-1][2]
-    lines = [f"| run (log) | {metric} along the curve (step: value) | final | training s | "
-             f"s to reach {100 * target:.1f} (last run's final) |", "|---|---|---|---|---|"]
-    for p, c in curves.items():
-        points = " ".join(f"{s}: {100 * v:.0f}" for s, _, v in c)
-        reach = time_to_reach(c, target)
-        lines.append(f"| {p} | {points} | {100 * c[-1][2]:.1f} | {c[-1][1]:.0f} | "
-                     f"{'never' if reach is None else f'{reach:.0f}'} |")
-    return "\n".join(lines)
 
 
 def mean_over_runs(runs: list) -> dict:

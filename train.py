@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import shapes
 import eval as evaluation
+import captioning
 import ranking
 from captioner import Captioner, CaptionerConfig, LanguageModel
 from checkpoint import (BEFORE_FIELD, ReducerConfig, build_model, elip_schedule, kind_of, load_state, make_reducer,
@@ -751,10 +752,10 @@ def lm_unchanged(model: Captioner, sources: dict) -> bool:
 def run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=None) -> dict:
     """The end-of-run (or --eval-every) metrics of whatever this run trains."""
     if isinstance(model, Captioner):
-        return evaluation.evaluate_captioner(model, tokenizer, device, eval_sets, n or cfg.test_size, cfg.beams,
+        return captioning.evaluate_captioner(model, tokenizer, device, eval_sets, n or cfg.test_size, cfg.beams,
                                              vqa=n is None)
     if isinstance(model, LanguageModel):
-        return evaluation.evaluate_lm(model.lm, tokenizer, device, eval_sets, cfg.test_size)
+        return captioning.evaluate_lm(model.lm, tokenizer, device, eval_sets, cfg.test_size)
     if isinstance(model, RankingCLIP):  # what it was made for: pruned by the predictor, with the learned tokens
         return evaluation.evaluate(model, tokenizer, device, eval_sets, cfg.test_size, model.reducer())
     make = reducer_fn(cfg, mcfg.vision, step, training=False) if cfg.eval_prune else None

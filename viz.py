@@ -75,7 +75,7 @@ def draw_tokens(image: np.ndarray, size: np.ndarray, source: np.ndarray, patch: 
 @torch.no_grad()
 def reduction_stages(model, tokenizer, images, captions, make_reducer) -> list:
     """[(size (B, N), source (B, N, 1+P)) after each stage that changed the token count]."""
-    from eval import StageRecorder
+    from relevance import StageRecorder
     ids = tokenizer(captions)
     recorder = StageRecorder(make_reducer(model.text_guidance(model.text(ids))))
     model.visual.forward_tokens(images, recorder, track_source=True)

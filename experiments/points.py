@@ -8,6 +8,8 @@ import statistics
 
 import torch
 
+import data
+import relevance
 import train
 from checkpoint import load_checkpoint
 from bench import TokenCounter, forward_flops, timed, vit_forward_flops
@@ -126,14 +128,14 @@ def fused_attention_probe(ckpt_path: str, n_test: int = 1000, device="cpu", batc
     model, tokenizer, ckpt = load_checkpoint(ckpt_path, device)
     v = model.cfg.vision
     dataset = shapes.ShapesDataset("test", n_test, v.image_size, v.patch_size, train.saved_config(ckpt).scene_seed())
-    images, captions, owner = evaluation.load_gallery(dataset, n_test)
+    images, captions, owner = data.load_gallery(dataset, n_test)
     masks = torch.stack([dataset[i]["patch_mask"] for i in range(len(images))])
     texts = evaluation.encode_texts(model, tokenizer, captions, device)
     S, P = scaled_schedule(v.depth), v.num_patches
     scorers = {"ELIP look-ahead (no text)": lambda prop, m, g: ELIP(S, P, None, prop_attn=prop),
                "EViT's [CLS] attention (previous block)": lambda prop, m, g: ELIP(S, P, None, lookahead=False, prop_attn=prop),
                "random": lambda prop, m, g: RandomPrune(S, P, g, prop_attn=prop),
-               "the object patches (ground truth)": lambda prop, m, g: evaluation.ObjectPrune(S, P, m, prop, g)}
+               "the object patches (ground truth)": lambda prop, m, g: relevance.ObjectPrune(S, P, m, prop, g)}
 
     def recall(make=None) -> dict:
         g, feats = torch.Generator().manual_seed(0), []

@@ -136,10 +136,10 @@ def captioner_table(root: str, seeds=(0, 1)) -> str:
     each log), training time, and the time each first reached the two-stage baseline's (c) final
     CIDEr-D on its curve — then the CIDEr-D curves side by side, seed by seed ((c) counted from the
     start of its LM loss)."""
-    import eval as evaluation
+    import captioning
     logs = {(n, s): [json.loads(line) for line in open(f"{root}/{n}_{s}/log.jsonl")] for n in CAPTIONERS_RUN
             for s in seeds}
-    curves = {k: evaluation.read_curve(f"{root}/{k[0]}_{k[1]}/log.jsonl", "cider_d") for k in logs}
+    curves = {k: captioning.read_curve(f"{root}/{k[0]}_{k[1]}/log.jsonl", "cider_d") for k in logs}
     rows = ["| captioner | seed | BLEU-4 | CIDEr-D | Q&A acc. | training time | time to reach (c)'s final CIDEr-D "
             "| share of (c)'s total |", "|---|---|---|---|---|---|---|---|"]
     for name, label in CAPTIONER_NAMES.items():
@@ -147,7 +147,7 @@ def captioner_table(root: str, seeds=(0, 1)) -> str:
             last = [r for r in logs[name, s] if "eval" in r][-1]
             stage1 = [r["time"] for r in logs[name, s] if "itc" in r]
             target, total = curves["query2", s][-1][2], curves["query2", s][-1][1]
-            reach = evaluation.time_to_reach(curves[name, s], target)
+            reach = captioning.time_to_reach(curves[name, s], target)
             m = last["eval"]
             rows.append(f"| {label if s == seeds[0] else ''} | {s} | {100 * m['bleu4']:.1f} | {100 * m['cider_d']:.1f}"
                         f" | {100 * m['vqa_accuracy']:.1f} | {last['time']:.0f} s"
@@ -236,7 +236,7 @@ def relevance_markdown(root: str, n: int = 500) -> str:
 
 
 def steering_markdown(models: list) -> str:
-    """Markdown: text steering (eval.text_steering) of each model's runs, (label, runs) pairs: the
+    """Markdown: text steering (relevance.text_steering) of each model's runs, (label, runs) pairs: the
     named object's coverage, the other object's, and the gap, per stage, mean ± std over the seeds."""
     rows = ["| model (3 seeds) | kept tokens chosen by | stage 1: named / other | stage 2: named / other | "
             "stage 3: named / other | gap (named minus other), stages 1 / 2 / 3 |", "|---|---|---|---|---|---|"]

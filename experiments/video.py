@@ -8,7 +8,10 @@ from contextlib import nullcontext
 
 import torch
 
+import captioning
+import eval as evaluation
 import train
+from captioning import cider_d_scores, motion_hits, one_mover_direction
 from checkpoint import load_checkpoint
 from data import DataError
 from experiments.points import signed_interval
@@ -158,7 +161,6 @@ def direction_markdown(rows: list) -> str:
 def caption_test_clips(path: str, n_test: int, device, flag: str) -> dict:
     """A video captioner checkpoint's greedy captions of its shapes test clips, with their
     references, scenes, the checkpoint's training config and its gates (empty: frame averaging)."""
-    import eval as evaluation
     model, tokenizer, ckpt = load_checkpoint(path, device)
     cfg = train.saved_config(ckpt)
     if ckpt.get("kind") != "captioner" or not cfg.video or cfg.val_data:
@@ -166,8 +168,8 @@ def caption_test_clips(path: str, n_test: int, device, flag: str) -> dict:
     v = model.cfg.vision
     clips = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test, frames=cfg.frames,
                                  marker=cfg.motion_marker)[0]
-    images, refs = evaluation.caption_gallery(clips, n_test)
-    cands = evaluation.caption_images(model, tokenizer, images, device)
+    images, refs = captioning.caption_gallery(clips, n_test)
+    cands = captioning.caption_images(model, tokenizer, images, device)
     gates = model.temporal.gates() if model.temporal is not None else []
     return dict(cands=cands, refs=refs, scenes=[clips.scene(i)[0] for i in range(len(images))], cfg=cfg, gates=gates)
 
@@ -176,9 +178,8 @@ def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
     """Markdown, a row per pair A B of video captioners of one seed (paths A1 B1 A2 B2 ...), both
     captioning the same test clips (greedy): A's and B's motion accuracy, direction on clips of
     one moving object and CIDEr-D, and A − B clip by clip with its 95% bootstrap interval over the
-    clips (`eval.paired_motion`). The interval holds the test clips' sampling noise only, not a
+    clips (`paired_motion`). The interval holds the test clips' sampling noise only, not a
     seed's."""
-    import eval as evaluation
     if not paths or len(paths) % 2:
         raise DataError(f"--video-paired takes checkpoints in pairs A B [A B ...], got {len(paths)}")
     rows = ["| A | B | seed | steps | test clips (of one moving object) | motion accuracy (5 choices): A, B, "
@@ -189,8 +190,8 @@ def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
         if a["scenes"] != b["scenes"]:
             raise DataError(f"--video-paired: {pa} and {pb} were trained on other shapes scenes (--seed / "
                             f"--data-seed), so their test clips differ: pair runs of one seed")
-        paired = evaluation.paired_motion(a["cands"], b["cands"], a["refs"], a["scenes"])
-        own = [dict(evaluation.motion_accuracy(r["cands"], r["scenes"]), cider_d=evaluation.cider_d(r["cands"], r["refs"]))
+        paired = paired_motion(a["cands"], b["cands"], a["refs"], a["scenes"])
+        own = [dict(captioning.motion_accuracy(r["cands"], r["scenes"]), cider_d=captioning.cider_d(r["cands"], r["refs"]))
                for r in runs]
         cells = []
         for key in ("motion_accuracy", "direction_accuracy_one_object", "cider_d"):
@@ -209,7 +210,7 @@ AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "
 
 def on_the_axis(direction_said: dict) -> tuple:
     """(clips whose first motion word lies on the true direction's axis, clips) from
-    `eval.motion_accuracy`'s direction_said. A captioner that knows the axis but not the sign has
+    `captioning.motion_accuracy`'s direction_said. A captioner that knows the axis but not the sign has
     all of its clips on the axis and about half of them right."""
     said = [(true, word, n) for true, words in direction_said.items() for word, n in words.items()]
     return sum(n for true, word, n in said if AXIS.get(word) == AXIS[true]), sum(n for _, _, n in said)
@@ -220,21 +221,39 @@ def video_runs(paths: list, n_test: int = 1000, device="cpu") -> str:
     positions as trained, then CIDEr-D, BLEU-4 and the motion measures on its own test clips
     (greedy, as `eval.py` computes them), how often it puts a one-mover clip on the right axis, and
     its gates. The runs of a seed share their test clips; other seeds draw their own."""
-    import eval as evaluation
     rows = ["| checkpoint | seed | steps | temporal model | bridge positions | CIDEr-D | BLEU-4 | motion accuracy "
             "(5 choices) | direction accuracy (moving objects, 4) | direction, clips of one moving object | "
             "one-mover clips on the right axis | gates (alpha, first block to last) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         r = caption_test_clips(path, n_test, device, "--video-runs")
-        cfg, m = r["cfg"], evaluation.motion_accuracy(r["cands"], r["scenes"])
+        cfg, m = r["cfg"], captioning.motion_accuracy(r["cands"], r["scenes"])
         kind = "causal contextualizer" if cfg.temporal_causal else "contextualizer"
         model = f"{kind}, learning rate x{cfg.temporal_lr_scale:g}" if cfg.temporal else "frame averaging"
         model += f", motion words x{cfg.motion_word_weight:g} in the loss" if cfg.motion_word_weight != 1.0 else ""
         right, ones = on_the_axis(m["direction_said"])
         gates = " ".join(f"{a:+.2f}" for a in r["gates"]) or "—"
         rows.append(f"| `{path}` | {cfg.seed} | {cfg.steps} | {model} | {'yes' if cfg.bridge_pos else 'no'} | "
-                    f"{100 * evaluation.cider_d(r['cands'], r['refs']):.1f} | {100 * evaluation.bleu(r['cands'], r['refs']):.1f} | "
+                    f"{100 * captioning.cider_d(r['cands'], r['refs']):.1f} | {100 * captioning.bleu(r['cands'], r['refs']):.1f} | "
                     f"{100 * m['motion_accuracy']:.1f} | {100 * m['direction_accuracy']:.1f} | "
                     f"{100 * m['direction_accuracy_one_object']:.1f} | {right} of {ones} | {gates} |")
     return "\n".join(rows)
+
+
+def paired_motion(cands_a: list, cands_b: list, refs: list, scenes: list) -> dict:
+    """Two captioners on the same clips: A's motion accuracy, one-mover direction accuracy and
+    CIDEr-D minus B's, each with its 95% bootstrap interval over the clips (`eval.paired_interval`; a
+    clip's objects stay together). Motion accuracy counts objects, so each clip's difference in
+    hits is scaled by clips / objects: their mean is the difference of the two accuracies."""
+    scale = len(scenes) / sum(len(s) for s in scenes)
+    ones = [i for i, s in enumerate(scenes) if one_mover_direction("", s)]
+
+    def per_clip(cands):
+        hits = torch.tensor([sum(h for h, _ in motion_hits(c, s)) for c, s in zip(cands, scenes)], dtype=torch.float64)
+        said = [one_mover_direction(cands[i], scenes[i]) for i in ones]
+        right = torch.tensor([float(true == word) for true, word in said], dtype=torch.float64)
+        return scale * hits, right, torch.tensor(cider_d_scores(cands, refs), dtype=torch.float64)
+
+    keys = ("motion_accuracy", "direction_accuracy_one_object", "cider_d")
+    diffs = {k: a - b for k, a, b in zip(keys, per_clip(cands_a), per_clip(cands_b))}
+    return {k: dict(diff=d.mean().item(), interval=evaluation.paired_interval(d), clips=len(d)) for k, d in diffs.items()}

@@ -8,7 +8,7 @@ import torch
 import data
 import shapes
 import train
-from eval import bleu, cider_d, cider_d_scores
+from captioning import bleu, cider_d, cider_d_scores
 from captioner import Captioner, CaptionerConfig
 from text import CLS, LMConfig, TextConfig, Tokenizer
 from vit import ViTConfig
@@ -200,7 +200,7 @@ def test_lm_texts_follow_another_caption_of_their_scene():
 
 
 def test_in_context_perplexity_equals_scoring_token_by_token():
-    from eval import continuation_nll
+    from captioning import continuation_nll
     from text import CausalLM
     tok = Tokenizer(["red", "blue", "circle", "square", "a", "big"])
     torch.manual_seed(0)

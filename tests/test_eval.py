@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import relevance
 import shapes
 
 
@@ -122,7 +123,7 @@ def test_object_coverage_by_hand():
     source = torch.tensor([[[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 0, 1]]]).float()
     size = source.sum(-1)
     mask = torch.tensor([[True, True, False, False]])  # the object covers patches 0 and 1
-    assert evaluation.object_coverage(size, source, mask).tolist() == [0.5]  # patch 1 was fused away
+    assert relevance.object_coverage(size, source, mask).tolist() == [0.5]  # patch 1 was fused away
 
 
 def test_token_relevance_records_every_stage():
@@ -135,7 +136,7 @@ def test_token_relevance_records_every_stage():
     tok = Tokenizer.build([c for i in range(8) for c in ds.captions(i)])
     model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=6, heads=2),
                             text=TextConfig(vocab_size=len(tok), width=32, depth=1, heads=2), embed_dim=16))
-    r = evaluation.token_relevance(model, tok, ds, "cpu", lambda t: ELIP(scaled_schedule(6), 64, t), n=8, batch_size=4)
+    r = relevance.token_relevance(model, tok, ds, "cpu", lambda t: ELIP(scaled_schedule(6), 64, t), n=8, batch_size=4)
     assert len(r["coverage"]) == 3 and r["kept"][0] == pytest.approx(57 / 64)
     assert all(0 <= c <= 1 for c in r["coverage"])
 
@@ -155,7 +156,7 @@ def tiny_clip_on_shapes(n=8):
 
 def test_one_object_captions_name_the_object_and_only_it():
     _, _, ds = tiny_clip_on_shapes(12)
-    pairs = evaluation.one_object_captions(ds, 12)
+    pairs = relevance.one_object_captions(ds, 12)
     several = [i for i in range(12) if len(ds[i]["attributes"]) >= 2]
     assert [i for i, _, _, _ in pairs] == [i for i in several for _ in (0, 1)]  # each scene twice, both ways
     for i, a, b, caption in pairs:
@@ -170,20 +171,20 @@ def test_text_steering_equals_a_loop_over_captions_and_is_zero_without_text():
     from elip import ELIP, scaled_schedule
     model, tok, ds = tiny_clip_on_shapes(10)
     make = lambda t: ELIP(scaled_schedule(6), 64, t, 0.2)  # a strong text share, so the text matters
-    got = evaluation.text_steering(model, tok, ds, "cpu", make, n=10, batch_size=3)
+    got = relevance.text_steering(model, tok, ds, "cpu", make, n=10, batch_size=3)
     named, unnamed = [], []
     with torch.no_grad():
-        for i, a, b, caption in evaluation.one_object_captions(ds, 10):  # one caption at a time
+        for i, a, b, caption in relevance.one_object_captions(ds, 10):  # one caption at a time
             item = ds[i]
-            recorder = evaluation.StageRecorder(make(model.text_guidance(model.text(tok([caption])))))
+            recorder = relevance.StageRecorder(make(model.text_guidance(model.text(tok([caption])))))
             model.visual.forward_tokens(item["image"][None], recorder, track_source=True)
-            cover = lambda k: [evaluation.object_coverage(s, src, item["object_patches"][k][None]).item()
+            cover = lambda k: [relevance.object_coverage(s, src, item["object_patches"][k][None]).item()
                                for s, src in recorder.stages]
             named.append(cover(a))
             unnamed.append(cover(b))
     assert got["named"] == pytest.approx(torch.tensor(named).mean(0).tolist(), abs=1e-6)
     assert got["unnamed"] == pytest.approx(torch.tensor(unnamed).mean(0).tolist(), abs=1e-6)
-    blind = evaluation.text_steering(model, tok, ds, "cpu", lambda t: ELIP(scaled_schedule(6), 64, None), n=10)
+    blind = relevance.text_steering(model, tok, ds, "cpu", lambda t: ELIP(scaled_schedule(6), 64, None), n=10)
     assert blind["named"] == pytest.approx(blind["unnamed"], abs=1e-6)  # the same tokens kept for either caption
     assert got["pairs"] == blind["pairs"] > 0
 
@@ -195,7 +196,7 @@ def test_object_prune_keeps_the_object_patches_first():
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, [1, 5, 6]] = True  # fewer object patches than kept tokens: all of them stay
     mask[1, [0, 3, 4, 7, 8, 9, 10, 11, 12, 15]] = True  # more: only object patches stay
-    reducer = evaluation.ObjectPrune(Schedule((1,), (1,), (0.5,)), 16, mask)  # keep 8
+    reducer = relevance.ObjectPrune(Schedule((1,), (1,), (0.5,)), 16, mask)  # keep 8
     out = vit.forward_tokens(torch.randn(2, 3, 32, 32), reducer, track_source=True)
     kept = [set(out.source[b, 1:9, 1:].nonzero()[:, 1].tolist()) for b in range(2)]  # the 8 un-fused patches
     assert {1, 5, 6} <= kept[0] and len(kept[0]) == 8
@@ -213,7 +214,7 @@ def test_itm_rerank_reorders_only_the_top_k():
     torch.manual_seed(0)
     model = CLIP(CLIPConfig(vision=ViTConfig(width=32, depth=2, heads=2), objectives=("itc", "itm"),
                             text=TextConfig(vocab_size=len(tok), width=32, depth=1, heads=2), embed_dim=16)).eval()
-    images, captions, owner = evaluation.load_gallery(ds)
+    images, captions, owner = data.load_gallery(ds)
     with torch.no_grad():
         img_cls = model.visual.forward_tokens(images).x[:, 0]
         txt_cls = model.text.forward_tokens(tok(captions))[:, 0]
@@ -243,7 +244,7 @@ def test_mean_over_runs_by_hand():
 
 def test_curves_and_time_to_reach(tmp_path):
     import json as _json
-    from eval import curves_table, read_curve, time_to_reach
+    from captioning import curves_table, read_curve, time_to_reach
     from data import DataError
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("\n".join(_json.dumps(r) for r in [dict(step=1, loss=2.0), dict(step=2, time=10.0, curve=dict(cider_d=0.3)),

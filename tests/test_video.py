@@ -13,7 +13,8 @@ import data
 import shapes
 import train
 from checkpoint import load_checkpoint
-from eval import format_table, motion_accuracy
+from eval import format_table
+from captioning import motion_accuracy
 from merge import TemporalAttention, TemporalContext
 from captioner import Captioner, CaptionerConfig
 from text import LMConfig, TextConfig
@@ -111,7 +112,8 @@ def test_on_the_axis_counts_the_first_words_on_the_true_axis_by_hand():
 
 
 def test_paired_motion_differences_are_the_accuracies_differences_by_hand():
-    from eval import cider_d, paired_motion
+    from captioning import cider_d
+    from experiments.video import paired_motion
     scenes = [[dict(colour="red", shape="circle", motion="left"), dict(colour="blue", shape="square", motion="still")],
               [dict(colour="green", shape="cross", motion="up")], [dict(colour="purple", shape="cross", motion="down")]]
     refs = [["a red circle moves to the left and a blue square stays still"], ["a green cross moves up"],
