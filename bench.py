@@ -39,11 +39,11 @@ from vit import Observed, vit_config
 
 VARIANTS = {  # name -> ReducerConfig (train.py's flags of the same names)
     "none": dict(method="none"),
-    "evit": dict(method="evit"),
-    "elip": dict(method="elip"),
-    "elip_no_lookahead": dict(method="elip", lookahead=False),
-    "elip_no_rollout": dict(method="elip", rollout=False),  # the last block's [CLS] row, as published
-    "elip_paper": dict(method="elip", fused_prop_attn=False, rollout=False),  # as published
+    "evit --fused-prop-attn": dict(method="evit", fused_prop_attn=True),
+    "elip --fused-prop-attn --rollout": dict(method="elip", fused_prop_attn=True, rollout=True),
+    "elip --no-lookahead --fused-prop-attn": dict(method="elip", lookahead=False, fused_prop_attn=True),
+    "elip --fused-prop-attn": dict(method="elip", fused_prop_attn=True),  # the last block's [CLS] row, as published
+    "elip (as published)": dict(method="elip"),
     "tome": dict(method="tome"),
 }
 

@@ -30,8 +30,8 @@ class CaptionerConfig:
     bridge: str = "merge"  # merge: EVLGen's merging encoder; query: BLIP-2's learned queries
     bridge_depth: int = 2
     r: tuple = (16, 16)  # tokens merged in each bridge layer (merge); all zero: every token to the LM
-    merge_mode: str = "wavg"
-    prop_attn: bool = True
+    merge_mode: str = "mean"  # the plain mean of merged tokens, as EVLGen publishes; wavg (ours): size-weighted
+    prop_attn: bool = False  # ours: proportional attention in the bridge (with wavg)
     bridge_pos: bool = False  # ours (merge): a learned position embedding on the bridge's visual tokens
     num_queries: int = 32  # learned queries (query)
     freeze_vit: bool = True

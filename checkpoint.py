@@ -31,15 +31,15 @@ class ReducerConfig:
     method: str = "none"  # token reduction method: none, elip, evit, tome (train.py adds lm, evlgen, ranking)
     elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
     lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
-    fused_prop_attn: bool = True  # ELIP/EViT (ours): the fused token attends with log(size); off: the papers'
-    rollout: bool = True  # ELIP (ours): the look-ahead's [CLS] row is rolled back to the stage's input tokens; off: the papers'
+    fused_prop_attn: bool = False  # ours (ELIP/EViT): the fused token attends with log(its size); the papers: off
+    rollout: bool = False  # ours (ELIP): the look-ahead's [CLS] row rolled back to the stage's input tokens; the paper: off
     begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
     num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
     keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
     tome_r: str = "auto"  # ToMe: tokens merged per block, a constant or one per block; auto: ViT-B/16's r=13 share
     tome_decreasing: bool = False  # ToMe: r falls linearly from 2r to 0 over the blocks (the same total)
-    prop_attn: bool = True  # ToMe: proportional attention (log size added to the attention logits)
-    merge_mode: str = "wavg"  # wavg: size-weighted mean (ToMe); mean: plain mean (EVLGen's release)
+    prop_attn: bool = True  # ToMe: proportional attention (log size added to the attention logits), as published
+    merge_mode: str = "wavg"  # ToMe: wavg, the size-weighted mean as published; mean: the plain mean
 
 
 def elip_schedule(rc: ReducerConfig, depth: int) -> Schedule:
@@ -146,7 +146,8 @@ def load_state(model, state: dict, path: str):
 
 
 # flags added after checkpoints existed, whose default differs from what those checkpoints did
-BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False, "rollout": False}
+BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False, "rollout": False,
+                "bridge_merge": "wavg"}
 
 
 def reducer_config(ckpt: dict, **overrides) -> ReducerConfig:

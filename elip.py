@@ -20,13 +20,13 @@ with lambda = 1 and EViT's schedule is EViT (`evit`).
 Everything is batched: one topk, one gather and one weighted sum per stage, no per-sample loops
 and no copies of blocks (the look-ahead calls the real blocks under no_grad).
 
-Ours, on by default in train.py (`--no-fused-prop-attn` is the papers'): the fused token stands for
+Ours, off by default (`--fused-prop-attn` in train.py): the fused token stands for
 every pruned patch but, as one key among many, draws the attention of one. With `prop_attn` it
 attends with log(size) added to its logits (ToMe's proportional attention), as if its patches
 were all still there. On the small shapes model that decides whether pruning works at all: see
 the README's "ELIP and EViT against no pruning".
 
-Ours too, on by default (`--no-rollout` is the papers'): the look-ahead reads the [CLS] row at the
+Ours too, off by default (`--rollout`): the look-ahead reads the [CLS] row at the
 stage's LAST block, but the tokens there are mixtures of the tokens entering the stage, the ones
 being pruned. Deep in a trained model the [CLS] attends to a few tokens that have already gathered
 each object, and the object's other tokens then score below the background. With `rollout` the
@@ -46,6 +46,7 @@ from vit import Reducer, Tokens, size_bias
 AUTHORS_DEPTH = 12
 AUTHORS_SCHEDULE = dict(begin_layers=(2, 4, 10), num_layers=(2, 6, 2), keep_ratios=(0.90, 0.65, 0.40))
 EVIT_LAYERS, EVIT_KEEP = (3, 6, 9), 0.7
+EVIT_KEEP_WARMUP = 0.1  # EViT lowers the keep rate from 1 to its target early in training: here over a tenth of the steps
 
 
 @dataclass(frozen=True)

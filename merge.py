@@ -155,7 +155,7 @@ class MergingBridge(nn.Module):
     embedding in it: too little, on the small ViT, to read a motion from the layout of the tokens."""
 
     def __init__(self, in_dim: int, width: int, depth: int, heads: int, r: Sequence[int],
-                 mode: str = "wavg", prop_attn: bool = True, ln_eps: float = 1e-6, num_positions: int = 0):
+                 mode: str = "mean", prop_attn: bool = False, ln_eps: float = 1e-6, num_positions: int = 0):
         super().__init__()
         self.input_proj = nn.Linear(in_dim, width)
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, num_positions, width)) if num_positions else None

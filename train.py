@@ -45,6 +45,7 @@ from captioner import Captioner, CaptionerConfig, LanguageModel
 from checkpoint import (BEFORE_FIELD, ReducerConfig, build_model, elip_schedule, kind_of, load_state, make_reducer,
                         read_checkpoint, save_checkpoint, tome_schedule)
 from data import DataError
+from elip import EVIT_KEEP_WARMUP
 from merge import MERGE_MODES, merge_schedule
 from model import CLIPConfig, RankingCLIP, RankingConfig
 from text import LMConfig, TextConfig, TextEncoder, Tokenizer
@@ -63,7 +64,7 @@ RANKING_LR = 3e-2
 class TrainConfig(ReducerConfig):
     """Every field is a flag; the method's reduction settings come first (checkpoint.ReducerConfig)."""
     objectives: str = "auto"  # comma-separated itc,itm,mlm; auto: itc for none, all three otherwise
-    keep_warmup: float = 0.1  # share of the steps over which the pruned share grows from 0 to the schedule's
+    keep_warmup: float = -1.0  # share of the steps over which the pruned share grows from 0; -1: as published (evit 0.1, elip 0)
     prune_until: float = 1.0  # share of the steps trained pruned; the rest see all tokens (the authors' fine-tuning)
     # Patch Ranking (--method ranking --init CLIP): golden-ranking search -> predictor -> learnable tokens (--steps)
     phase: str = "all"  # all, or stop after search / predictor; each phase reuses what is cached in --out
@@ -77,12 +78,13 @@ class TrainConfig(ReducerConfig):
     predictor_steps: int = 400
     predictor_loss: str = "listwise"  # listwise (KL) or pairwise (margin)
     num_tokens: int = 4  # learnable tokens appended after pruning, trained for --steps (0: none)
-    rank_fuse: bool = True  # ours: fuse the pruned patches into one token (proportional attention); off: the paper's
+    rank_fuse: bool = False  # ours: fuse the pruned patches into one token (proportional attention); the paper drops them
     # captioning (EVLGen): --method lm makes the frozen language model, --method evlgen trains on it
     lm: str = ""  # checkpoint of --method lm: the frozen language model (and the vocabulary)
     clip: str = ""  # checkpoint of a CLIP (--method none): its ViT, frozen, and its text blocks start the bridge
     bridge: str = "merge"  # merge: EVLGen's merging encoder; query: BLIP-2's learned queries
     bridge_r: int = 16  # tokens merged in each bridge layer (capped); 0: every visual token reaches the LM
+    bridge_merge: str = "mean"  # mean: the plain mean, as published; wavg (ours): ToMe's size-weighted mean with proportional attention
     bridge_depth: int = 0  # 0: the text encoder's depth
     bridge_pos: bool = False  # ours: a learned position embedding on the merging bridge's visual tokens (README, Video)
     num_queries: int = 32  # --bridge query: learned queries (= tokens into the LM)
@@ -233,10 +235,15 @@ def check_flags(cfg: TrainConfig):
         raise ValueError("--prune-until needs a reducing --method (elip, evit or tome)")
     if cfg.method == "none" and cfg.eval_prune:
         raise ValueError("--eval-prune needs a reducing --method (elip, evit or tome)")
-    if cfg.merge_mode not in MERGE_MODES:
-        raise ValueError(f"--merge-mode {cfg.merge_mode} is unknown (choose {' or '.join(MERGE_MODES)})")
-    if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead or not cfg.rollout):
-        raise ValueError("--elip-lambda, --no-lookahead and --no-rollout apply to --method elip only")
+    for flag, mode in (("--merge-mode", cfg.merge_mode), ("--bridge-merge", cfg.bridge_merge)):
+        if mode not in MERGE_MODES:
+            raise ValueError(f"{flag} {mode} is unknown (choose {' or '.join(MERGE_MODES)})")
+    if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead or cfg.rollout):
+        raise ValueError("--elip-lambda, --no-lookahead and --rollout apply to --method elip only")
+    if cfg.fused_prop_attn and cfg.method not in ("elip", "evit"):
+        raise ValueError("--fused-prop-attn is for the fused token of --method elip or evit")
+    if not (0 <= cfg.keep_warmup <= 1 or cfg.keep_warmup == -1):
+        raise ValueError(f"--keep-warmup is a share of the steps in [0, 1] (or -1, as published), not {cfg.keep_warmup}")
     if cfg.method == "ranking" and not (cfg.init or cfg.resume):
         raise ValueError("--method ranking prunes a trained CLIP: pass --init CKPT (from `python train.py`)")
     if cfg.phase not in ("all", "search", "predictor"):
@@ -284,7 +291,7 @@ def captioner_config(cfg: TrainConfig, sources: dict, vocab_size: int) -> Captio
     depth = cfg.bridge_depth or text.depth
     r, _ = merge_schedule(cfg.bridge_r, depth, 1 + vision.num_patches)
     return CaptionerConfig(vision=vision, lm=lm, text=text, bridge=cfg.bridge, bridge_depth=depth, r=tuple(r),
-                           merge_mode=cfg.merge_mode, prop_attn=cfg.prop_attn, bridge_pos=cfg.bridge_pos,
+                           merge_mode=cfg.bridge_merge, prop_attn=cfg.bridge_merge == "wavg", bridge_pos=cfg.bridge_pos,
                            num_queries=cfg.num_queries,
                            freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=cfg.embed_dim,
                            frames=cfg.frames if cfg.video else 1, temporal=cfg.video and cfg.temporal,
@@ -304,7 +311,7 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     A step of cfg.steps or later asks for the reduction as trained once the warm-up is over."""
     if training and cfg.prune_until * cfg.steps <= step < cfg.steps:
         return None  # the all-token tail: the model meets the full sequence it will be evaluated on
-    warm = cfg.keep_warmup * cfg.steps
+    warm = (cfg.keep_warmup if cfg.keep_warmup >= 0 else EVIT_KEEP_WARMUP if cfg.method == "evit" else 0.0) * cfg.steps
     keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
     return make_reducer(cfg, vision, keep_scale, guided=training) if cfg.method in ("elip", "evit", "tome") else None
 

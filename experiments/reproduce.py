@@ -18,31 +18,32 @@ from data import DataError
 
 QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
          "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
-PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", []), "elip_ft": ("elip", ["--prune-until", "0.9"]),
-                "elip_last_row": ("elip", ["--no-rollout"]),
-                "evit": ("evit", []),  # name: (method, extra flags)
-                "elip_paper": ("elip", ["--no-fused-prop-attn", "--no-rollout"]),
-                "evit_paper": ("evit", ["--no-fused-prop-attn"]),
-                "elip_partial": ("elip", ["--partial-captions", "0.5"])}  # for the text-steering table only
+OURS = ["--fused-prop-attn", "--rollout"]  # ELIP with both additions of ours
+PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", OURS), "elip_ft": ("elip", OURS + ["--prune-until", "0.9"]),
+                "elip_last_row": ("elip", ["--fused-prop-attn"]),
+                "evit": ("evit", ["--fused-prop-attn"]),  # name: (method, extra flags)
+                "elip_paper": ("elip", []),
+                "evit_paper": ("evit", []),
+                "elip_partial": ("elip", OURS + ["--partial-captions", "0.5"])}  # for the text-steering table only
 PRUNING_NAMES = {"none": "`none`",
-                 "elip": "`elip` (`--keep-warmup 0`; default: proportional attention and rollout)",
-                 "elip_ft": "`elip --prune-until 0.9` (the same, its last 10% of the steps on all tokens)",
-                 "elip_last_row": "`elip --no-rollout` (proportional attention; the last block's row, as published)",
-                 "elip_paper": "`elip` as published (`--keep-warmup 0 --no-fused-prop-attn --no-rollout`)",
-                 "evit": "`evit` (default: fused token with proportional attention)",
-                 "evit_paper": "`evit` as published (`--no-fused-prop-attn`)"}
+                 "elip": "`elip --fused-prop-attn --rollout` (ours: proportional attention and rollout)",
+                 "elip_ft": "`elip --fused-prop-attn --rollout --prune-until 0.9` (the same, its last 10% of the steps on all tokens)",
+                 "elip_last_row": "`elip --fused-prop-attn` (proportional attention; the last block's row, as published)",
+                 "elip_paper": "`elip` as published",
+                 "evit": "`evit --fused-prop-attn` (ours: the fused token with proportional attention)",
+                 "evit_paper": "`evit` as published"}
 RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patch Ranking runs
-RANKING_RUNS = {"ranking": ["--no-rank-fuse"], "ranking_fuse": []}  # the pruned patches dropped (the paper) / fused
-CAPTIONERS_RUN = {"evlgen": [], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
+RANKING_RUNS = {"ranking": [], "ranking_fuse": ["--rank-fuse"]}  # the pruned patches dropped (the paper) / fused
+CAPTIONERS_RUN = {"evlgen": ["--bridge-merge", "wavg"], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
 LM_STEPS = 2000  # the frozen LMs': enough to learn to use their context (450 are not: README, EVLGen)
 VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 2000, 64, (0,)  # the video captioners' (their LM: LM_STEPS of 128)
 # All three with bridge positions: without them the merging bridge sees a set of tokens, and a
 # captioner on a contextualizer that carries the direction did not word it (README, Video).
-VIDEO_RUNS = {"video_avg": ["--bridge-pos", "--no-temporal"],
-              "video_ctx": ["--bridge-pos", "--temporal-lr-scale", "10"],
-              "video_marker": ["--bridge-pos", "--no-temporal", "--motion-marker"]}
+VIDEO_RUNS = {"video_avg": ["--bridge-merge", "wavg", "--bridge-pos", "--no-temporal"],
+              "video_ctx": ["--bridge-merge", "wavg", "--bridge-pos", "--temporal-lr-scale", "10"],
+              "video_marker": ["--bridge-merge", "wavg", "--bridge-pos", "--no-temporal", "--motion-marker"]}
 VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
                "video_ctx": "+ temporal contextualizer with the frame embedding, its learning rate x10",
                "video_marker": "diagnostic: frame averaging, the direction painted in a corner (`--motion-marker`)"}
@@ -57,7 +58,7 @@ def all_runs(root: str, quick: bool) -> dict:
     for name, (method, extra) in PRUNING_RUNS.items():
         for seed in (0, 1, 2):
             runs[f"{name}_{seed}"] = (["--method", method, "--objectives", "itc,itm,mlm", "--seed", str(seed)] + q
-                                      + steps(300) + (["--keep-warmup", "0"] if method == "elip" else []) + extra)
+                                      + steps(300) + extra)
     cap = ["--method", "evlgen", "--lm", f"{root}/lm/ckpt.pt", "--clip", f"{root}/clip/ckpt.pt", "--eval-every",
            "1" if quick else "25", "--eval-size", "10" if quick else "500"] + q + steps(300)
     for seed in (0, 1):
@@ -127,7 +128,7 @@ def run_in_process(cmd: list, log) -> int:
     return 0
 
 
-CAPTIONER_NAMES = {"evlgen": "EVLGen (merge, r = 16)", "nomerge": "(a) no merging",
+CAPTIONER_NAMES = {"evlgen": "EVLGen (merge, r = 16, --bridge-merge wavg)", "nomerge": "(a) no merging",
                    "query1": "(b) learned queries, one stage", "query2": "(c) learned queries, two stages"}
 
 
@@ -208,9 +209,9 @@ def elip_table_of_folder(root: str, n_test: int) -> str:
             + elip_table(root, ["--n-test", str(n_test)], present))
 
 
-RELEVANCE_MODELS = {"none": "trained with `--method none`", "elip": "trained with `--method elip` (default)",
-                    "elip_last_row": "trained with `--method elip --no-rollout`",
-                    "elip_partial": "trained with `--method elip --partial-captions 0.5`"}
+RELEVANCE_MODELS = {"none": "trained with `--method none`", "elip": "trained with `--method elip --fused-prop-attn --rollout`",
+                    "elip_last_row": "trained with `--method elip --fused-prop-attn`",
+                    "elip_partial": "trained with `--method elip --fused-prop-attn --rollout --partial-captions 0.5`"}
 SCORINGS = {"elip": "ELIP (look-ahead, text, scored as the model trained; `none`: rollout)",
             "elip_no_text": "ELIP without the text (lambda 1)", "elip_no_rollout": "ELIP, the last block's row alone",
             "elip_no_lookahead": "ELIP without look-ahead", "evit_scoring": "EViT's ([CLS] attention of the previous block)",
@@ -219,7 +220,7 @@ SCORINGS = {"elip": "ELIP (look-ahead, text, scored as the model trained; `none`
 
 def relevance_markdown(root: str, n: int = 500) -> str:
     """Markdown: token relevance (object coverage after each ELIP stage) of the none / elip /
-    elip --no-rollout runs of --all, mean ± std over their 3 seeds, for every scoring."""
+    elip --fused-prop-attn runs of --all, mean ± std over their 3 seeds, for every scoring."""
     rows = ["| model (3 seeds) | kept tokens chosen by | stage 1 | stage 2 | stage 3 |", "|---|---|---|---|---|"]
     steering = []
     for model, label in RELEVANCE_MODELS.items():
@@ -355,7 +356,7 @@ def run_every_step(root: str, quick: bool) -> str:
         ["experiments", "--direction-probe", f"{root}/clip/ckpt.pt", f"{root}/video_ctx_{VIDEO_SEEDS[0]}/ckpt.pt",
          "--out", f"{root}/direction.md", *n_test] + (["--probe-steps", "3"] if quick else []),
         f"{root}/direction.md", f"{root}/direction.txt", "Video: where the direction of motion goes (a probe)"))
-    for name, title in (("ranking", "dropped, as published: --no-rank-fuse"), ("ranking_fuse", "fused into one token: the default")):
+    for name, title in (("ranking", "dropped, as published"), ("ranking_fuse", "fused into one token: --rank-fuse")):
         sections.append(section_from_file(
             times, f"experiments --ranking ({name})",
             ["experiments", "--ranking", *[f"{root}/{name}_{s}/ckpt.pt" for s in (0, 1, 2)], "--points",

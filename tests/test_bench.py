@@ -40,16 +40,17 @@ def test_flop_count_by_hand():
     counter, n = bench.count_tokens(model, cfg, images, ids)
     f = bench.forward_flops(model, cfg, counter, n, 10)
     assert f["vit"] == 2 * 64 * 3 * 64 * 32 + 6 * bench.block_flops(65, 65, 32) and f["lookahead"] == 0
-    cfg, model = tiny("elip")
-    counter, n = bench.count_tokens(model, cfg, images, ids)
-    f = bench.forward_flops(model, cfg, counter, n, 10)
     # look-ahead: stages of 1, 3 and 1 blocks entered by 65, 59 and 43 tokens; the last block of
     # each stage costs its qkv projection and one row of attention logits
     last = lambda n: 2 * n * 32 * 96 + 2 * n * 32
-    # the rollout (default): the stage-2 blocks before its last again compute their logits, 2*59*59*32,
-    # and carry the row back through them, 2*59*59
+    # with --rollout (ours) the stage-2 blocks before its last again compute their logits,
+    # 2*59*59*32, and carry the row back through them, 2*59*59
     rollout = 2 * (2 * 59 * 59 * 32 + 2 * 59 * 59)
-    assert f["lookahead"] == last(65) + 2 * bench.block_flops(59, 59, 32) + last(59) + last(43) + rollout
+    for extra, kw in ((0, {}), (rollout, dict(rollout=True))):
+        cfg, model = tiny("elip", **kw)
+        counter, n = bench.count_tokens(model, cfg, images, ids)
+        f = bench.forward_flops(model, cfg, counter, n, 10)
+        assert f["lookahead"] == last(65) + 2 * bench.block_flops(59, 59, 32) + last(59) + last(43) + extra
 
 
 def test_saved_activation_bytes_counts_inputs_not_parameters():
@@ -81,16 +82,17 @@ def test_all_reruns_every_table_and_figure_end_to_end(tmp_path):
     for heading in ("ELIP and EViT against no pruning", "ToMe off the shelf", "Captioners: final metrics",
                     "Cost (bench.py)", "Patch Ranking on the default CLIP"):
         assert heading in text
-    assert "| elip |" in text and "| 8 |" in text and "| EVLGen (merge, r = 16) | 0 |" in text
+    assert "| elip (as published) |" in text and "| 8 |" in text
+    assert "| EVLGen (merge, r = 16, --bridge-merge wavg) | 0 |" in text
     assert text.count("| predictor + 4 learnable tokens | 3 |") == 2  # pruned patches dropped, and fused
-    assert "fused into one token: the default" in text and "`elip` as published" in text
-    assert "| `elip --prune-until 0.9` (the same, its last 10% of the steps on all tokens) |" in text
+    assert "fused into one token: --rank-fuse" in text and "`elip` as published" in text
+    assert "| `elip --fused-prop-attn --rollout --prune-until 0.9` (the same, its last 10% of the steps on all tokens) |" in text
     assert "| the object patches (ground truth) | proportional (ours) |" in text  # the fused-attention probe
-    assert "`elip --no-rollout`" in text and "Token relevance (3 seeds)" in text
-    assert "| trained with `--method elip --no-rollout` | ELIP (look-ahead" in text
+    assert "`elip --fused-prop-attn`" in text and "Token relevance (3 seeds)" in text
+    assert "| trained with `--method elip --fused-prop-attn` | ELIP (look-ahead" in text
     assert text.count("|  | random |") == 4  # the relevance table: one random row per model
     assert text.count("|  | ELIP without the text (lambda 1) |") == 8  # relevance and steering: one per model each
-    assert "| trained with `--method elip --partial-captions 0.5` | ELIP (look-ahead" in text
+    assert "| trained with `--method elip --fused-prop-attn --rollout --partial-captions 0.5` | ELIP (look-ahead" in text
     assert "| gap (named minus other), stages 1 / 2 / 3 |" in text
     assert "| the temporal contextualizer (trained with the reader), then averaging | attention |" in text  # the probe
     assert "| a video captioner's contextualizer (frozen, as the LM's loss trained it), then averaging | layout |" in text
@@ -144,7 +146,7 @@ def check_elip_table_of_a_folder(root, all_text):
             shutil.copytree(root / f"{name}_{seed}", sub / f"{name}_{seed}")
     table = reproduce.elip_table_of_folder(str(sub), n_test=20)
     rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [r.split(" |")[0] for r in rows] == ["| `none`", "| `elip` (`--keep-warmup 0`; default: proportional attention and rollout)"]
+    assert [r.split(" |")[0] for r in rows] == ["| `none`", "| `elip --fused-prop-attn --rollout` (ours: proportional attention and rollout)"]
     assert all(row in all_text for row in rows) and table.startswith("2 runs x 3 seeds, 3 steps each")
     ckpt = torch.load(sub / "elip_1" / "ckpt.pt", weights_only=True)
     ckpt["config"]["steps"] = 4

@@ -237,8 +237,8 @@ def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_pat
     stale = run([*args, "--init", f"{other}/ckpt.pt", "--overwrite"])
     assert stale.returncode != 0 and "was made with another checkpoint" in stale.stderr
     assert "Traceback" not in stale.stderr
-    dropping = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--no-rank-fuse"])  # the cache fused
-    assert dropping.returncode != 0 and "was made with another fuse" in dropping.stderr
+    fusing = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--rank-fuse"])  # the cache dropped
+    assert fusing.returncode != 0 and "was made with another fuse" in fusing.stderr
     for flags, message in ((["--rank-layer", "4"], "outside the ViT's blocks 0..3"),
                            (["--rank-keep", "1.2"], r"outside (0, 1]"), ([], "pass --init")):
         bad = run([*args[:-2], "--out", str(tmp_path / "bad"), *flags] + (["--init", f"{clip}/ckpt.pt"] if flags else []))
@@ -265,9 +265,9 @@ def test_train_searches_by_the_predicted_class_with_rank_score_max(tmp_path):
     cfg = train.parse_args([*args, "--rank-score", "max"])
     dataset = train.build_data(cfg, model.cfg.vision.image_size, model.cfg.vision.patch_size)
     x = ranking.layer_input(model, torch.stack([dataset.get(i)["image"] for i in range(6)]), 1)
-    by_class = ranking.golden_ranking(model, x, 1, mode="max", classes=classes, fuse=True)
+    by_class = ranking.golden_ranking(model, x, 1, mode="max", classes=classes)  # dropped, as published
     assert torch.equal(cached["rankings"], by_class)
-    assert not torch.equal(by_class, ranking.golden_ranking(model, x, 1, fuse=True))  # the score mode matters
+    assert not torch.equal(by_class, ranking.golden_ranking(model, x, 1))  # the score mode matters
     stale = run(args)  # a similarity search must not reuse it
     assert stale.returncode != 0 and "was made with another score" in stale.stderr and "Traceback" not in stale.stderr
     for flags, message in ((["--rank-score", "label"], "--rank-score label is unknown"),

@@ -105,10 +105,10 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
                         "--relevance", "--itm-rerank", "4", "--n-test", "20"], cwd=ROOT, capture_output=True, text=True)
     assert e.returncode == 0, e.stderr
     metrics = json.loads(e.stdout)
-    assert set(metrics["token_relevance"]) == {"elip", "elip_no_text", "elip_no_rollout", "elip_no_lookahead",
-                                               "evit_scoring", "random"}
+    assert set(metrics["token_relevance"]) == {"elip", "elip_no_text", "elip_no_lookahead", "evit_scoring",
+                                               "random"}  # trained as published: no rollout to leave out
     assert len(metrics["token_relevance"]["elip"]["coverage"]) == 3 and "itm_image_to_text_R@1" in metrics
-    for flag in ("--no-lookahead", "--no-rollout"):
+    for flag in ("--no-lookahead", "--rollout"):
         r = run([*TINY, "--method", "evit", flag, "--out", str(tmp_path / "x")])
         assert r.returncode != 0 and "apply to --method elip only" in r.stderr
     six = [*TINY[:2], "--depth", "6", *TINY[4:], "--method", "elip", "--out", str(tmp_path / "y")]
@@ -123,23 +123,38 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def test_fused_prop_attn_reaches_the_reducer_and_older_checkpoints_keep_the_papers():
+def test_the_defaults_are_the_papers_and_each_addition_of_ours_is_a_flag():
+    """Catches a default that is not the published method, or a CLI default that differs from the
+    class it configures: ELIP's fused token with proportional attention or rollout, ELIP pruning
+    only after a warm-up (EViT's has one), Patch Ranking fusing, EVLGen merging size-weighted."""
+    from captioner import CaptionerConfig
+    from elip import ELIP, scaled_schedule
+    from merge import MergingBridge
+    from model import RankingConfig
+    from text import LMConfig
     vision = train.model_config(TrainConfig(), 30).vision
-    for method in ("elip", "evit"):
-        for on in (True, False):
-            reducer = train.reducer_fn(TrainConfig(method=method, fused_prop_attn=on), vision, 0)(None)
-            assert reducer.prop_attn is on
-    assert TrainConfig().fused_prop_attn  # new runs: ours
-    before = {"config": {"method": "elip", "steps": 300}}  # a checkpoint written before the flag existed
-    assert train.saved_config(before).fused_prop_attn is False  # it trained as the papers do
+    elip = train.reducer_fn(TrainConfig(method="elip", steps=100), vision, 0)(torch.zeros(2, vision.width))
+    paper = ELIP(scaled_schedule(vision.depth), vision.num_patches)
+    assert (elip.prop_attn, elip.rollout, elip.lam, elip.stages) == (False, False, 0.8, paper.stages)
+    assert (paper.prop_attn, paper.rollout) == (False, False)
+    evit_first = train.reducer_fn(TrainConfig(method="evit", steps=100), vision, 0)(None)
+    evit_done = train.reducer_fn(TrainConfig(method="evit", steps=100), vision, 10)(None)
+    assert not evit_first.prop_attn and evit_first.stages != evit_done.stages  # EViT's keep rate warms up
+    ours = train.reducer_fn(TrainConfig(method="elip", fused_prop_attn=True, rollout=True), vision, 0)(None)
+    assert ours.prop_attn and ours.rollout
+    assert TrainConfig().rank_fuse is RankingConfig().fuse is False
+    lm = dict(model_config=vars(LMConfig(vocab_size=30, context_length=64)))
+    bridge = train.captioner_config(TrainConfig(method="evlgen", lm="x"), dict(lm=lm), 30)
+    default = MergingBridge(8, 8, 1, 2, [0])
+    assert (bridge.merge_mode, bridge.prop_attn) == (CaptionerConfig.merge_mode, CaptionerConfig.prop_attn) \
+        == (default.merger.mode, default.merger.prop_attn) == ("mean", False)
+    wavg = train.captioner_config(TrainConfig(method="evlgen", lm="x", bridge_merge="wavg"), dict(lm=lm), 30)
+    assert (wavg.merge_mode, wavg.prop_attn) == ("wavg", True)
+    before = {"config": {"method": "elip", "steps": 300}}  # a checkpoint written before the flags existed
+    assert not train.saved_config(before).fused_prop_attn and not train.saved_config(before).rollout
     assert train.saved_config({"config": {"method": "elip", "fused_prop_attn": True}}).fused_prop_attn
-
-
-def test_rollout_reaches_elip_and_older_checkpoints_score_with_the_last_row():
-    vision = train.model_config(TrainConfig(), 30).vision
-    for on in (True, False):
-        assert train.reducer_fn(TrainConfig(method="elip", rollout=on), vision, 0)(None).rollout is on
-    assert TrainConfig().rollout and train.saved_config({"config": {"method": "elip"}}).rollout is False
+    with pytest.raises(ValueError, match="--fused-prop-attn is for the fused token"):
+        train.check_flags(train.parse_args(["--method", "tome", "--fused-prop-attn"]))
 
 
 def test_prune_until_trains_the_last_steps_on_all_tokens_and_never_touches_evaluation():
