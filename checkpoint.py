@@ -28,6 +28,7 @@ from vit import ViTConfig, load_exactly
 @dataclass
 class ReducerConfig:
     """How a CLIP's vision tokens are reduced; train.py's flags of the same names."""
+    # the method, and how ELIP, EViT and ToMe reduce tokens
     method: str = "none"  # token reduction method: none, elip, evit, tome (train.py adds lm, evlgen, ranking)
     elip_lambda: float = 0.8  # weight of the vision [CLS] when the text [CLS] is mixed in (ELIP)
     lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)

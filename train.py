@@ -23,9 +23,11 @@ caption picked for an image, the crop. So a resumed run continues exactly where 
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -63,6 +65,7 @@ RANKING_LR = 3e-2
 @dataclass
 class TrainConfig(ReducerConfig):
     """Every field is a flag; the method's reduction settings come first (checkpoint.ReducerConfig)."""
+    # the CLIP's objectives, and when it prunes
     objectives: str = "auto"  # comma-separated itc,itm,mlm; auto: itc for none, all three otherwise
     keep_warmup: float = -1.0  # share of the steps over which the pruned share grows from 0; -1: as published (evit 0.1, elip 0)
     prune_until: float = 1.0  # share of the steps trained pruned; the rest see all tokens (the authors' fine-tuning)
@@ -75,7 +78,7 @@ class TrainConfig(ReducerConfig):
     rank_score: str = "similarity"  # the search's score: similarity (cosine to the unpruned embedding) or max (README)
     rank_images: int = 500  # training images searched; the last 10% measure the predictor's top-n match
     rank_cache: str = ""  # the golden rankings' file; default --out/rankings.pt (runs of one CLIP can share it)
-    predictor_steps: int = 400
+    predictor_steps: int = 400  # training steps of the ranking predictor
     predictor_loss: str = "listwise"  # listwise (KL) or pairwise (margin)
     num_tokens: int = 4  # learnable tokens appended after pruning, trained for --steps (0: none)
     rank_fuse: bool = False  # ours: fuse the pruned patches into one token (proportional attention); the paper drops them
@@ -89,15 +92,15 @@ class TrainConfig(ReducerConfig):
     bridge_pos: bool = False  # ours: a learned position embedding on the merging bridge's visual tokens (README, Video)
     num_queries: int = 32  # --bridge query: learned queries (= tokens into the LM)
     stage1_steps: int = 0  # --bridge query: BLIP-2's first stage (ITC + ITM) for this many steps before --steps of LM loss
-    lm_width: int = 128
-    lm_depth: int = 2
-    lm_heads: int = 2
+    lm_width: int = 128  # --method lm: the language model's width
+    lm_depth: int = 2  # its blocks
+    lm_heads: int = 2  # its attention heads
     lm_context: int = 128  # positions of the LM: soft prompt + caption
     lm_in_context: bool = True  # ours: each LM text follows another caption of its scene; off: one text alone
     beams: int = 1  # beam size of caption generation at evaluation
     # video (--method lm / evlgen): clips of --frames frames, shapes videos or clip folders with --data
-    video: bool = False
-    frames: int = 4
+    video: bool = False  # caption video clips instead of images
+    frames: int = 4  # frames per clip
     temporal: bool = True  # EVLGen's temporal contextualizer in the ViT; off: frames averaged only
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
     frame_embed: bool = True  # its frame-index embedding; off: the module as published (blind to frame order)
@@ -106,15 +109,15 @@ class TrainConfig(ReducerConfig):
     temporal_lr_scale: float = 1.0  # the contextualizer's learning rate = this x --lr (its gradients start at zero)
     motion_word_weight: float = 1.0  # ours: the caption loss counts each motion word (left, right, up, down, still) this many times
     eval_every: int = 0  # captioners: CIDEr-D on --eval-size test images every N steps (the learning curve)
-    eval_size: int = 200
+    eval_size: int = 200  # test images of each --eval-every evaluation
     eval_prune: bool = False  # also prune at evaluation (without text); default: all tokens, the authors' protocol
     out: str = "out"  # folder for ckpt.pt and log.jsonl
     overwrite: bool = False  # replace an existing checkpoint in --out
     resume: bool = False  # continue from --out/ckpt.pt
     init: str = ""  # start from the weights (and vocabulary) of this train.py checkpoint; fresh optimizer and step 0
     # data: the embedded shapes by default, else a caption file (json / csv / tsv)
-    data: str = ""
-    image_root: str = ""
+    data: str = ""  # caption file (ALBEF/BLIP json, COCO captions json, csv, tsv); empty: the shapes
+    image_root: str = ""  # folder the caption file's image paths are relative to
     val_data: str = ""  # caption file for retrieval at the end (real data); shapes use their test split
     zeroshot_dir: str = ""  # class-per-folder tree for zero-shot at the end
     skip_bad: bool = False  # skip missing / unreadable images (and count them) instead of stopping
@@ -125,33 +128,33 @@ class TrainConfig(ReducerConfig):
     # model
     vit: str = "tiny64"  # preset: tiny64, vit_ti16, vit_s16, vit_b16
     image_size: int = 0  # 0: the preset's
-    patch_size: int = 0
-    width: int = 0
-    depth: int = 0
-    heads: int = 0
-    text_width: int = 128
-    text_depth: int = 2
-    text_heads: int = 2
-    context_length: int = 40
-    embed_dim: int = 128
+    patch_size: int = 0  # 0: the preset's
+    width: int = 0  # 0: the preset's
+    depth: int = 0  # 0: the preset's
+    heads: int = 0  # 0: the preset's
+    text_width: int = 128  # the text encoder's width
+    text_depth: int = 2  # its blocks
+    text_heads: int = 2  # its attention heads
+    context_length: int = 40  # caption tokens
+    embed_dim: int = 128  # the joint image-text embedding
     # optimisation
-    steps: int = 450
+    steps: int = 450  # optimizer steps
     batch_size: int = 128  # per process and micro-batch (as open_clip and nanoGPT count it)
     accum: int = 1  # micro-batches per optimizer step
     lr: float = 0.0  # peak learning rate; 0: the method's, 1e-3, or RANKING_LR for --method ranking
-    min_lr: float = 1e-5
-    warmup: int = 50
-    weight_decay: float = 0.1
-    beta2: float = 0.98
+    min_lr: float = 1e-5  # the cosine schedule's end
+    warmup: int = 50  # steps of linear warm-up
+    weight_decay: float = 0.1  # AdamW's, on the linear layers' weight matrices only
+    beta2: float = 0.98  # AdamW's second-moment decay (CLIP's 0.98)
     grad_clip: float = 1.0  # 0: off
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler), off
-    seed: int = 0
+    seed: int = 0  # the initialisation, the data order and the shapes scenes
     data_seed: int = -1  # the shapes scenes' seed; -1: --seed (Patch Ranking's seeds share one CLIP's data)
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if there is one), cuda, cpu
     # bookkeeping
     ckpt_every: int = 0  # 0: only at the end
     stop_after: int = 0  # end this run after N steps, as a job time limit would (the schedule still follows --steps)
-    log_every: int = 10
+    log_every: int = 10  # steps between log lines (and the losses' read-back)
     eval: bool = True  # evaluate at the end
 
     def __post_init__(self):
@@ -163,16 +166,36 @@ class TrainConfig(ReducerConfig):
         return self.seed if self.data_seed < 0 else self.data_seed
 
 
+def field_docs(*classes) -> dict:
+    """{field: (group, help)} read from the config classes' source: a `# heading` line opens a group
+    of flags, the comment after a field is its help. The comments stay the one place they are written."""
+    docs = {}
+    for cls in classes:
+        group = (cls.__doc__ or cls.__name__).split(";")[0].strip()
+        for line in inspect.getsource(cls).splitlines():
+            heading = re.match(r"    # (.+)", line)
+            field_line = re.match(r"    (\w+): \w+ = [^#]*(?:#\s*(.*))?$", line)
+            if heading:
+                group = heading.group(1)
+            elif field_line:
+                docs[field_line.group(1)] = (group, field_line.group(2) or "")
+    return docs
+
+
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description="Train CLIP on the shapes data or your own captions.",
+    p = argparse.ArgumentParser(description="Train a CLIP (with a token-reduction --method), the language model or "
+                                            "the captioner, on the shapes data or your own captions.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups, docs = {}, field_docs(ReducerConfig, TrainConfig)
     for f in fields(TrainConfig):
+        group_name, help_text = docs[f.name][0], docs[f.name][1].replace("%", "%%")  # argparse formats help with %
+        group = groups.setdefault(group_name, p.add_argument_group(group_name))
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=kind, default=f.default)
+            group.add_argument(flag, type=kind, default=f.default, help=help_text)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 

@@ -2,11 +2,12 @@
 Pictures: which patches a method kept, fused or merged, drawn over the image; training curves; the
 accuracy-cost plot.
 
-Read first: `draw_tokens` (one rule for every method, from the seam's source tracking: a patch
-its token holds alone is drawn as it is; a patch whose token holds several is filled with that
-token's mean colour and outlined, so ToMe's groups and ELIP's or EViT's fused token show alike;
-a patch no token holds any more is greyed out), then `mask_grid` (stages side by side, the true
-object outlines on top, the guiding caption under each row).
+Read first: `draw_tokens` (from the seam's source tracking: a patch its token holds alone is
+drawn as it is; for a pruning method (ELIP, EViT, Patch Ranking) every other patch is dimmed, the
+ones its fused token holds as the ones dropped, as EViT's figures grey out pruned patches; for a
+merging method (ToMe) a patch whose token holds several is filled with that token's mean colour
+and outlined), then `mask_grid` (stages side by side, the true object outlines on top, the guiding
+caption wrapped under each row).
 
     python viz.py --ckpt out/ckpt.pt [--method elip] [--n 8] --out masks.png
     python viz.py --curves a/log.jsonl b/log.jsonl --metric loss --out curves.png
@@ -38,8 +39,10 @@ def patch_owner(size: np.ndarray, source: np.ndarray) -> np.ndarray:
     return np.where(src.any(0), src.argmax(0), -1)
 
 
-def draw_tokens(image: np.ndarray, size: np.ndarray, source: np.ndarray, patch: int) -> np.ndarray:
-    """image (S, S, 3) in [0, 1] -> the same image as the token sequence sees it (module docstring)."""
+def draw_tokens(image: np.ndarray, size: np.ndarray, source: np.ndarray, patch: int,
+                merged: bool = True) -> np.ndarray:
+    """image (S, S, 3) in [0, 1] -> the same image as the token sequence sees it (module docstring);
+    `merged`: ToMe's style for tokens that hold several patches, else they are dimmed (pruning)."""
     S = image.shape[0]
     g = S // patch
     owner = patch_owner(size, source)
@@ -53,6 +56,8 @@ def draw_tokens(image: np.ndarray, size: np.ndarray, source: np.ndarray, patch: 
             out[members] = flat[members].reshape(-1, 3).mean(0)
             grouped |= members
     gone = owner == -1
+    if not merged:  # a fused token's patches are as good as pruned: dimmed, not outlined
+        gone, grouped = gone | grouped, np.zeros_like(grouped)
     luminance = flat[gone].mean(-1, keepdims=True)
     out[gone] = 0.6 + GREY_WEIGHT * (luminance - 0.6)
     out = out.reshape(g, g, patch, patch, 3)
@@ -82,15 +87,18 @@ def reduction_stages(model, tokenizer, images, captions, make_reducer) -> list:
     return [(s.numpy(), src.numpy()) for s, src in recorder.stages]
 
 
-def mask_grid(images, captions, scenes, stages, patch, title, note=""):
-    """A figure: a row per image (the image, then each stage), object outlines on every panel."""
+def mask_grid(images, captions, scenes, stages, patch, title, note="", merged=True):
+    """A figure: a row per image (the image, then each stage), object outlines on every panel, the
+    caption wrapped under its row."""
+    import textwrap
     from data import denormalize
     from shapes import object_pixels
     n, cols = len(images), 1 + len(stages)
-    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols, 2.0 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.85 * n + 0.5), squeeze=False,
+                             gridspec_kw=dict(hspace=0.22, wspace=0.04))
     for b in range(n):
         img = denormalize(images[b]).permute(1, 2, 0).numpy()
-        panels = [img] + [draw_tokens(img, s[b], src[b], patch) for s, src in stages]
+        panels = [img] + [draw_tokens(img, s[b], src[b], patch, merged) for s, src in stages]
         outlines = object_pixels(scenes[b], img.shape[0]) if scenes is not None else []
         for c, (ax, panel) in enumerate(zip(axes[b], panels)):
             ax.imshow(panel, interpolation="nearest")
@@ -100,9 +108,10 @@ def mask_grid(images, captions, scenes, stages, patch, title, note=""):
             if b == 0:
                 ax.set_title("image" if c == 0 else f"stage {c}: {int((stages[c - 1][0][b] > 0).sum())} tokens",
                              fontsize=8)
-        axes[b][0].set_xlabel(captions[b], fontsize=6, loc="left", wrap=True)
+        axes[b][0].text(0, -0.03, textwrap.fill(captions[b], 24 * cols), transform=axes[b][0].transAxes,
+                        va="top", ha="left", fontsize=6.5)
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.45 / fig.get_figheight(), bottom=0.03)
     return fig
 
 
@@ -133,7 +142,8 @@ def draw_masks(ckpt_path: str, method: str = "", n: int = 8, out: str = "masks.p
     else:
         stages = reduction_stages(model, tokenizer, images, captions, make)
     fig = mask_grid(images, captions, [it["attributes"] for it in items], stages, v.patch_size,
-                    f"{cfg.method} on {os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))}", note)
+                    f"{cfg.method} on {os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))}", note,
+                    merged=cfg.method == "tome")
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out

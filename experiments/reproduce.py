@@ -372,9 +372,9 @@ def run_every_step(root: str, quick: bool) -> str:
     times.run("experiments --method-points", run_logged, ["experiments", "--method-points", root, "--points",
                                                         f"{root}/method_points.json", *small],
               f"{root}/method_points.txt", "experiments --method-points")
-    for args in (["--ckpt", f"{root}/elip_0/ckpt.pt", "--n", "6", "--out", f"{root}/masks_elip.png"],
+    for args in (["--ckpt", f"{root}/elip_paper_0/ckpt.pt", "--n", "6", "--out", f"{root}/masks_elip.png"],
                  ["--ckpt", f"{root}/clip/ckpt.pt", "--method", "tome", "--n", "4", "--out", f"{root}/masks_tome.png"],
-                 ["--ckpt", f"{root}/ranking_fuse_0/ckpt.pt", "--n", "4", "--out", f"{root}/masks_ranking.png"],
+                 ["--ckpt", f"{root}/ranking_0/ckpt.pt", "--n", "4", "--out", f"{root}/masks_ranking.png"],
                  ["--curves", *[f"{root}/{n}_0/log.jsonl" for n in CAPTIONERS_RUN], "--metric", "cider_d", "--x", "time",
                   "--out", f"{root}/captioner_curves.png"],
                  ["--tradeoff", f"{root}/points.json", "--out", f"{root}/tradeoff_tome.png"],

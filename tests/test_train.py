@@ -311,3 +311,11 @@ def test_own_data_with_augmentation_accumulation_and_amp(tmp_path):
         assert all(np.isfinite(v) for v in losses(str(tmp_path / amp)).values())
     r = run([*common, "--no-eval", "--out", str(tmp_path / "c")])
     assert r.returncode != 0 and "gone.png" in r.stderr and "line 14) does not exist" in r.stderr
+
+
+def test_every_flag_has_a_group_and_a_one_line_help():
+    """Catches a flag added without the comment that documents it (its help is read from there)."""
+    docs = train.field_docs(train.ReducerConfig, TrainConfig)
+    assert set(docs) == {f.name for f in train.fields(TrainConfig)}
+    assert all(help_text for _, help_text in docs.values()), [k for k, (_, h) in docs.items() if not h]
+    assert len({group for group, _ in docs.values()}) >= 8

@@ -26,6 +26,12 @@ def test_drawn_tokens_match_a_synthetic_source_map_pixel_for_pixel():
     want[3:6, 0:3] = 0.6 + viz.GREY_WEIGHT * (lum - 0.6)  # patch 2: greyed
     np.testing.assert_allclose(got, want)  # patch 0 (held alone): unchanged
     assert viz.patch_owner(size, source).tolist() == [1, 2, -1, 2]
+    # a pruning method's fused token (patches 1 and 3) is dimmed as the dropped patch 2 is, not outlined
+    pruned = viz.draw_tokens(image, size, source, patch=3, merged=False)
+    dim = lambda rows, cols: np.repeat(0.6 + viz.GREY_WEIGHT * (image[rows, cols].mean(-1, keepdims=True) - 0.6), 3, -1)
+    np.testing.assert_allclose(pruned[:, 3:6], dim(slice(0, 6), slice(3, 6)))
+    np.testing.assert_allclose(pruned[3:6, 0:3], dim(slice(3, 6), slice(0, 3)))
+    np.testing.assert_allclose(pruned[0:3, 0:3], image[0:3, 0:3])
 
 
 def readable_png(path):
