@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import DataError
 from merge import MergingBridge, TemporalContext
 from model import contrastive_loss, matching_loss
 from text import PAD, CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig, TextEncoder
@@ -205,3 +206,40 @@ class Captioner(nn.Module):
         return self.lm.generate(prompt_ids, prefix, max_new_tokens, num_beams)
 
 
+# ----------------------------------------------------------------------------------------------
+# Starting from a frozen LM (and a CLIP), and checking it stayed frozen
+
+def start_captioner(model: Captioner, sources: dict):
+    """A new captioner starts from the frozen LM and, when given, the CLIP's ViT (frozen) and text
+    blocks (the bridge's starting point, as EVLGen's is BERT; and BLIP-2's stage-1 text encoder)."""
+    model.lm.load_state_dict(strip_prefix(sources["lm"]["model"], "lm."))
+    if "clip" in sources:
+        clip = sources["clip"]["model"]
+        model.visual.load_state_dict(strip_prefix(clip, "visual."))
+        text = TextEncoder(TextConfig(**sources["clip"]["model_config"]["text"]))
+        text.load_state_dict(strip_prefix(clip, "text."))
+        model.bridge.load_blocks(text.blocks)
+        if model.cfg.stage1:  # its own vocabulary is the LM's, so the blocks alone carry over
+            for mine, theirs in zip(model.text.blocks, text.blocks):
+                mine.load_state_dict(theirs.state_dict())
+
+
+def strip_prefix(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def lm_unchanged(model: Captioner, sources: dict) -> bool:
+    """The frozen LM is bit-identical to the checkpoint it was loaded from."""
+    ref = strip_prefix(sources["lm"]["model"], "lm.")
+    return all(torch.equal(v.cpu(), ref[k].cpu()) for k, v in model.lm.state_dict().items())
+
+
+def check_vocabularies(tokenizer, sources: dict, source: str):
+    """The captioner's words must be the frozen LM's: same ids, same embedding rows."""
+    mine, lm_tok = tokenizer.state_dict(), sources["lm"]["tokenizer"]
+    words = "itos" if "itos" in lm_tok else "encoder"  # the word list, or a BPE's (a converted GPT-2)
+    if mine.get(words) != lm_tok.get(words):
+        raise DataError(f"the vocabulary of {source} does not match the language model's ({len(tokenizer)} vs "
+                        f"{len(lm_tok[words])} words): use the --lm checkpoint it was trained with")
+    if sources["lm"]["model_config"]["vocab_size"] != len(tokenizer):
+        raise DataError("the language model checkpoint's vocabulary size does not match its tokenizer")

@@ -43,14 +43,14 @@ import shapes
 import eval as evaluation
 import captioning
 import ranking
-from captioner import Captioner, CaptionerConfig, LanguageModel
+from captioner import Captioner, CaptionerConfig, LanguageModel, check_vocabularies, lm_unchanged, start_captioner
 from checkpoint import (BEFORE_FIELD, ReducerConfig, build_model, elip_schedule, kind_of, load_state, make_reducer,
                         read_checkpoint, save_checkpoint, tome_schedule)
 from data import DataError
 from elip import EVIT_KEEP_WARMUP
 from merge import MERGE_MODES, merge_schedule
 from model import CLIPConfig, RankingCLIP, RankingConfig
-from text import LMConfig, TextConfig, TextEncoder, Tokenizer
+from text import LMConfig, TextConfig, Tokenizer
 from vit import vit_config
 
 METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
@@ -712,17 +712,6 @@ def expect_kind(ckpt: dict, kind: str, path: str, flag: str, how: str):
         raise DataError(f"{flag} {path} is a {got} checkpoint, not a {kind} one ({how})")
 
 
-def check_vocabularies(tokenizer: Tokenizer, sources: dict, source: str):
-    """The captioner's words must be the frozen LM's: same ids, same embedding rows."""
-    mine, lm_tok = tokenizer.state_dict(), sources["lm"]["tokenizer"]
-    words = "itos" if "itos" in lm_tok else "encoder"  # the word list, or a BPE's (a converted GPT-2)
-    if mine.get(words) != lm_tok.get(words):
-        raise DataError(f"the vocabulary of {source} does not match the language model's ({len(tokenizer)} vs "
-                        f"{len(lm_tok[words])} words): use the --lm checkpoint it was trained with")
-    if sources["lm"]["model_config"]["vocab_size"] != len(tokenizer):
-        raise DataError("the language model checkpoint's vocabulary size does not match its tokenizer")
-
-
 def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device, rank, world, make_reducer):
     """One optimizer step over `accum` micro-batches; returns (mean losses, images skipped)."""
     for group in optimizer.param_groups:
@@ -752,31 +741,6 @@ def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return losses, skipped
-
-
-def start_captioner(model: Captioner, sources: dict):
-    """A new captioner starts from the frozen LM and, when given, the CLIP's ViT (frozen) and text
-    blocks (the bridge's starting point, as EVLGen's is BERT; and BLIP-2's stage-1 text encoder)."""
-    model.lm.load_state_dict(strip_prefix(sources["lm"]["model"], "lm."))
-    if "clip" in sources:
-        clip = sources["clip"]["model"]
-        model.visual.load_state_dict(strip_prefix(clip, "visual."))
-        text = TextEncoder(CLIPConfig.from_dict(sources["clip"]["model_config"]).text)
-        text.load_state_dict(strip_prefix(clip, "text."))
-        model.bridge.load_blocks(text.blocks)
-        if model.cfg.stage1:  # its own vocabulary is the LM's, so the blocks alone carry over
-            for mine, theirs in zip(model.text.blocks, text.blocks):
-                mine.load_state_dict(theirs.state_dict())
-
-
-def strip_prefix(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def lm_unchanged(model: Captioner, sources: dict) -> bool:
-    """The frozen LM is bit-identical to the checkpoint it was loaded from."""
-    ref = strip_prefix(sources["lm"]["model"], "lm.")
-    return all(torch.equal(v.cpu(), ref[k].cpu()) for k, v in model.lm.state_dict().items())
 
 
 def run_eval(cfg, model, tokenizer, device, eval_sets, mcfg, step, n=None) -> dict:

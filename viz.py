@@ -94,7 +94,7 @@ def mask_grid(images, captions, scenes, stages, patch, title, note="", merged=Tr
     from data import denormalize
     from shapes import object_pixels
     n, cols = len(images), 1 + len(stages)
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.85 * n + 0.5), squeeze=False,
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.85 * n + 0.8), squeeze=False,
                              gridspec_kw=dict(hspace=0.22, wspace=0.04))
     for b in range(n):
         img = denormalize(images[b]).permute(1, 2, 0).numpy()
@@ -110,8 +110,9 @@ def mask_grid(images, captions, scenes, stages, patch, title, note="", merged=Tr
                              fontsize=8)
         axes[b][0].text(0, -0.03, textwrap.fill(captions[b], 24 * cols), transform=axes[b][0].transAxes,
                         va="top", ha="left", fontsize=6.5)
-    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=9)
-    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.45 / fig.get_figheight(), bottom=0.03)
+    head = 0.62 + (0.18 if note else 0.0)  # inches above the first row: the title, then the column titles
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=9, y=1 - 0.06 / fig.get_figheight(), va="top")
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - head / fig.get_figheight(), bottom=0.03)
     return fig
 
 

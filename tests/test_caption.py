@@ -9,7 +9,7 @@ import data
 import shapes
 import train
 from captioning import bleu, cider_d, cider_d_scores
-from captioner import Captioner, CaptionerConfig
+from captioner import Captioner, CaptionerConfig, check_vocabularies
 from text import CLS, LMConfig, TextConfig, Tokenizer
 from vit import ViTConfig
 
@@ -178,7 +178,7 @@ def test_bad_captioner_inputs(tmp_path):
     assert r.returncode != 0 and "is a clip checkpoint, not a lm one" in r.stderr and "Traceback" not in r.stderr
     lm_ckpt = dict(tokenizer=Tokenizer(["red", "circle"]).state_dict(), model_config=dict(vocab_size=7))
     with pytest.raises(data.DataError, match="does not match the language model"):
-        train.check_vocabularies(Tokenizer(["blue", "square"]), dict(lm=lm_ckpt), "ckpt.pt")
+        check_vocabularies(Tokenizer(["blue", "square"]), dict(lm=lm_ckpt), "ckpt.pt")
 
 
 def test_language_model_packs_texts_into_full_rows():
