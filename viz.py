@@ -95,7 +95,7 @@ def mask_grid(images, captions, scenes, stages, patch, title, note="", merged=Tr
     from shapes import object_pixels
     n, cols = len(images), 1 + len(stages)
     fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.85 * n + 0.8), squeeze=False,
-                             gridspec_kw=dict(hspace=0.22, wspace=0.04))
+                             gridspec_kw=dict(hspace=0.28, wspace=0.04))
     for b in range(n):
         img = denormalize(images[b]).permute(1, 2, 0).numpy()
         panels = [img] + [draw_tokens(img, s[b], src[b], patch, merged) for s, src in stages]
