@@ -24,7 +24,7 @@ Ours, off by default (`--fused-prop-attn` in train.py): the fused token stands f
 every pruned patch but, as one key among many, draws the attention of one. With `prop_attn` it
 attends with log(size) added to its logits (ToMe's proportional attention), as if its patches
 were all still there. On the small shapes model that decides whether pruning works at all: see
-the README's "ELIP and EViT against no pruning".
+docs/RESULTS.md, "ELIP and EViT".
 
 Ours too, off by default (`--rollout`): the look-ahead reads the [CLS] row at the
 stage's LAST block, but the tokens there are mixtures of the tokens entering the stage, the ones
@@ -33,7 +33,7 @@ each object, and the object's other tokens then score below the background. With
 row is carried back through the stage's earlier blocks by attention rollout (Abnar & Zuidema
 2020): each block maps a token to 0.5 itself (the residual) + 0.5 its head-averaged attention
 row, so token j's score is the share of what the [CLS] reads at the last block that came from
-token j. See the README's "Token relevance".
+token j. See docs/RESULTS.md, "Token relevance".
 """
 import math
 from dataclasses import dataclass

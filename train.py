@@ -58,7 +58,7 @@ METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen", "ranking")  # CLIP wi
 
 # Patch Ranking trains only its learnable tokens: prompt tuning wants a rate far above a whole
 # model's. At 1e-3 the tokens barely leave their random start in 300 steps and cost accuracy;
-# 1e-1 overshoots (seed 0 of the README's fused table: 30.6, 31.6 and 31.1 mean R@1 at 1e-3, 3e-2, 1e-1).
+# 1e-1 overshoots.
 RANKING_LR = 3e-2
 
 
@@ -74,8 +74,8 @@ class TrainConfig(ReducerConfig):
     rank_layer: int = -1  # the block whose input is pruned; -1: the authors' 3 of 12, scaled to depth
     rank_keep: float = 0.6  # share of the patch tokens kept
     rank_block: int = 1  # the search's candidates: k x k blocks of patches
-    rank_chunk: int = 1  # candidates the search removes per iteration: 1 is the exact greedy rule (more: see README)
-    rank_score: str = "similarity"  # the search's score: similarity (cosine to the unpruned embedding) or max (README)
+    rank_chunk: int = 1  # candidates the search removes per iteration: 1 is the exact greedy rule; more is faster and coarser
+    rank_score: str = "similarity"  # the search's score: similarity (cosine to the unpruned embedding) or max (the predicted class's logit)
     rank_images: int = 500  # training images searched; the last 10% measure the predictor's top-n match
     rank_cache: str = ""  # the golden rankings' file; default --out/rankings.pt (runs of one CLIP can share it)
     predictor_steps: int = 400  # training steps of the ranking predictor
@@ -89,7 +89,7 @@ class TrainConfig(ReducerConfig):
     bridge_r: int = 16  # tokens merged in each bridge layer (capped); 0: every visual token reaches the LM
     bridge_merge: str = "mean"  # mean: the plain mean, as published; wavg (ours): ToMe's size-weighted mean with proportional attention
     bridge_depth: int = 0  # 0: the text encoder's depth
-    bridge_pos: bool = False  # ours: a learned position embedding on the merging bridge's visual tokens (README, Video)
+    bridge_pos: bool = False  # ours: a learned position embedding on the merging bridge's visual tokens (video: docs/RESULTS.md)
     num_queries: int = 32  # --bridge query: learned queries (= tokens into the LM)
     stage1_steps: int = 0  # --bridge query: BLIP-2's first stage (ITC + ITM) for this many steps before --steps of LM loss
     lm_width: int = 128  # --method lm: the language model's width
@@ -889,9 +889,9 @@ def train(cfg: TrainConfig) -> dict:
 
 def leave_without_teardown():
     """End a torchrun process once everything is written, skipping the interpreter's and C++'s
-    teardown. Here about one two-process CPU run in two hundred aborted in that teardown (SIGABRT,
-    "terminate called without an active exception", after destroy_process_group and after the
-    checkpoint), so torchrun reported a finished run as failed."""
+    teardown: two-process CPU runs now and then abort there (SIGABRT, "terminate called without an
+    active exception", after destroy_process_group and after the checkpoint), and torchrun would
+    report a finished run as failed."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -68,7 +68,7 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=1000, help="with --tome-sweep / --method-points / --fused-probe / --ranking / --elip-table / "
                                                                   "--video-paired / --video-runs: test gallery (or clips) size")
     p.add_argument("--all", metavar="DIR", default="",
-                   help="instead: every run behind the README's results, then its tables (DIR/results.md) and "
+                   help="instead: every run behind docs/RESULTS.md, then its tables (DIR/results.md) and "
                         "figures (DIR/*.png); finished runs are kept, so an interrupted --all continues")
     p.add_argument("--quick", action="store_true", help="with --all: tiny models, a few steps (checks the pipeline)")
     args = p.parse_args(argv)

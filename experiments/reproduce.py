@@ -14,7 +14,7 @@ from data import DataError
 
 
 # ----------------------------------------------------------------------------------------------
-# --all: every run behind the README's results, its tables and figures, end to end
+# --all: every run behind docs/RESULTS.md, its tables and figures, end to end
 
 QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
          "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
@@ -32,15 +32,15 @@ PRUNING_NAMES = {"none": "`none`",
                  "elip_paper": "`elip` as published",
                  "evit": "`evit --fused-prop-attn` (ours: the fused token with proportional attention)",
                  "evit_paper": "`evit` as published"}
-RANKING_STEPS = 300  # the learnable tokens' training steps in the README's Patch Ranking runs
+RANKING_STEPS = 300  # the learnable tokens' training steps in the Patch Ranking runs of docs/RESULTS.md
 RANKING_RUNS = {"ranking": [], "ranking_fuse": ["--rank-fuse"]}  # the pruned patches dropped (the paper) / fused
 CAPTIONERS_RUN = {"evlgen": ["--bridge-merge", "wavg"], "nomerge": ["--bridge-r", "0"], "query1": ["--bridge", "query"],
                   "query2": ["--bridge", "query", "--stage1-steps", "{stage1}"]}
 
-LM_STEPS = 2000  # the frozen LMs': enough to learn to use their context (450 are not: README, EVLGen)
+LM_STEPS = 2000  # the frozen LMs': enough to learn to use their context (450 are not)
 VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 2000, 64, (0,)  # the video captioners' (their LM: LM_STEPS of 128)
 # All three with bridge positions: without them the merging bridge sees a set of tokens, and a
-# captioner on a contextualizer that carries the direction did not word it (README, Video).
+# captioner on a contextualizer that carries the direction did not word it.
 VIDEO_RUNS = {"video_avg": ["--bridge-merge", "wavg", "--bridge-pos", "--no-temporal"],
               "video_ctx": ["--bridge-merge", "wavg", "--bridge-pos", "--temporal-lr-scale", "10"],
               "video_marker": ["--bridge-merge", "wavg", "--bridge-pos", "--no-temporal", "--motion-marker"]}
@@ -50,7 +50,7 @@ VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
 
 
 def all_runs(root: str, quick: bool) -> dict:
-    """name -> train.py arguments of every run the README's tables come from (quick: tiny models
+    """name -> train.py arguments of every run docs/RESULTS.md's tables come from (quick: tiny models
     and a few steps, to check the pipeline, not the figures)."""
     q = QUICK if quick else []
     steps = (lambda n: ["--steps", "3"]) if quick else (lambda n: ["--steps", str(n)])
