@@ -275,9 +275,9 @@ def top_n_match(scores: torch.Tensor, ranking: torch.Tensor, n: int) -> float:
 
 
 def train_predictor(clip: nn.Module, predictor: Predictor, images_of, rankings: torch.Tensor, layer: int, steps: int,
-                    loss: str = "listwise", batch_size: int = 64, lr: float = 1e-3, seed: int = 0, say=print):
+                    lr_at, loss: str = "listwise", batch_size: int = 64, seed: int = 0, say=print):
     """Fit the predictor to the golden rankings of images_of(i), i < len(rankings), from the frozen
-    CLIP's tokens entering `layer` (computed once: the CLIP never changes)."""
+    CLIP's tokens entering `layer` (computed once: the CLIP never changes), at rate lr_at(step)."""
     if loss not in ("listwise", "pairwise"):
         raise ValueError(f"predictor loss {loss!r} is not listwise or pairwise")
     device = next(predictor.parameters()).device
@@ -285,13 +285,13 @@ def train_predictor(clip: nn.Module, predictor: Predictor, images_of, rankings: 
                                    .to(device), layer)[:, 1:].float() for s in range(0, len(rankings), 64)])
     rankings = rankings.to(device)
     objective = listwise_loss if loss == "listwise" else pairwise_loss
-    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(predictor.parameters(), lr=lr_at(0), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     predictor.train()
     for step in range(steps):
         idx = torch.randint(len(rankings), (min(batch_size, len(rankings)),), generator=gen).to(device)
-        for group in opt.param_groups:  # cosine to zero
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
         value = objective(predictor(feats[idx]), rankings[idx])
         opt.zero_grad(set_to_none=True)
         value.backward()

@@ -60,6 +60,7 @@ METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen", "ranking")  # CLIP wi
 # model's. At 1e-3 the tokens barely leave their random start in 300 steps and cost accuracy;
 # 1e-1 overshoots.
 RANKING_LR = 3e-2
+PREDICTOR_LR = 1e-3  # the ranking predictor's peak rate (a cosine to zero over --predictor-steps)
 
 
 @dataclass
@@ -430,17 +431,22 @@ class Pairs(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Optimisation
 
+def cosine_lr(step: int, steps: int, lr: float, min_lr: float = 0.0, warmup: int = 0) -> float:
+    """Linear warm-up to lr over `warmup` steps, then cosine decay to min_lr at step `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to lr, then cosine decay to min_lr at the last step. With --stage1-steps,
-    each stage has its own warm-up and decay (BLIP-2 trains its stages as two runs)."""
+    """The run's schedule. With --stage1-steps each stage has its own warm-up and decay (BLIP-2
+    trains its stages as two runs)."""
     steps = cfg.steps
     if cfg.stage1_steps:
         steps = cfg.stage1_steps if step < cfg.stage1_steps else cfg.steps
         step = step if step < cfg.stage1_steps else step - cfg.stage1_steps
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_lr(step, steps, cfg.lr, cfg.min_lr, cfg.warmup)
 
 
 def param_groups(model, weight_decay: float, temporal_lr_scale: float = 1.0) -> list:
@@ -677,18 +683,19 @@ def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, tok
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         golden = ranking.search_cached(model, images_of, n, cache, identity, layer, say=say, **search)
-        saved = torch.load(pred_path, weights_only=True) if os.path.exists(pred_path) else {}
+        saved = torch.load(pred_path, map_location="cpu", weights_only=True) if os.path.exists(pred_path) else {}
         if cfg.phase != "search" and saved.get("identity") != pred_identity:
             n_fit = max(1, n - n // 10)  # the last 10% are held out
             torch.manual_seed(cfg.seed)
             ranking.train_predictor(model, model.predictor, images_of, golden[:n_fit], layer, cfg.predictor_steps,
+                                    lambda step: cosine_lr(step, cfg.predictor_steps, PREDICTOR_LR),
                                     cfg.predictor_loss, seed=cfg.seed, say=say)
             held = torch.stack([images_of(i) for i in range(n_fit, n)]) if n > n_fit else None
             pruned = model.cfg.vision.num_patches - ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
             match = ranking.predictor_match(model, model.predictor, held.to(model.learned_tokens.device), golden[n_fit:],
                                             layer, pruned) if held is not None and pruned else float("nan")
             saved = dict(identity=pred_identity, state=model.predictor.state_dict(), top_n_match=match, held_out=n - n_fit)
-            torch.save(saved, pred_path)
+            save_checkpoint(pred_path, saved)
         if saved:
             say(f"predictor: top-n match with the golden ranking on {saved['held_out']} held-out images "
                 f"{100 * saved['top_n_match']:.1f}% (n = the pruned patches)")
@@ -696,7 +703,7 @@ def start_ranking(cfg: TrainConfig, model: RankingCLIP, init: dict, dataset, tok
         dist.barrier()
     if cfg.phase == "search":
         return False
-    model.predictor.load_state_dict(torch.load(pred_path, weights_only=True)["state"])
+    model.predictor.load_state_dict(torch.load(pred_path, map_location="cpu", weights_only=True)["state"])
     return cfg.phase == "all"
 
 

@@ -405,6 +405,6 @@ def video_table(root: str, n_test: list) -> str:
                            for k in keys)
         gates = [abs(a) for run in runs for a in run.get("temporal_alpha", [])]
         alpha = f"{sum(gates) / len(gates):.3f}" if gates else "—"
-        minutes = statistics.mean(torch.load(c, weights_only=True)["train_seconds"] / 60 for c in ckpts)
+        minutes = statistics.mean(torch.load(c, map_location="cpu", weights_only=True)["train_seconds"] / 60 for c in ckpts)
         rows.append(f"| {label} | {len(runs)} | {cells} | {alpha} | {minutes:.1f} |")
     return "\n".join(rows)
