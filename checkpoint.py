@@ -82,7 +82,7 @@ def make_reducer(rc: ReducerConfig, vision: ViTConfig, keep_scale: float = 1.0,
     """The method's reducer as a function of the text guidance (None: no text), or None for a
     method that reduces nothing. `keep_scale` (0..1) scales the pruned share (EViT's keep-rate
     warm-up); `guided=False` prunes without text (evaluation). A new method adds one branch."""
-    P, depth = vision.num_patches, vision.depth
+    P, depth = (vision.num_patches, vision.depth) if vision is not None else (0, 0)  # the LM has no ViT
     if rc.method == "elip":
         schedule = elip_schedule(rc, depth)
         return lambda text: ELIP(schedule, P, text if guided else None, rc.elip_lambda, rc.lookahead, keep_scale,
@@ -164,4 +164,4 @@ def trained_on(ckpt: dict) -> dict:
     c = ckpt["config"]
     seed = c.get("data_seed", -1)
     return dict(scene_seed=c.get("seed", 0) if seed < 0 else seed, frames=c.get("frames", 4) if c.get("video") else 0,
-                marker=c.get("motion_marker", False), steps=c.get("steps", 0))
+                marker=c.get("motion_marker", False))

@@ -266,6 +266,10 @@ def check_flags(cfg: TrainConfig):
         raise ValueError("--elip-lambda, --no-lookahead and --rollout apply to --method elip only")
     if cfg.fused_prop_attn and cfg.method not in ("elip", "evit"):
         raise ValueError("--fused-prop-attn is for the fused token of --method elip or evit")
+    if (cfg.merge_mode != "wavg" or not cfg.prop_attn) and cfg.method != "tome":
+        raise ValueError("--merge-mode and --no-prop-attn apply to --method tome (the captioner's bridge: --bridge-merge)")
+    if cfg.bridge_merge != "mean" and cfg.method != "evlgen":
+        raise ValueError("--bridge-merge applies to the captioner's bridge, --method evlgen")
     if not (0 <= cfg.keep_warmup <= 1 or cfg.keep_warmup == -1):
         raise ValueError(f"--keep-warmup is a share of the steps in [0, 1] (or -1, as published), not {cfg.keep_warmup}")
     if cfg.method == "ranking" and not (cfg.init or cfg.resume):
@@ -337,7 +341,7 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
         return None  # the all-token tail: the model meets the full sequence it will be evaluated on
     warm = (cfg.keep_warmup if cfg.keep_warmup >= 0 else EVIT_KEEP_WARMUP if cfg.method == "evit" else 0.0) * cfg.steps
     keep_scale = min(1.0, (step + 1) / warm) if training and warm > 0 else 1.0
-    return make_reducer(cfg, vision, keep_scale, guided=training) if cfg.method in ("elip", "evit", "tome") else None
+    return make_reducer(cfg, vision, keep_scale, guided=training)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,8 +153,11 @@ def test_the_defaults_are_the_papers_and_each_addition_of_ours_is_a_flag():
     before = {"config": {"method": "elip", "steps": 300}}  # a checkpoint written before the flags existed
     assert not train.saved_config(before).fused_prop_attn and not train.saved_config(before).rollout
     assert train.saved_config({"config": {"method": "elip", "fused_prop_attn": True}}).fused_prop_attn
-    with pytest.raises(ValueError, match="--fused-prop-attn is for the fused token"):
-        train.check_flags(train.parse_args(["--method", "tome", "--fused-prop-attn"]))
+    for flags, message in ((["--method", "tome", "--fused-prop-attn"], "--fused-prop-attn is for the fused token"),
+                           (["--method", "evlgen", "--lm", "x", "--merge-mode", "mean"], "apply to --method tome"),
+                           (["--method", "elip", "--bridge-merge", "wavg"], "applies to the captioner's bridge")):
+        with pytest.raises(ValueError, match=re.escape(message)):  # never silently ignored
+            train.check_flags(train.parse_args(flags))
 
 
 def test_prune_until_trains_the_last_steps_on_all_tokens_and_never_touches_evaluation():
