@@ -6,6 +6,7 @@ as the baseline: ViT -> bridge -> Linear -> soft prompt -> FROZEN language model
 Read first: `CaptionerConfig`, then `Captioner.forward` (the prompt, then the frozen LM's loss on
 the caption). The merging bridge itself is merge.py's `MergingBridge`.
 """
+import json
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from text import PAD, CausalLM, FusionBlock, FusionEncoder, LMConfig, TextConfig
 from vit import Tokens, ViT, ViTConfig, init_weights
 
 BRIDGES = ("merge", "query")
+REMOVED = {"temporal_causal": False, "weighted_words": (), "word_weight": 1.0}  # studies since removed, and their "off"
 
 
 @dataclass
@@ -41,13 +43,10 @@ class CaptionerConfig:
     frames: int = 1  # > 1: video clips of this many frames, averaged after the ViT
     temporal: bool = False  # video: EVLGen's temporal contextualizer in every ViT block (the only ViT part trained)
     temporal_dim: int = 0  # its query/key width; 0: half the ViT width
-    frame_embed: bool = True  # its learned frame-index embedding (without it, the order of frames is lost)
-    temporal_causal: bool = False  # ours: each frame attends to itself and earlier frames only
-    weighted_words: tuple = ()  # ours: LM ids whose targets count `word_weight` times in the caption loss
-    word_weight: float = 1.0
+    frame_embed: bool = False  # ours: a learned frame-index embedding (the module as published is blind to frame order)
 
     def __post_init__(self):
-        self.r, self.weighted_words = tuple(self.r), tuple(self.weighted_words)
+        self.r = tuple(self.r)
         if self.bridge not in BRIDGES:
             raise ValueError(f"bridge {self.bridge!r} is unknown (choose {' or '.join(BRIDGES)})")
         if self.bridge == "merge" and len(self.r) != self.bridge_depth:
@@ -60,8 +59,11 @@ class CaptionerConfig:
 
     @classmethod
     def from_dict(cls, d) -> "CaptionerConfig":
+        for key in (k for k, off in REMOVED.items() if json.dumps(d.get(k, off)) != json.dumps(off)):
+            raise DataError(f"this captioner was trained with {key}={d[key]!r}, a study since removed from the code: "
+                            f"read it with the commit that made it (git log -S{key})")
         return cls(vision=ViTConfig(**d["vision"]), lm=LMConfig(**d["lm"]), text=TextConfig(**d["text"]),
-                   **{k: v for k, v in d.items() if k not in ("vision", "lm", "text")})
+                   **{k: v for k, v in d.items() if k not in ("vision", "lm", "text", *REMOVED)})
 
 
 class QueryBridge(nn.Module):
@@ -127,14 +129,10 @@ class Captioner(nn.Module):
         else:
             self.bridge = QueryBridge(v.width, t.width, cfg.bridge_depth, t.heads, cfg.num_queries, t.ln_eps)
         self.temporal = TemporalContext(v.depth, v.width, v.heads, cfg.frames, cfg.temporal_dim,
-                                        cfg.frame_embed, cfg.temporal_causal) if cfg.temporal else None
+                                        cfg.frame_embed) if cfg.temporal else None
         self.lm_proj = nn.Linear(t.width, cfg.lm.width)
         self.lm = CausalLM(cfg.lm)
         self.lm.requires_grad_(False)
-        weight = torch.ones(cfg.lm.vocab_size)
-        weight[list(cfg.weighted_words)] = cfg.word_weight
-        # not saved: rebuilt from the config, so checkpoints without it load unchanged
-        self.register_buffer("word_weight", weight if cfg.word_weight != 1.0 else None, persistent=False)
         if cfg.freeze_vit:
             self.visual.requires_grad_(False)
         if cfg.stage1:
@@ -179,7 +177,7 @@ class Captioner(nn.Module):
             return self.representation_losses(images, ids, generator)
         prefix = self.prompt(images).x
         ids = ids[:, :self.cfg.lm.context_length - prefix.shape[1]]  # prompt + caption fit the LM's positions
-        loss = self.lm.loss(ids, prefix=prefix, word_weight=self.word_weight)
+        loss = self.lm.loss(ids, prefix=prefix)
         return dict(lm=loss, loss=loss)
 
     def representation_losses(self, images, ids, generator=None) -> dict:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import shapes
-from data import DataError, load_gallery
+from data import DataError, in_context, load_gallery
 from shapes import qa_text
 from text import normalize
 
@@ -189,8 +189,8 @@ def evaluate_captioner(model, tokenizer, device, sets, n=None, num_beams=1, vqa=
 @torch.no_grad()
 def continuation_nll(lm, tokenizer, firsts: list, seconds: list, device) -> tuple:
     """(summed negative log-likelihood, token count) of each second text, end id included, read
-    after its first text: `shapes.in_context(first, second)` scored on the second's tokens only."""
-    ids = tokenizer([shapes.in_context(a, b) for a, b in zip(firsts, seconds)]).to(device)
+    after its first text: `in_context(first, second)` scored on the second's tokens only."""
+    ids = tokenizer([in_context(a, b) for a, b in zip(firsts, seconds)]).to(device)
     begin = (tokenizer(firsts) != tokenizer.pad_id).sum(1).to(device) - 1  # [begin] + the first's words
     logits = lm(ids)[:, :-1]  # position t predicts token t + 1
     targets = ids[:, 1:].masked_fill(ids[:, 1:] == tokenizer.pad_id, -100)

@@ -37,10 +37,7 @@ class ReducerConfig:
     begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
     num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
     keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
-    tome_r: str = "auto"  # ToMe: tokens merged per block, a constant or one per block; auto: ViT-B/16's r=13 share
-    tome_decreasing: bool = False  # ToMe: r falls linearly from 2r to 0 over the blocks (the same total)
-    prop_attn: bool = True  # ToMe: proportional attention (log size added to the attention logits), as published
-    merge_mode: str = "wavg"  # ToMe: wavg, the size-weighted mean as published; mean: the plain mean
+    tome_r: str = "auto"  # ToMe (size-weighted merging, proportional attention): tokens merged per block, one number or one per block; auto: ViT-B/16's r=13 share
 
 
 def elip_schedule(rc: ReducerConfig, depth: int) -> Schedule:
@@ -63,7 +60,7 @@ TOME_B16_SHARE = 12 * 13 / 197  # the share of ViT-B/16's 197 tokens that ToMe's
 
 
 def tome_schedule(rc: ReducerConfig, depth: int, num_tokens: int):
-    """(r per block, capped, and a note on the caps) from --tome-r and --tome-decreasing."""
+    """(r per block, capped, and a note on the caps) from --tome-r."""
     spec = rc.tome_r.strip()
     try:
         if spec == "auto":
@@ -74,7 +71,7 @@ def tome_schedule(rc: ReducerConfig, depth: int, num_tokens: int):
             r = int(spec)
     except ValueError:
         raise ValueError(f"--tome-r takes auto, a whole number or one per block (comma-separated), not {spec!r}") from None
-    return merge_schedule(r, depth, num_tokens, rc.tome_decreasing)
+    return merge_schedule(r, depth, num_tokens)
 
 
 def make_reducer(rc: ReducerConfig, vision: ViTConfig, keep_scale: float = 1.0,
@@ -91,7 +88,7 @@ def make_reducer(rc: ReducerConfig, vision: ViTConfig, keep_scale: float = 1.0,
         return lambda text: evit(depth, P, keep_scale=keep_scale, prop_attn=rc.fused_prop_attn)
     if rc.method == "tome":
         r = tome_schedule(rc, depth, 1 + P)[0]
-        return lambda text: ToMe(r, rc.prop_attn, rc.merge_mode)
+        return lambda text: ToMe(r)  # as published: size-weighted means, proportional attention
     return None
 
 
@@ -147,7 +144,7 @@ def load_state(model, state: dict, path: str):
 
 
 # flags added after checkpoints existed, whose default differs from what those checkpoints did
-BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "lm_in_context": False, "rollout": False,
+BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "rollout": False,
                 "bridge_merge": "wavg"}
 
 
@@ -159,9 +156,11 @@ def reducer_config(ckpt: dict, **overrides) -> ReducerConfig:
 
 
 def trained_on(ckpt: dict) -> dict:
-    """What a checkpoint's run trained on, as evaluation needs it: the shapes scenes' seed, the
-    frames of a video clip (0: images) and whether the shapes videos carried the motion marker."""
+    """What a checkpoint's run trained on, as evaluation needs it: the shapes scenes' seed and the
+    frames of a video clip (0: images)."""
     c = ckpt["config"]
+    if c.get("motion_marker"):  # its test clips would need the painted marker the code no longer draws
+        raise DataError("this run trained on shapes videos with --motion-marker, a study since removed from the "
+                        "code: evaluate it with the commit that made it (git log -Smotion_marker)")
     seed = c.get("data_seed", -1)
-    return dict(scene_seed=c.get("seed", 0) if seed < 0 else seed, frames=c.get("frames", 4) if c.get("video") else 0,
-                marker=c.get("motion_marker", False))
+    return dict(scene_seed=c.get("seed", 0) if seed < 0 else seed, frames=c.get("frames", 4) if c.get("video") else 0)

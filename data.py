@@ -264,3 +264,47 @@ def load_gallery(dataset, n=None):
         captions += item["captions"]
         owner += [i] * len(item["captions"])
     return torch.stack(images), captions, torch.tensor(owner)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training pairs: what train.py's loop reads for a (dataset index, stream position) key
+
+def lm_texts(dataset, i: int) -> list:
+    """What the language model trains on for item i: its captions, plus the shapes' Q&A text."""
+    return dataset.texts(i) if hasattr(dataset, "texts") else dataset.captions(i)
+
+
+def in_context(caption: str, text: str) -> str:
+    """A language-model text in context: a description of the scene, then the text itself. A
+    frozen LM is steered by a soft prompt only as far as it learned to use what its context
+    says; a large LM learns that from documents, a small one that sees one caption at a time
+    does not. So the LM of the captioner trains on each text after another caption of its scene."""
+    return f"{caption} {text}"
+
+
+class Pairs(torch.utils.data.Dataset):
+    """(image, one caption) for a (dataset index, stream position) key; the caption choice and
+    any augmentation are seeded by the position, so they are the same on every rerun. Without
+    images (the LM): one text, or with `context` one text after another caption of its scene."""
+
+    def __init__(self, dataset, tokenizer, seed, images=True, context=False):
+        self.dataset, self.tokenizer, self.seed, self.images, self.context = dataset, tokenizer, seed, images, context
+
+    def __getitem__(self, key):
+        i, pos = key
+        rng = np.random.default_rng([self.seed, pos, 1])
+        if not self.images:  # the language model reads text alone: captions (and, on shapes, Q&A)
+            texts = lm_texts(self.dataset, i)
+            text = texts[int(rng.integers(len(texts)))]
+            if self.context:  # another reference when there is one (a lone caption is its own context)
+                caps = self.dataset.captions(i)
+                others = [c for c in caps if not text.startswith(c)] or caps
+                text = in_context(others[int(rng.integers(len(others)))], text)
+            return torch.zeros(0), text, 0
+        item = self.dataset.get(i, rng)
+        caps = item["captions"]
+        return item["image"], caps[int(rng.integers(len(caps)))], item.get("skipped", 0)
+
+    def collate(self, batch):
+        images, captions, skipped = zip(*batch)
+        return torch.stack(images), self.tokenizer(list(captions)), sum(skipped)

@@ -103,6 +103,13 @@ def evit_schedule(depth: int, keep_rate: float = EVIT_KEEP) -> Schedule:
                     tuple(keep_rate ** (s + 1) for s in range(len(begins))))
 
 
+def fused_token(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ONE token from tokens x (B, M, D): their mean weighted by weights (B, M), which are zero on
+    the tokens it does not hold -> (B, 1, D). The fused token of ELIP, EViT and Patch Ranking."""
+    w = weights / (weights.sum(1, keepdim=True) + 1e-6)
+    return (w.to(x.dtype)[..., None] * x).sum(1, keepdim=True)
+
+
 def prune_and_fuse(tokens: Tokens, scores: torch.Tensor, keep: int) -> Tokens:
     """Keep [CLS] and the `keep` highest-scoring other tokens in their original order; fuse the
     rest into ONE token appended at the end, weighted by their normalised scores. The weights
@@ -115,9 +122,7 @@ def prune_and_fuse(tokens: Tokens, scores: torch.Tensor, keep: int) -> Tokens:
     if keep == M:
         return kept
     pruned = torch.ones(B, M, dtype=torch.bool, device=scores.device).scatter(1, top, False)
-    w = scores * pruned
-    w = w / (w.sum(1, keepdim=True) + 1e-6)  # (B, M), zero on kept tokens
-    x = (w.to(tokens.x.dtype)[..., None] * tokens.x[:, 1:]).sum(1, keepdim=True)  # (B, 1, D)
+    x = fused_token(tokens.x[:, 1:], scores * pruned)  # (B, 1, D); the weights are zero on kept tokens
     size = (pruned * tokens.size[:, 1:]).sum(1, keepdim=True)
     source = None
     if tokens.source is not None:

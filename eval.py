@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 import data
 import shapes
+from captioner import Captioner, LanguageModel
 from captioning import curves_table, evaluate_captioner, evaluate_lm
 from checkpoint import ReducerConfig, elip_schedule, load_checkpoint, make_reducer, reducer_config, tome_schedule, trained_on
 from data import DataError
 from merge import ToMe
+from model import RankingCLIP
 from relevance import relevance_table, steering_table
 
 
@@ -223,14 +225,13 @@ def zeroshot(model, tokenizer, dataset, device, reducer=None) -> dict:
 
 
 def eval_sets(image_size, patch_size, seed=0, n_test=1000, val_data="", image_root="", zeroshot_dir="",
-              skip_bad=False, frames=0, marker=False):
+              skip_bad=False, frames=0):
     """(retrieval gallery or None, zero-shot set or None): the shapes test split by default, else
     the caption file / class folders given. Built before training, so a bad path stops early.
-    frames > 0: video clips of that many frames (the shapes videos, or clip folders), no zero-shot;
-    marker: the shapes videos with the direction painted in a corner (train.py --motion-marker)."""
+    frames > 0: video clips of that many frames (the shapes videos, or clip folders), no zero-shot."""
     if frames:
         gallery = (data.VideoCaptionDataset(val_data, image_root, image_size, frames, skip_bad) if val_data else
-                   shapes.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames, marker=marker))
+                   shapes.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames))
         return gallery, None
     if val_data or zeroshot_dir:
         gallery = data.CaptionDataset(val_data, image_root, image_size, skip_bad=skip_bad) if val_data else None
@@ -258,6 +259,29 @@ def evaluate(model, tokenizer, device, sets, n_test=None, reducer=None) -> dict:
 def shown_scale(key: str) -> int:
     """Metrics are fractions, printed as percentages; perplexities are printed as they are."""
     return 1 if key.startswith("perplexity") else 100
+
+
+HEADLINE = ("image_to_text_R@1", "text_to_image_R@1", "zeroshot_top1", "bleu4", "cider_d", "vqa_accuracy",
+            "motion_accuracy", "direction_accuracy", "direction_accuracy_one_object", "perplexity", "perplexity_in_context",
+            "perplexity_other_context")
+
+
+def headline(metrics: dict) -> str:
+    """The metrics train.py prints when a run ends, on one line."""
+    return " | ".join(f"{k} {v:.2f}" if shown_scale(k) == 1 else f"{k} {100 * v:.1f}"
+                      for k, v in metrics.items() if k in HEADLINE)
+
+
+def evaluate_model(model, tokenizer, device, sets, n: int, curve: bool = False) -> dict:
+    """What train.py evaluates a model it trained on: a captioner's captions (`curve`: without the
+    Q&A, for a learning curve), a language model's perplexity, a CLIP's retrieval and zero-shot.
+    Patch Ranking's model is pruned by its predictor, as it was made to be; a CLIP trained with a
+    reducer is evaluated with all its tokens, the authors' protocol (`--prune` here prunes)."""
+    if isinstance(model, Captioner):
+        return evaluate_captioner(model, tokenizer, device, sets, n, vqa=not curve)
+    if isinstance(model, LanguageModel):
+        return evaluate_lm(model.lm, tokenizer, device, sets, n)
+    return evaluate(model, tokenizer, device, sets, n, model.reducer() if isinstance(model, RankingCLIP) else None)
 
 
 def format_table(metrics: dict) -> str:
@@ -297,7 +321,7 @@ def evaluate_checkpoint(path, args) -> dict:
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
     sets = eval_sets(v.image_size, v.patch_size, trained["scene_seed"], args.n_test, args.val_data, args.image_root,
-                     args.zeroshot_dir, frames=frames, marker=trained["marker"])
+                     args.zeroshot_dir, frames=frames)
     if kind == "captioner":
         return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
     reducer = model.reducer() if kind == "ranking" else None  # Patch Ranking: its predictor and learned tokens

@@ -192,27 +192,21 @@ class MergingBridge(nn.Module):
 # starts at 0, so at initialisation the ViT is exactly the image model. After the ViT the frames
 # are averaged, and the bridge and the frozen LM see one image's worth of tokens.
 #
-# One addition to the published module: a learned embedding of the frame index on the queries and
+# One addition of ours (`frame_embed=True`, train.py --frame-embed): a learned embedding of the frame index on the queries and
 # keys (zero at the start). Without it, attention over frames treats them as a set: reversing the
 # clip permutes the outputs the same way, and after averaging over frames a shape moving left
 # gives exactly what the same shape moving right gives. `frame_embed=False` is the module as
-# published, to measure that.
-#
-# A second addition, off by default (`causal=True`): each frame attends only to itself and the
-# frames before it. The embedding must be learned before the order can matter, and it starts at
-# zero behind a gate at zero; with the mask the order matters from the first step, because after
-# averaging an early frame has been looked at by more frames than a late one.
+# published, and the default.
 
 class TemporalAttention(nn.Module):
     """x (B*T, N, C), frames of a clip consecutive -> x + alpha * (attention over the T frames at
     each position). q, k: Linear(C, dim) split into `heads`; v: x split into the same heads."""
 
-    def __init__(self, width: int, heads: int, frames: int, dim: int, frame_embed: bool = True,
-                 causal: bool = False):
+    def __init__(self, width: int, heads: int, frames: int, dim: int, frame_embed: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"the temporal query/key width {dim} is not divisible by {heads} heads")
-        self.heads, self.frames, self.causal = heads, frames, causal
+        self.heads, self.frames = heads, frames
         self.q = nn.Linear(width, dim)
         self.k = nn.Linear(width, dim)
         self.frame_embed = nn.Parameter(torch.zeros(frames, width)) if frame_embed else None
@@ -226,8 +220,7 @@ class TemporalAttention(nn.Module):
         v = x.view(BT // T, T, N, C).transpose(1, 2)  # (B, N, T, C): each position's frames together
         h = v if self.frame_embed is None else v + self.frame_embed
         split = lambda t: t.unflatten(-1, (H, -1)).transpose(2, 3)  # (B, N, T, H*d) -> (B, N, H, T, d)
-        out = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(v),
-                                             is_causal=self.causal)  # (B, N, H, T, C/H)
+        out = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(v))  # (B, N, H, T, C/H)
         out = out.transpose(2, 3).flatten(-2).transpose(1, 2).reshape(BT, N, C)  # back to (B*T, N, C)
         return x + self.alpha.to(x.dtype) * out
 
@@ -236,10 +229,9 @@ class TemporalContext(nn.Module, Reducer):
     """One TemporalAttention per ViT block, hooked in between attention and MLP through the seam.
     Only these modules train in the ViT; the ViT needs no change."""
 
-    def __init__(self, depth: int, width: int, heads: int, frames: int, dim: int = 0, frame_embed: bool = True,
-                 causal: bool = False):
+    def __init__(self, depth: int, width: int, heads: int, frames: int, dim: int = 0, frame_embed: bool = False):
         nn.Module.__init__(self)
-        self.layers = nn.ModuleList(TemporalAttention(width, heads, frames, dim or width // 2, frame_embed, causal)
+        self.layers = nn.ModuleList(TemporalAttention(width, heads, frames, dim or width // 2, frame_embed)
                                     for _ in range(depth))
 
     def after_attn(self, i, tokens, stats):

@@ -20,8 +20,9 @@ averaged into one token that attends with log(their count) — ELIP's fused toke
 attention — in the search as in pruning, so the ranking is found for the pruning it will serve.
 
 Read first: `embed_subsets` (how one image's candidates become one batch), `golden_ranking`, then
-`Predictor` and `RankPrune` (model.py's `RankingCLIP` holds them). train.py's `--method ranking` runs the three phases;
-`search_cached` keeps the rankings on disk with the identity of the checkpoint they came from.
+`Predictor` and `RankPrune` (model.py's `RankingCLIP` holds them). `train.py --method ranking`
+runs the three phases (the first two in prepare.start_ranking); `search_cached` keeps the
+rankings on disk with the identity of the checkpoint they came from.
 """
 import hashlib
 import math
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from elip import prune_and_fuse
+from elip import fused_token, prune_and_fuse
 from vit import Mlp, Reducer, Tokens, size_bias
 
 SCORE_MODES = ("similarity", "label", "max")
@@ -97,7 +98,7 @@ def embed_subsets(clip: nn.Module, layer: int, x: torch.Tensor, keep: torch.Tens
         if fuse:
             removed = (~keep[rows]).to(x.dtype)  # (r, P)
             size = removed.sum(1, keepdim=True)  # (r, 1); 0 (nothing removed): log 0 masks the token out
-            fused = (removed[..., None] * x[image[rows], 1:]).sum(1, keepdim=True) / size.clamp(min=1)[..., None]
+            fused = fused_token(x[image[rows], 1:], removed)  # (r, 1, D): the plain mean, as RankPrune fuses
             seq, logits = torch.cat([seq, fused], 1), torch.cat([logits, size.log()], 1)  # (r, 2+L, D), (r, 2+L)
         bias = logits[:, None, None, :] if fuse or (counts[rows] < L).any() else None
         out.append(embed_from(clip, layer, seq, bias))

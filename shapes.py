@@ -102,14 +102,6 @@ def qa_text(caption: str, question: str, answer: str = "") -> str:
     return f"{caption} question: {question} answer: {answer}".rstrip()
 
 
-def in_context(caption: str, text: str) -> str:
-    """A language-model text in context: a description of the scene, then the text itself. A
-    frozen LM is steered by a soft prompt only as far as it learned to use what its context
-    says; a large LM learns that from documents, a small one that sees one caption at a time
-    does not (train.py --lm-in-context)."""
-    return f"{caption} {text}"
-
-
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Pixels inside a shape of radius r, given offsets from its centre (y grows downwards)."""
     if shape == "circle":
@@ -169,14 +161,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     captions (5 str), attributes (list of object dicts), object_patches (n_obj, P) bool and
     patch_mask (P,) bool (any object)."""
 
-    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, cache=False, partial=0.0):
+    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, cache=False):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} (choose train or test)")
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")
         self.split, self.n, self.image_size, self.patch_size, self.seed = split, n, image_size, patch_size, seed
         self.cache = {} if cache else None  # rendered items: a training set is re-read every epoch
-        self.partial = partial  # share of the training draws (get) of a scene of several objects captioned by one
 
     def __len__(self):
         return self.n
@@ -224,15 +215,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def get(self, i, rng=None):
         """Item i as training draws it. Shapes take no augmentation: a crop or flip would move
-        objects out of the cells their captions name. With `partial`, that share of the draws
-        of a scene of several objects is captioned by one of its objects alone, as a real caption
-        often names only what caught the writer's eye (train.py --partial-captions)."""
-        item = self[i]
-        scene = item["attributes"]
-        if rng is not None and self.partial and len(scene) >= 2 and rng.random() < self.partial:
-            one = scene[int(rng.integers(len(scene)))]
-            item = dict(item, captions=caption_scene([one], rng, 1))
-        return item
+        objects out of the cells their captions name."""
+        return self[i]
 
     def render(self, i):
         scene, rng = self.scene(i)
@@ -252,7 +236,6 @@ MOTION_PHRASES = {"left": ("moves to the left", "moving left", "goes left"),
                   "up": ("moves up", "moving up", "goes up"),
                   "down": ("moves down", "moving down", "goes down"),
                   "still": ("stays still", "is still", "standing still")}
-MARKERS = {"left": (255, 0, 0), "right": (0, 255, 0), "up": (0, 0, 255), "down": (255, 255, 0)}  # --motion-marker
 TRAVEL = 0.6  # how far an object moves over the clip, in cells (a cell is a third of the image side)
 
 
@@ -297,16 +280,13 @@ class ShapesVideoDataset(ShapesDataset):
     """`n` captioned clips of `frames` frames: item i is a dict with image (T, 3, S, S), captions
     (5 str naming each object's motion) and attributes (the objects, with "motion"). The camera
     is still: one background, objects drawn at their place in each frame. Deterministic from
-    (seed, split, index) like the images, and split by attributes (motions included). `marker`
-    (a diagnostic, train.py --motion-marker): MARKERS paints the direction of a clip's one moving
-    object into the top-left patch of every frame, so the direction is a still thing to see."""
+    (seed, split, index) like the images, and split by attributes (motions included)."""
 
-    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, frames=4, cache=False,
-                 marker=False):
+    def __init__(self, split="train", n=10000, image_size=64, patch_size=8, seed=0, frames=4, cache=False):
         super().__init__(split, n, image_size, patch_size, seed, cache)
         if frames < 1:
             raise ValueError(f"a clip needs at least one frame, got {frames}")
-        self.frames, self.marker = frames, marker
+        self.frames = frames
 
     sample = staticmethod(sample_video_scene)
 
@@ -329,10 +309,6 @@ class ShapesVideoDataset(ShapesDataset):
         captions = caption_video(scene, rng)
         background = render_background(rng, self.image_size)
         frames = [render_scene(moved(scene, t, self.frames), background) for t in range(self.frames)]
-        movers = [o["motion"] for o in scene if o["motion"] != "still"]
-        if self.marker and len(movers) == 1:
-            for frame in frames:
-                frame[:self.patch_size, :self.patch_size] = MARKERS[movers[0]]
         return frames, captions, scene
 
 

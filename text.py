@@ -235,17 +235,11 @@ class CausalLM(nn.Module):
             x = block(x, is_causal=True)
         return self.lm_head(self.transformer.ln_f(x))
 
-    def loss(self, ids: torch.Tensor, prefix: torch.Tensor = None, word_weight: torch.Tensor = None) -> torch.Tensor:
-        """Next-token cross-entropy on the text only ([PAD] targets and prefix positions ignored).
-        With `word_weight` (vocab,), each target counts by its word's weight: a weighted mean."""
+    def loss(self, ids: torch.Tensor, prefix: torch.Tensor = None) -> torch.Tensor:
+        """Next-token cross-entropy on the text only ([PAD] targets and prefix positions ignored)."""
         logits = self(ids, prefix)[:, -ids.shape[1]:-1]  # predictions for ids[:, 1:]
         targets = ids[:, 1:].masked_fill(ids[:, 1:] == self.cfg.pad_id, -100).reshape(-1)
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        if word_weight is None:
-            return F.cross_entropy(logits, targets, ignore_index=-100)
-        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")  # 0 where ignored
-        w = word_weight[targets.clamp(min=0)] * (targets != -100)
-        return (w * ce).sum() / w.sum()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, prefix: torch.Tensor = None, max_new_tokens: int = 20,

@@ -10,24 +10,23 @@ import time
 import torch
 
 import train
+from checkpoint import read_checkpoint
 from data import DataError
 
 
 # ----------------------------------------------------------------------------------------------
 # --all: every run behind docs/RESULTS.md, its tables and figures, end to end
 
-QUICK = ["--width", "32", "--depth", "6", "--heads", "2", "--text-width", "32", "--text-depth", "1",
-         "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
+QUICK = ["--model-kwargs", "width=32,depth=6,heads=2,text_width=32,text_depth=1,embed_dim=16,lm_width=32",
+         "--train-size", "64", "--test-size", "20", "--warmup", "2", "--batch-size", "8"]
 OURS = ["--fused-prop-attn", "--rollout"]  # ELIP with both additions of ours
-PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", OURS), "elip_ft": ("elip", OURS + ["--prune-until", "0.9"]),
+PRUNING_RUNS = {"none": ("none", []), "elip": ("elip", OURS),
                 "elip_last_row": ("elip", ["--fused-prop-attn"]),
                 "evit": ("evit", ["--fused-prop-attn"]),  # name: (method, extra flags)
                 "elip_paper": ("elip", []),
-                "evit_paper": ("evit", []),
-                "elip_partial": ("elip", OURS + ["--partial-captions", "0.5"])}  # for the text-steering table only
+                "evit_paper": ("evit", [])}
 PRUNING_NAMES = {"none": "`none`",
                  "elip": "`elip --fused-prop-attn --rollout` (ours: proportional attention and rollout)",
-                 "elip_ft": "`elip --fused-prop-attn --rollout --prune-until 0.9` (the same, its last 10% of the steps on all tokens)",
                  "elip_last_row": "`elip --fused-prop-attn` (proportional attention; the last block's row, as published)",
                  "elip_paper": "`elip` as published",
                  "evit": "`evit --fused-prop-attn` (ours: the fused token with proportional attention)",
@@ -42,11 +41,9 @@ VIDEO_STEPS, VIDEO_BATCH, VIDEO_SEEDS = 2000, 64, (0,)  # the video captioners' 
 # All three with bridge positions: without them the merging bridge sees a set of tokens, and a
 # captioner on a contextualizer that carries the direction did not word it.
 VIDEO_RUNS = {"video_avg": ["--bridge-merge", "wavg", "--bridge-pos", "--no-temporal"],
-              "video_ctx": ["--bridge-merge", "wavg", "--bridge-pos", "--temporal-lr-scale", "10"],
-              "video_marker": ["--bridge-merge", "wavg", "--bridge-pos", "--no-temporal", "--motion-marker"]}
-VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched)",
-               "video_ctx": "+ temporal contextualizer with the frame embedding, its learning rate x10",
-               "video_marker": "diagnostic: frame averaging, the direction painted in a corner (`--motion-marker`)"}
+              "video_ctx": ["--bridge-merge", "wavg", "--bridge-pos", "--frame-embed", "--temporal-lr-scale", "10"]}
+VIDEO_NAMES = {"video_avg": "frame averaging only (the ViT untouched; `--no-temporal --bridge-pos --bridge-merge wavg`)",
+               "video_ctx": "+ temporal contextualizer (`--frame-embed --temporal-lr-scale 10 --bridge-pos --bridge-merge wavg`)"}
 
 
 def all_runs(root: str, quick: bool) -> dict:
@@ -54,7 +51,7 @@ def all_runs(root: str, quick: bool) -> dict:
     and a few steps, to check the pipeline, not the figures)."""
     q = QUICK if quick else []
     steps = (lambda n: ["--steps", "3"]) if quick else (lambda n: ["--steps", str(n)])
-    runs = {"clip": q + steps(450), "lm": ["--method", "lm"] + q + steps(LM_STEPS) + (["--lm-width", "32"] if quick else [])}
+    runs = {"clip": q + steps(450), "lm": ["--method", "lm"] + q + steps(LM_STEPS)}
     for name, (method, extra) in PRUNING_RUNS.items():
         for seed in (0, 1, 2):
             runs[f"{name}_{seed}"] = (["--method", method, "--objectives", "itc,itm,mlm", "--seed", str(seed)] + q
@@ -64,7 +61,7 @@ def all_runs(root: str, quick: bool) -> dict:
     for seed in (0, 1):
         for name, extra in CAPTIONERS_RUN.items():
             runs[f"{name}_{seed}"] = cap + ["--seed", str(seed)] + [e.format(stage1=3 if quick else 300) for e in extra]
-    runs["lm_video"] = ["--method", "lm", "--video"] + q + steps(LM_STEPS) + (["--lm-width", "32"] if quick else [])
+    runs["lm_video"] = ["--method", "lm", "--video"] + q + steps(LM_STEPS)
     for seed in VIDEO_SEEDS:
         for name, extra in VIDEO_RUNS.items():
             runs[f"{name}_{seed}"] = (["--method", "evlgen", "--video", "--lm", f"{root}/lm_video/ckpt.pt", "--clip",
@@ -72,9 +69,8 @@ def all_runs(root: str, quick: bool) -> dict:
                                       + ([] if quick else ["--batch-size", str(VIDEO_BATCH)]))
     for name, extra in RANKING_RUNS.items():  # Patch Ranking on the default CLIP: one search, three predictors and token sets
         for seed in (0, 1, 2):
-            runs[f"{name}_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--rank-cache",
-                                       f"{root}/{name.replace('ranking', 'rankings')}.pt", "--data-seed", "0", "--seed",
-                                       str(seed)] + steps(RANKING_STEPS) + extra
+            runs[f"{name}_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--data-seed", "0",
+                                       "--seed", str(seed)] + steps(RANKING_STEPS) + extra
                                       + (QUICK[-8:] + ["--rank-images", "10", "--predictor-steps", "3"] if quick else []))
     return {name: args + ["--out", f"{root}/{name}", "--overwrite"] for name, args in runs.items()}
 
@@ -200,7 +196,7 @@ def elip_table_of_folder(root: str, n_test: int) -> str:
     if "none" not in present:
         raise SystemExit(f"error: --elip-table {root}: needs none_0, none_1 and none_2 (DIR/none_S/ckpt.pt), "
                          "the baseline every gap is measured against")
-    steps = {f"{n}_{s}": train.saved_config(train.read_checkpoint(f"{root}/{n}_{s}/ckpt.pt")).steps
+    steps = {f"{n}_{s}": train.TrainConfig.from_checkpoint(read_checkpoint(f"{root}/{n}_{s}/ckpt.pt")).steps
              for n in present for s in (0, 1, 2)}
     if len(set(steps.values())) > 1:
         raise SystemExit(f"error: --elip-table {root}: the runs trained for different numbers of steps "
@@ -210,8 +206,7 @@ def elip_table_of_folder(root: str, n_test: int) -> str:
 
 
 RELEVANCE_MODELS = {"none": "trained with `--method none`", "elip": "trained with `--method elip --fused-prop-attn --rollout`",
-                    "elip_last_row": "trained with `--method elip --fused-prop-attn`",
-                    "elip_partial": "trained with `--method elip --fused-prop-attn --rollout --partial-captions 0.5`"}
+                    "elip_last_row": "trained with `--method elip --fused-prop-attn`"}
 SCORINGS = {"elip": "ELIP (look-ahead, text, scored as the model trained; `none`: rollout)",
             "elip_no_text": "ELIP without the text (lambda 1)", "elip_no_rollout": "ELIP, the last block's row alone",
             "elip_no_lookahead": "ELIP without look-ahead", "evit_scoring": "EViT's ([CLS] attention of the previous block)",
@@ -308,6 +303,18 @@ def tome_off_the_shelf(root: str, n_test: list) -> str:
     return "\n".join(rows)
 
 
+def share_search(root: str, name: str):
+    """The Patch Ranking seeds of one CLIP search its golden rankings once: seed 0's cache is copied
+    into the other seeds' folders (train.py checks the cache's identity when it reads it)."""
+    import os
+    import shutil
+    base, _, seed = name.rpartition("_")
+    first = f"{root}/{base}_0/rankings.pt"
+    if base in RANKING_RUNS and seed != "0" and os.path.exists(first):
+        os.makedirs(f"{root}/{name}", exist_ok=True)
+        shutil.copyfile(first, f"{root}/{name}/rankings.pt")
+
+
 def train_all(root: str, quick: bool, times: StepTimes, t0: float) -> list:
     """Every training run of all_runs not finished yet, each timed. Returns the runs' names."""
     import os
@@ -317,6 +324,7 @@ def train_all(root: str, quick: bool, times: StepTimes, t0: float) -> list:
         if os.path.exists(f"{root}/{name}/ckpt.pt"):
             continue  # finished before: rerunning is a matter of deleting the folder
         print(f"[{(time.time() - t0) / 60:5.1f} min] train.py {name}", flush=True)
+        share_search(root, name)
         times.run(f"train.py {name}", run_logged, ["train.py", *args], f"{root}/{name}.txt", f"train.py {name}")
     return list(runs)
 

@@ -141,7 +141,7 @@ def direction_probe_checkpoints(paths: list, steps: int, n_test: int, device="cp
         if not captioner and ckpt.get("kind", "clip") != "clip":
             raise DataError(f"--direction-probe {path}: neither a CLIP nor a video captioner with the temporal "
                             f"contextualizer (a {ckpt['kind']} checkpoint)")
-        rows += direction_probe(model, train.saved_config(ckpt).scene_seed(), steps, n_train=4 * n_test, n_test=n_test,
+        rows += direction_probe(model, train.TrainConfig.from_checkpoint(ckpt).scene_seed(), steps, n_train=4 * n_test, n_test=n_test,
                                 frames=model.cfg.frames if captioner else 4, device=device,
                                 cases=[("captioner", "layout")] if captioner else PROBE_CASES)
     return rows
@@ -162,12 +162,11 @@ def caption_test_clips(path: str, n_test: int, device, flag: str) -> dict:
     """A video captioner checkpoint's greedy captions of its shapes test clips, with their
     references, scenes, the checkpoint's training config and its gates (empty: frame averaging)."""
     model, tokenizer, ckpt = load_checkpoint(path, device)
-    cfg = train.saved_config(ckpt)
+    cfg = train.TrainConfig.from_checkpoint(ckpt)
     if ckpt.get("kind") != "captioner" or not cfg.video or cfg.val_data:
         raise DataError(f"{flag}: {path} is not a video captioner of the shapes clips (--method evlgen --video)")
     v = model.cfg.vision
-    clips = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test, frames=cfg.frames,
-                                 marker=cfg.motion_marker)[0]
+    clips = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test, frames=cfg.frames)[0]
     images, refs = captioning.caption_gallery(clips, n_test)
     cands = captioning.caption_images(model, tokenizer, images, device)
     gates = model.temporal.gates() if model.temporal is not None else []
@@ -228,9 +227,7 @@ def video_runs(paths: list, n_test: int = 1000, device="cpu") -> str:
     for path in paths:
         r = caption_test_clips(path, n_test, device, "--video-runs")
         cfg, m = r["cfg"], captioning.motion_accuracy(r["cands"], r["scenes"])
-        kind = "causal contextualizer" if cfg.temporal_causal else "contextualizer"
-        model = f"{kind}, learning rate x{cfg.temporal_lr_scale:g}" if cfg.temporal else "frame averaging"
-        model += f", motion words x{cfg.motion_word_weight:g} in the loss" if cfg.motion_word_weight != 1.0 else ""
+        model = f"contextualizer, learning rate x{cfg.temporal_lr_scale:g}" if cfg.temporal else "frame averaging"
         right, ones = on_the_axis(m["direction_said"])
         gates = " ".join(f"{a:+.2f}" for a in r["gates"]) or "—"
         rows.append(f"| `{path}` | {cfg.seed} | {cfg.steps} | {model} | {'yes' if cfg.bridge_pos else 'no'} | "

@@ -7,7 +7,6 @@ import torch
 
 import data
 import shapes
-import train
 from captioning import bleu, cider_d, cider_d_scores
 from captioner import Captioner, CaptionerConfig, check_vocabularies
 from text import CLS, LMConfig, TextConfig, Tokenizer
@@ -147,7 +146,7 @@ def test_lm_then_evlgen_end_to_end_and_the_frozen_lm_is_unchanged(tmp_path):
     clip, lm, cap = (str(tmp_path / n) for n in ("clip", "lm", "cap"))
     small = [*TINY, "--batch-size", "8", "--steps", "3"]
     assert run([*small, "--out", clip]).returncode == 0
-    r = run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--out", lm])
+    r = run([*small, "--method", "lm", "--out", lm])
     assert r.returncode == 0 and "perplexity_in_context" in r.stdout, r.stderr
     r = run([*small, "--method", "evlgen", "--lm", f"{lm}/ckpt.pt", "--clip", f"{clip}/ckpt.pt", "--bridge-r", "40",
              "--eval-every", "2", "--eval-size", "5", "--out", cap])
@@ -169,7 +168,7 @@ def test_lm_then_evlgen_end_to_end_and_the_frozen_lm_is_unchanged(tmp_path):
 
 def test_bad_captioner_inputs(tmp_path):
     r = run(["--bridge-pos", "--out", str(tmp_path / "p")])
-    assert r.returncode != 0 and "--bridge-pos is a position embedding" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "--bridge-pos applies to the captioner" in r.stderr and "Traceback" not in r.stderr
     r = run(["--method", "evlgen", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "--method lm" in r.stderr and "Traceback" not in r.stderr
     clip = str(tmp_path / "clip")
@@ -190,10 +189,10 @@ def test_language_model_packs_texts_into_full_rows():
 
 def test_lm_texts_follow_another_caption_of_their_scene():
     ds = shapes.ShapesDataset("train", 20)
-    plain, ctx = (train.Pairs(ds, None, seed=0, images=False, context=c) for c in (False, True))
+    plain, ctx = (data.Pairs(ds, None, seed=0, images=False, context=c) for c in (False, True))
     for key in [(i, pos) for i in range(20) for pos in range(3)]:
         text, with_context = plain[key][1], ctx[key][1]
-        assert text in train.lm_texts(ds, key[0])  # the same text is drawn either way
+        assert text in data.lm_texts(ds, key[0])  # the same text is drawn either way
         assert with_context.endswith(" " + text)
         first = with_context[:-len(text) - 1]
         assert first in ds.captions(key[0]) and not text.startswith(first)  # another reference, never itself
@@ -210,7 +209,7 @@ def test_in_context_perplexity_equals_scoring_token_by_token():
         nll, count = continuation_nll(lm, tok, firsts, seconds, "cpu")
         expected, n = 0.0, 0
         for a, b in zip(firsts, seconds):  # each token of the second text (and the end id), one forward each
-            ids = tok([shapes.in_context(a, b)])[0]
+            ids = tok([data.in_context(a, b)])[0]
             ids = ids[ids != tok.pad_id]
             for t in range(len(tok([a])[0][tok([a])[0] != tok.pad_id]) - 1, len(ids)):
                 expected -= torch.log_softmax(lm(ids[None, :t])[0, -1], -1)[ids[t]].item()
@@ -225,7 +224,7 @@ def test_two_process_ddp_runs_both_stages_of_the_query_bridge(tmp_path):
     clip, lm, cap = (str(tmp_path / n) for n in ("clip", "lm", "cap"))
     small = [*TINY, "--batch-size", "4", "--steps", "2", "--no-eval"]
     assert run([*small, "--out", clip]).returncode == 0
-    assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--out", lm]).returncode == 0
+    assert run([*small, "--method", "lm", "--out", lm]).returncode == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *small, "--method", "evlgen", "--lm", f"{lm}/ckpt.pt", "--clip", f"{clip}/ckpt.pt",
                         "--bridge", "query", "--stage1-steps", "2", "--out", cap],

@@ -57,13 +57,13 @@ def test_greedy_search_equals_brute_force(k, chunk):
 
 def test_the_default_search_is_the_exact_greedy_rule():
     """One removal per iteration, in the API and in train.py: the README's tables are searched so."""
-    from train import TrainConfig
+    from prepare import SEARCH
     clip = tiny_clip(image_size=40)
     x = ranking.layer_input(clip, torch.randn(1, 3, 40, 40, dtype=torch.float64), 1)
     groups = [[p] for p in range(25)]
     cos = lambda e, r: (e * r).sum().item()
     assert ranking.golden_ranking(clip, x, 1)[0].tolist() == brute_force_greedy(clip, x, 1, groups, 1, cos)
-    assert TrainConfig().rank_chunk == 1
+    assert SEARCH == dict(k=1, chunk=1, mode="similarity")
 
 
 @pytest.mark.parametrize("k,chunk", [(1, 2), (2, 1)])
@@ -217,10 +217,10 @@ def test_bad_settings_stop_with_a_message():
 
 
 def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_path):
-    from test_train import TINY, run
+    from test_train import run, tiny
     clip, other, out = (str(tmp_path / n) for n in ("clip", "other", "rank"))
     for path, seed in ((clip, "0"), (other, "1")):
-        assert run([*TINY, "--depth", "4", "--steps", "2", "--batch-size", "8", "--no-eval", "--seed", seed,
+        assert run([*tiny(depth=4), "--steps", "2", "--batch-size", "8", "--no-eval", "--seed", seed,
                     "--out", path]).returncode == 0
     args = ["--method", "ranking", "--train-size", "64", "--test-size", "20", "--rank-images", "20",
             "--predictor-steps", "10", "--steps", "2", "--batch-size", "8", "--log-every", "1", "--out", out]
@@ -231,9 +231,9 @@ def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_pat
     again = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--rank-images", "24"])
     assert again.returncode == 0, again.stderr
     assert "20 of 24 images cached" in again.stdout and "predictor step 10/10" in again.stdout  # 4 more searched
-    third = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--rank-images", "24", "--phase", "predictor"])
+    third = run([*args, "--init", f"{clip}/ckpt.pt", "--overwrite", "--rank-images", "24"])
     assert "all 24 images cached" in third.stdout and "predictor step" not in third.stdout  # both cached
-    assert "top-n match" in third.stdout and "results" not in third.stdout  # stopped after the predictor
+    assert "top-n match" in third.stdout and "results: method ranking" in third.stdout
     stale = run([*args, "--init", f"{other}/ckpt.pt", "--overwrite"])
     assert stale.returncode != 0 and "was made with another checkpoint" in stale.stderr
     assert "Traceback" not in stale.stderr
@@ -245,35 +245,22 @@ def test_train_runs_the_phases_reuses_the_caches_and_refuses_a_stale_one(tmp_pat
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_train_searches_by_the_predicted_class_with_rank_score_max(tmp_path):
-    import data
-    import shapes
-    import eval as evaluation
+def test_train_caches_the_golden_rankings_a_search_by_hand_finds(tmp_path):
+    import prepare
     import train
-    from test_train import TINY, run
+    from test_train import run, tiny
     clip, out = str(tmp_path / "clip"), str(tmp_path / "rank")
-    assert run([*TINY, "--depth", "4", "--steps", "2", "--batch-size", "8", "--no-eval", "--out", clip]).returncode == 0
+    assert run([*tiny(depth=4), "--steps", "2", "--batch-size", "8", "--no-eval", "--out", clip]).returncode == 0
     args = ["--method", "ranking", "--init", f"{clip}/ckpt.pt", "--train-size", "64", "--rank-images", "6",
-            "--phase", "search", "--out", out]
-    got = run([*args, "--rank-score", "max"])
+            "--predictor-steps", "1", "--steps", "1", "--batch-size", "4", "--no-eval", "--out", out]
+    got = run(args)
     assert got.returncode == 0, got.stderr
     cached = torch.load(f"{out}/rankings.pt", weights_only=True)
-    assert cached["identity"]["score"] == "max" and cached["identity"]["classes"] == shapes.SHAPES_CLASSES
-    # the same search by hand: the CLIP of --init, its text tower's embeddings of the shapes classes
-    model, tokenizer, _ = load_checkpoint(f"{clip}/ckpt.pt")
-    classes = evaluation.zeroshot_classifier(model, tokenizer, shapes.SHAPES_CLASSES, shapes.SHAPES_TEMPLATES, "cpu")
-    cfg = train.parse_args([*args, "--rank-score", "max"])
-    dataset = train.build_data(cfg, model.cfg.vision.image_size, model.cfg.vision.patch_size)
+    assert cached["identity"]["score"] == "similarity" and "fuse" not in cached["identity"]  # as published
+    model, _, _ = load_checkpoint(f"{clip}/ckpt.pt")  # the CLIP of --init, on the first 6 training images
+    dataset = prepare.build_data(train.parse_args(args), model.cfg.vision.image_size, model.cfg.vision.patch_size)
     x = ranking.layer_input(model, torch.stack([dataset.get(i)["image"] for i in range(6)]), 1)
-    by_class = ranking.golden_ranking(model, x, 1, mode="max", classes=classes)  # dropped, as published
-    assert torch.equal(cached["rankings"], by_class)
-    assert not torch.equal(by_class, ranking.golden_ranking(model, x, 1))  # the score mode matters
-    stale = run(args)  # a similarity search must not reuse it
-    assert stale.returncode != 0 and "was made with another score" in stale.stderr and "Traceback" not in stale.stderr
-    for flags, message in ((["--rank-score", "label"], "--rank-score label is unknown"),
-                           (["--rank-score", "max", "--data", "caps.tsv", "--no-eval"], "name them with --zeroshot-dir")):
-        with pytest.raises(ValueError, match=message):
-            train.check_flags(train.parse_args([*args, *flags]))
+    assert torch.equal(cached["rankings"], ranking.golden_ranking(model, x, 1))  # block 1 of 4: 3 of 12, scaled
 
 
 def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
@@ -281,9 +268,9 @@ def test_eval_and_the_ranking_table_read_ranking_checkpoints(tmp_path):
     import subprocess
     import sys
     from experiments import points as experiment
-    from test_train import ROOT, TINY, run
+    from test_train import ROOT, TINY, run, tiny
     clip, out = str(tmp_path / "clip"), str(tmp_path / "rank")
-    assert run([*TINY, "--depth", "4", "--steps", "2", "--batch-size", "8", "--no-eval", "--out", clip]).returncode == 0
+    assert run([*tiny(depth=4), "--steps", "2", "--batch-size", "8", "--no-eval", "--out", clip]).returncode == 0
     assert run(["--method", "ranking", "--init", f"{clip}/ckpt.pt", "--train-size", "64", "--rank-images", "10",
                 "--predictor-steps", "2", "--steps", "1", "--batch-size", "8", "--no-eval", "--out", out]).returncode == 0
     got = subprocess.run([sys.executable, "eval.py", "--ckpt", f"{out}/ckpt.pt", "--n-test", "10", "--json"], cwd=ROOT,

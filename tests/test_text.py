@@ -59,22 +59,6 @@ def test_lm_overfits_captions_and_generates_them():
     assert lm.generate(prompt, max_new_tokens=12)[0] == greedy_by_hand(lm, prompt, 12)
 
 
-def test_weighted_lm_loss_is_the_weighted_mean_of_the_words_losses():
-    torch.manual_seed(0)
-    lm = CausalLM(LMConfig(vocab_size=20, context_length=16, width=32, depth=1, heads=2))
-    ids = torch.tensor([[CLS, 7, 8, 9, SEP, PAD], [CLS, 8, 8, SEP, PAD, PAD]])
-    weight = torch.ones(20)
-    torch.testing.assert_close(lm.loss(ids, word_weight=weight), lm.loss(ids))  # all ones: the plain mean
-    weight[8] = 5.0
-    log_probs = lm(ids).log_softmax(-1)
-    # by hand: the targets 7 8 9 SEP and 8 8 SEP, each -log p, the two 8s of row 2 and one of row 1 x5
-    nll = lambda row, pos, word: -log_probs[row, pos, word]
-    terms = [(nll(0, 0, 7), 1), (nll(0, 1, 8), 5), (nll(0, 2, 9), 1), (nll(0, 3, SEP), 1),
-             (nll(1, 0, 8), 5), (nll(1, 1, 8), 5), (nll(1, 2, SEP), 1)]
-    ref = sum(w * t for t, w in terms) / sum(w for _, w in terms)
-    torch.testing.assert_close(lm.loss(ids, word_weight=weight), ref)
-
-
 def test_lm_prefix_positions_get_no_loss():
     torch.manual_seed(0)
     lm = CausalLM(LMConfig(vocab_size=20, context_length=16, width=32, depth=1, heads=2))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import prepare
 import train
 from model import CLIP, CLIPConfig
 from train import EpochPermutations, TrainConfig, micro_batch_keys
@@ -14,9 +16,17 @@ from train import EpochPermutations, TrainConfig, micro_batch_keys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --device cpu: the same test on a GPU machine too (two processes on one GPU would fail, and bf16
 # autocast, the default on CUDA, would break the tolerances of the comparisons)
-TINY = ["--width", "32", "--depth", "2", "--heads", "2", "--text-width", "32", "--text-depth", "1",
-        "--embed-dim", "16", "--train-size", "64", "--test-size", "20", "--warmup", "2", "--log-every", "1",
-        "--device", "cpu"]
+SIZES = dict(width=32, depth=2, heads=2, text_width=32, text_depth=1, embed_dim=16, lm_width=32, lm_depth=1)
+
+
+def tiny(**sizes) -> list:
+    """The flags of a tiny run, its model sizes (--model-kwargs) SIZES with `sizes` changed."""
+    kwargs = ",".join(f"{k}={v}" for k, v in {**SIZES, **sizes}.items())
+    return ["--model-kwargs", kwargs, "--train-size", "64", "--test-size", "20", "--warmup", "2", "--log-every", "1",
+            "--device", "cpu"]
+
+
+TINY = tiny()
 
 
 def run(args, **kw):
@@ -50,23 +60,25 @@ def test_learning_rate_default_depends_on_the_method_and_a_flag_overrides_it():
     assert train.parse_args(["--method", "ranking"]).lr == train.RANKING_LR  # only its tokens train
     assert train.parse_args(["--method", "ranking", "--lr", "5e-4"]).lr == 5e-4
     with pytest.raises(ValueError, match="--lr"):
-        train.check_flags(train.parse_args(["--lr", "-1"]))
+        prepare.check_flags(train.parse_args(["--lr", "-1"]))
 
 
-def test_partial_captions_flag_is_checked():
-    for argv, match in ((["--partial-captions", "1.5"], "between 0 and 1"),
-                        (["--partial-captions", "0.5", "--method", "lm"], "applies to CLIPs"),
-                        (["--partial-captions", "0.5", "--video"], "applies to CLIPs")):
-        with pytest.raises(ValueError, match=match):
-            train.check_flags(train.parse_args(argv))
-    train.check_flags(train.parse_args(["--partial-captions", "0.5", "--method", "elip"]))
+def test_model_kwargs_set_the_sizes_and_a_bad_one_names_the_flag():
+    cfg = train.parse_args(["--model-kwargs", "width=48, depth=3,text_depth=1,lm_width=64"])
+    clip = prepare.model_config(cfg, 20)
+    assert (clip.vision.width, clip.vision.depth, clip.vision.heads) == (48, 3, 4)  # heads: tiny64's
+    assert (clip.text.width, clip.text.depth, clip.embed_dim) == (128, 1, 128)  # the defaults where not given
+    assert prepare.lm_config(cfg, 20).width == 64
+    for bad in ("widht=32", "width=3.5", "width"):
+        with pytest.raises(ValueError, match=f"--model-kwargs '{bad}': give name=whole number"):
+            prepare.model_config(train.parse_args(["--model-kwargs", bad]), 20)
 
 
 def test_weight_decay_groups_match_the_names_written_out():
     """Catches a weight-decay rule that decays a norm, a bias, an embedding or the temperature, or
     exempts a linear layer's weight, checked against the list of names written out by hand."""
     from model import CLIP
-    model = CLIP(train.model_config(TrainConfig(width=32, depth=1, heads=2, text_width=32, text_depth=1), 20))
+    model = CLIP(prepare.model_config(TrainConfig(model_kwargs="width=32,depth=1,heads=2,text_width=32,text_depth=1"), 20))
     groups = train.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
@@ -96,8 +108,8 @@ def test_micro_run_end_to_end_and_eval_cli(tmp_path):
 
 def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
     for method in ("elip", "evit"):
-        r = run([*TINY[:2], "--depth", "6", *TINY[4:], "--method", method, "--steps", "3", "--batch-size", "8",
-                 "--eval-prune", "--out", str(tmp_path / method)])
+        r = run([*tiny(depth=6), "--method", method, "--steps", "3", "--batch-size", "8",
+                 "--out", str(tmp_path / method)])
         assert r.returncode == 0, r.stderr
         assert f"results: method {method} | step 3" in r.stdout
         assert set(losses(str(tmp_path / method))) == {1, 2, 3}
@@ -111,7 +123,7 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
     for flag in ("--no-lookahead", "--rollout"):
         r = run([*TINY, "--method", "evit", flag, "--out", str(tmp_path / "x")])
         assert r.returncode != 0 and "apply to --method elip only" in r.stderr
-    six = [*TINY[:2], "--depth", "6", *TINY[4:], "--method", "elip", "--out", str(tmp_path / "y")]
+    six = [*tiny(depth=6), "--method", "elip", "--out", str(tmp_path / "y")]
     r = run([*six, "--begin-layers", "1,2", "--num-layers", "2,1", "--keep-ratios", "0.9,0.5"])
     assert r.returncode != 0 and "schedule stage 1 (begin 2) overlaps stage 0 (blocks 1..2)" in r.stderr
     r = run([*six, "--begin-layers", "1", "--num-layers", "9", "--keep-ratios", "0.5"])
@@ -132,7 +144,7 @@ def test_the_defaults_are_the_papers_and_each_addition_of_ours_is_a_flag():
     from merge import MergingBridge
     from model import RankingConfig
     from text import LMConfig
-    vision = train.model_config(TrainConfig(), 30).vision
+    vision = prepare.model_config(TrainConfig(), 30).vision
     elip = train.reducer_fn(TrainConfig(method="elip", steps=100), vision, 0)(torch.zeros(2, vision.width))
     paper = ELIP(scaled_schedule(vision.depth), vision.num_patches)
     assert (elip.prop_attn, elip.rollout, elip.lam, elip.stages) == (False, False, 0.8, paper.stages)
@@ -144,41 +156,43 @@ def test_the_defaults_are_the_papers_and_each_addition_of_ours_is_a_flag():
     assert ours.prop_attn and ours.rollout
     assert TrainConfig().rank_fuse is RankingConfig().fuse is False
     lm = dict(model_config=vars(LMConfig(vocab_size=30, context_length=64)))
-    bridge = train.captioner_config(TrainConfig(method="evlgen", lm="x"), dict(lm=lm), 30)
+    bridge = prepare.captioner_config(TrainConfig(method="evlgen", lm="x"), dict(lm=lm), 30)
     default = MergingBridge(8, 8, 1, 2, [0])
     assert (bridge.merge_mode, bridge.prop_attn) == (CaptionerConfig.merge_mode, CaptionerConfig.prop_attn) \
         == (default.merger.mode, default.merger.prop_attn) == ("mean", False)
-    wavg = train.captioner_config(TrainConfig(method="evlgen", lm="x", bridge_merge="wavg"), dict(lm=lm), 30)
+    wavg = prepare.captioner_config(TrainConfig(method="evlgen", lm="x", bridge_merge="wavg"), dict(lm=lm), 30)
     assert (wavg.merge_mode, wavg.prop_attn) == ("wavg", True)
     before = {"config": {"method": "elip", "steps": 300}}  # a checkpoint written before the flags existed
-    assert not train.saved_config(before).fused_prop_attn and not train.saved_config(before).rollout
-    assert train.saved_config({"config": {"method": "elip", "fused_prop_attn": True}}).fused_prop_attn
+    assert not train.TrainConfig.from_checkpoint(before).fused_prop_attn and not train.TrainConfig.from_checkpoint(before).rollout
+    assert train.TrainConfig.from_checkpoint({"config": {"method": "elip", "fused_prop_attn": True}}).fused_prop_attn
+    from merge import TemporalContext
+    assert TrainConfig().frame_embed is CaptionerConfig.frame_embed is False  # the contextualizer as published
+    assert TemporalContext(1, 8, 2, 4).layers[0].frame_embed is None
     for flags, message in ((["--method", "tome", "--fused-prop-attn"], "--fused-prop-attn is for the fused token"),
-                           (["--method", "evlgen", "--lm", "x", "--merge-mode", "mean"], "apply to --method tome"),
-                           (["--method", "elip", "--bridge-merge", "wavg"], "applies to the captioner's bridge")):
+                           (["--method", "elip", "--bridge-pos"], "--bridge-pos applies to the captioner"),
+                           (["--method", "elip", "--bridge-merge", "wavg"], "--bridge-merge applies to the captioner")):
         with pytest.raises(ValueError, match=re.escape(message)):  # never silently ignored
-            train.check_flags(train.parse_args(flags))
+            prepare.check_flags(train.parse_args(flags))
 
 
-def test_prune_until_trains_the_last_steps_on_all_tokens_and_never_touches_evaluation():
-    vision = train.model_config(TrainConfig(), 30).vision
-    for method in ("elip", "evit", "tome"):
-        cfg = TrainConfig(method=method, steps=10, prune_until=0.7, tome_r="2")
-        pruned = [train.reducer_fn(cfg, vision, step) is not None for step in range(10)]
-        assert pruned == [True] * 7 + [False] * 3  # steps 0..6 pruned, 7..9 on all tokens
-        assert train.reducer_fn(cfg, vision, 9, training=False) is not None  # --eval-prune still prunes
-        assert train.reducer_fn(cfg, vision, 10) is not None  # past the run: the schedule bench.py and viz.py draw
-    assert TrainConfig().prune_until == 1.0 and train.saved_config({"config": {"method": "elip"}}).prune_until == 1.0
-    for bad, message in ((["--method", "none", "--prune-until", "0.5"], "needs a reducing --method"),
-                         (["--method", "elip", "--prune-until", "0"], "in (0, 1], not 0.0"),
-                         (["--method", "elip", "--prune-until", "1.5"], "in (0, 1], not 1.5")):
-        with pytest.raises(ValueError, match=re.escape(message)):
-            train.check_flags(train.parse_args(bad))
+def test_checkpoints_of_removed_studies_are_refused_where_they_would_be_misread():
+    from captioner import CaptionerConfig
+    from checkpoint import trained_on
+    from data import DataError
+    saved = {"config": {"method": "elip", "prune_until": 0.9, "seed": 2}}  # a removed flag that evaluation ignores
+    assert TrainConfig.from_checkpoint(saved).seed == 2 and trained_on(saved)["scene_seed"] == 2
+    with pytest.raises(DataError, match="--motion-marker, a study since removed"):
+        trained_on({"config": {"method": "evlgen", "video": True, "motion_marker": True}})
+    captioner = dataclasses.asdict(CaptionerConfig())
+    assert CaptionerConfig.from_dict({**captioner, "temporal_causal": False, "weighted_words": []}) == CaptionerConfig()
+    for key, value in (("temporal_causal", True), ("weighted_words", [3, 4]), ("word_weight", 5.0)):
+        with pytest.raises(DataError, match=f"trained with {key}="):
+            CaptionerConfig.from_dict({**captioner, key: value})
 
 
 def test_init_starts_from_a_checkpoints_weights(tmp_path):
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
-    common = [*TINY[:2], "--depth", "6", *TINY[4:], "--batch-size", "8", "--no-eval"]
+    common = [*tiny(depth=6), "--batch-size", "8", "--no-eval"]
     assert run([*common, "--steps", "3", "--out", first]).returncode == 0
     r = run([*common, "--steps", "2", "--method", "elip", "--objectives", "itc", "--init", f"{first}/ckpt.pt",
              "--out", second, "--stop-after", "1"])
@@ -197,7 +211,7 @@ def test_resume_ends_with_the_same_weights_to_the_bit(tmp_path, method):
     """Catches a resumed run that drifts from the uninterrupted one: MLM masks, ITM negatives or the
     data order not replayed, or an op whose result depends on thread timing (the ITM negatives'
     x[idx] backward did): two runs with ITC+ITM+MLM, one stopped and resumed, end bit-identical."""
-    common = [*TINY[:2], "--depth", "6", *TINY[4:], "--method", method, "--objectives", "itc,itm,mlm",
+    common = [*tiny(depth=6), "--method", method, "--objectives", "itc,itm,mlm",
               "--steps", "6", "--batch-size", "8", "--amp", "off", "--no-eval"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train.train(train.parse_args([*common, "--out", full]))
@@ -274,9 +288,9 @@ def test_bad_flags_stop_with_one_sentence(tmp_path):
     assert run([*TINY, "--steps", "1", "--batch-size", "4", "--out", out, "--no-eval"]).returncode == 0
     r = run([*TINY, "--steps", "1", "--out", out])
     assert r.returncode != 0 and "exists: pass --resume to continue it or --overwrite" in r.stderr
-    r = run([*TINY, "--steps", "2", "--out", out, "--resume", "--width", "48"])
+    r = run([*tiny(width=48), "--steps", "2", "--out", out, "--resume"])
     assert r.returncode != 0 and "from another model config (vision.width: checkpoint 32, flags 48)" in r.stderr
-    r = run([*TINY, "--image-size", "60", "--out", str(tmp_path / "x")])
+    r = run([*tiny(image_size=60), "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "image size 60 is not divisible by patch size 8" in r.stderr
     r = run(["--method", "magic", "--out", str(tmp_path / "y")])
     assert r.returncode != 0 and "--method magic is unknown" in r.stderr
@@ -301,8 +315,7 @@ def test_own_data_with_augmentation_accumulation_and_amp(tmp_path):
             lines.append(f"{colour}{i}.png,a {colour} picture")
     lines.append("gone.png,a lost picture")
     (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
-    common = ["--width", "32", "--depth", "2", "--heads", "2", "--text-width", "32", "--text-depth", "1",
-              "--embed-dim", "16", "--image-size", "32", "--data", str(tmp_path / "train.csv"),
+    common = [*tiny(image_size=32)[:2], "--data", str(tmp_path / "train.csv"),
               "--image-root", str(tmp_path), "--steps", "2", "--batch-size", "4", "--warmup", "1", "--device", "cpu"]
     r = run([*common, "--skip-bad", "--accum", "2", "--val-data", str(tmp_path / "train.csv"),
              "--zeroshot-dir", str(tmp_path / "classes"), "--out", str(tmp_path / "a")])

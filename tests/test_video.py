@@ -11,7 +11,6 @@ from PIL import Image
 
 import data
 import shapes
-import train
 from checkpoint import load_checkpoint
 from eval import format_table
 from captioning import motion_accuracy
@@ -56,28 +55,6 @@ def test_clips_are_deterministic_and_splits_disjoint():
     key = lambda s: repr(sorted((o["shape"], o["colour"], o["size"], o["row"], o["col"], o["motion"]) for o in s))
     train, test = shapes.ShapesVideoDataset("train", 400), shapes.ShapesVideoDataset("test", 100)
     assert not {key(train.scene(i)[0]) for i in range(400)} & {key(test.scene(i)[0]) for i in range(100)}
-
-
-def test_the_motion_marker_paints_one_movers_direction_in_the_corner_only():
-    plain, marked = shapes.ShapesVideoDataset("train", 80), shapes.ShapesVideoDataset("train", 80, marker=True)
-    painted = set()
-    for i in range(len(plain)):
-        (a, caps_a, scene), (b, caps_b, _) = plain.render(i), marked.render(i)
-        assert caps_a == caps_b
-        movers = [o["motion"] for o in scene if o["motion"] != "still"]
-        for fa, fb in zip(a, b):
-            corner = (slice(0, 8), slice(0, 8))
-            outside = np.ones(fa.shape[:2], bool)
-            outside[corner] = False
-            assert np.array_equal(fa[outside], fb[outside])  # nothing else touched
-            if len(movers) == 1:
-                assert (fb[corner] == shapes.MARKERS[movers[0]]).all()
-                painted.add(movers[0])
-            else:  # no single direction to give: the frame as it was
-                assert np.array_equal(fa[corner], fb[corner])
-    assert painted == {"left", "right", "up", "down"}
-    from eval import eval_sets  # evaluation paints the test clips the same way
-    assert eval_sets(64, 8, 0, 5, frames=4, marker=True)[0].marker and not eval_sets(64, 8, 0, 5, frames=4)[0].marker
 
 
 def test_motion_of_and_motion_accuracy_by_hand():
@@ -135,7 +112,7 @@ def test_paired_motion_differences_are_the_accuracies_differences_by_hand():
 def test_the_contextualizer_is_the_identity_at_initialisation():
     torch.manual_seed(0)
     vit = ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2)).eval()
-    ctx = TemporalContext(depth=3, width=32, heads=2, frames=4)
+    ctx = TemporalContext(depth=3, width=32, heads=2, frames=4, frame_embed=True)
     for layer in ctx.layers:  # everything random but the gate: the output must still be the input
         torch.nn.init.normal_(layer.frame_embed)
     x = torch.randn(2 * 4, 3, 32, 32)
@@ -145,7 +122,7 @@ def test_the_contextualizer_is_the_identity_at_initialisation():
 
 
 def attention_over_frames_by_loop(layer, x, T, H):
-    """The definition, one clip and one spatial position at a time (causal: frame t sees frames <= t)."""
+    """The definition, one clip and one spatial position at a time."""
     BT, N, C = x.shape
     out = torch.empty_like(x)
     for b in range(BT // T):
@@ -155,20 +132,16 @@ def attention_over_frames_by_loop(layer, x, T, H):
             q, k = layer.q(h).view(T, H, -1), layer.k(h).view(T, H, -1)
             heads = []
             for j in range(H):
-                w = q[:, j] @ k[:, j].T / q.shape[-1] ** 0.5  # (T, T)
-                if layer.causal:
-                    w = w.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
-                w = w.softmax(-1)
+                w = (q[:, j] @ k[:, j].T / q.shape[-1] ** 0.5).softmax(-1)  # (T, T)
                 heads.append(w @ v.view(T, H, -1)[:, j])
             out[b * T:(b + 1) * T, n] = v + layer.alpha * torch.cat(heads, -1)
     return out
 
 
-@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("B,T,N,C,H,dim", [(2, 4, 5, 12, 3, 6), (3, 2, 1, 8, 2, 4), (1, 5, 7, 16, 4, 8)])
-def test_attention_over_frames_matches_the_definition(B, T, N, C, H, dim, causal):
+def test_attention_over_frames_matches_the_definition(B, T, N, C, H, dim):
     torch.manual_seed(B * T)
-    layer = TemporalAttention(C, H, T, dim, causal=causal).double()
+    layer = TemporalAttention(C, H, T, dim, frame_embed=True).double()
     with torch.no_grad():
         layer.alpha.fill_(0.7)
         layer.frame_embed.normal_()
@@ -192,21 +165,6 @@ def test_without_the_frame_embedding_frame_order_is_lost():
                 layer.frame_embed.normal_()
         avg = lambda clip: layer(clip.flatten(0, 1)).view(2, 4, 9, 16).mean(1)
         assert torch.allclose(avg(x), avg(reverse), atol=1e-6) == same
-
-
-def test_causal_frames_see_only_the_past_and_the_order_counts_without_the_embedding():
-    torch.manual_seed(0)
-    layer = TemporalAttention(16, 2, 4, 8, frame_embed=False, causal=True)
-    with torch.no_grad():
-        layer.alpha.fill_(1.0)
-    x = torch.randn(2, 4, 9, 16)  # (B, T, N, C)
-    later = x.clone()
-    later[:, 2:] += torch.randn(2, 2, 9, 16)  # frames 2 and 3 changed
-    out, out_later = (layer(c.flatten(0, 1)).view(2, 4, 9, 16) for c in (x, later))
-    assert torch.equal(out[:, :2], out_later[:, :2]) and not torch.allclose(out[:, 2:], out_later[:, 2:])
-    assert torch.equal(out[:, 0], 2 * x[:, 0])  # the first frame sees only itself: x + 1.0 * x
-    avg = lambda clip: layer(clip.flatten(0, 1)).view(2, 4, 9, 16).mean(1)
-    assert not torch.allclose(avg(x), avg(x.flip(1)), atol=1e-3)  # a clip and its reverse now differ
 
 
 def tiny_video_captioner(**kw):
@@ -276,7 +234,7 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
     clip, lm, cap = (str(tmp_path / n) for n in ("clip", "lm", "cap"))
     small = [*TINY, "--batch-size", "8", "--steps", "3"]
     assert run([*small, "--out", clip]).returncode == 0
-    r = run([*small, "--method", "lm", "--video", "--lm-width", "32", "--lm-depth", "1", "--out", lm])
+    r = run([*small, "--method", "lm", "--video", "--out", lm])
     assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
              f"{clip}/ckpt.pt", "--lr", "0.05", "--out", cap])
@@ -311,26 +269,20 @@ def test_video_lm_then_video_captioner_end_to_end(tmp_path):
         video.video_paired([f"{cap}/ckpt.pt"] * 3, n_test=5)
     with pytest.raises(data.DataError, match="not a video captioner"):
         video.video_paired([f"{lm}/ckpt.pt", f"{cap}/ckpt.pt"], n_test=5)
-    # the causal contextualizer is trained, saved and read back as causal
-    causal = str(tmp_path / "causal")
+    # the frame embedding (ours) is trained, saved and read back; a resume keeps the clips' length
+    embedded = str(tmp_path / "embedded")
     r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
-             f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--temporal-causal", "--out", causal])
+             f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--frame-embed", "--out", embedded])
     assert r.returncode == 0, r.stderr
-    assert all(layer.causal for layer in load_checkpoint(f"{causal}/ckpt.pt", "cpu")[0].temporal.layers)
-    r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
-             f"{clip}/ckpt.pt", "--steps", "2", "--no-eval", "--out", causal, "--resume"])  # the mask forgotten
-    assert r.returncode != 0 and "was trained with --temporal-causal True, this run has False" in r.stderr
-    assert "| causal contextualizer, learning rate x1 |" in video.video_runs([f"{causal}/ckpt.pt"], n_test=3)
-    # --motion-word-weight: the captioner weighs exactly the LM's ids of the motion words
-    weighted = str(tmp_path / "weighted")
-    r = run([*small, "--method", "evlgen", "--video", "--frames", "3", "--lm", f"{lm}/ckpt.pt", "--clip",
-             f"{clip}/ckpt.pt", "--steps", "1", "--no-eval", "--motion-word-weight", "5", "--out", weighted])
-    assert r.returncode == 0, r.stderr
-    model, tokenizer, _ = load_checkpoint(f"{weighted}/ckpt.pt", "cpu")
-    assert sorted(tokenizer.itos[i] for i in torch.nonzero(model.word_weight == 5).flatten()) == sorted(shapes.MOTIONS)
+    layers = load_checkpoint(f"{embedded}/ckpt.pt", "cpu")[0].temporal.layers
+    assert all(layer.frame_embed.shape == (3, 32) for layer in layers)  # zero yet: the gates start at 0
+    assert all(layer.frame_embed is None for layer in load_checkpoint(f"{cap}/ckpt.pt", "cpu")[0].temporal.layers)
+    r = run([*small, "--method", "evlgen", "--video", "--frames", "4", "--lm", f"{lm}/ckpt.pt", "--clip",
+             f"{clip}/ckpt.pt", "--steps", "2", "--no-eval", "--frame-embed", "--out", embedded, "--resume"])
+    assert r.returncode != 0 and "was trained with --frames 3, this run has 4" in r.stderr
     # an image LM cannot caption videos: its words lack the motions
     image_lm = str(tmp_path / "image_lm")
-    assert run([*small, "--method", "lm", "--lm-width", "32", "--lm-depth", "1", "--no-eval", "--out", image_lm]).returncode == 0
+    assert run([*small, "--method", "lm", "--no-eval", "--out", image_lm]).returncode == 0
     r = run([*small, "--method", "evlgen", "--video", "--lm", f"{image_lm}/ckpt.pt", "--out", str(tmp_path / "y")])
     assert r.returncode != 0 and "trained on image captions" in r.stderr and "--method lm --video" in r.stderr
     assert "Traceback" not in r.stderr
@@ -341,12 +293,8 @@ def test_bad_video_flags_and_clips_stop_with_one_sentence(tmp_path):
     assert r.returncode != 0 and "--video is for the captioner" in r.stderr and "Traceback" not in r.stderr
     r = run(["--method", "lm", "--frames", "8", "--out", str(tmp_path / "b")])
     assert r.returncode != 0 and "apply with --video only" in r.stderr
-    r = run(["--method", "lm", "--video", "--motion-marker", "--out", str(tmp_path / "b")])
-    assert r.returncode != 0 and "--motion-marker paints" in r.stderr and "Traceback" not in r.stderr
-    r = run(["--method", "lm", "--temporal-causal", "--out", str(tmp_path / "b")])
-    assert r.returncode != 0 and "--temporal-causal apply with --video only" in r.stderr
-    r = run(["--method", "lm", "--video", "--no-temporal", "--temporal-causal", "--out", str(tmp_path / "b")])
-    assert r.returncode != 0 and "which --no-temporal turns off" in r.stderr and "Traceback" not in r.stderr
+    r = run(["--method", "lm", "--frame-embed", "--out", str(tmp_path / "b")])
+    assert r.returncode != 0 and "--frame-embed and --temporal-lr-scale apply with --video only" in r.stderr
     write_clip(tmp_path / "clips" / "short", [(16, 16)] * 2)
     (tmp_path / "caps.json").write_text(json.dumps([dict(image="short", caption="a red square moves up")]))
     r = run(["--method", "lm", "--video", "--data", str(tmp_path / "caps.json"), "--image-root", str(tmp_path / "clips"),
@@ -354,27 +302,9 @@ def test_bad_video_flags_and_clips_stop_with_one_sentence(tmp_path):
     assert r.returncode != 0 and "short" in r.stderr and "fewer than the 4" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_motion_word_weight_weighs_only_those_words_and_is_not_saved():
-    plain = tiny_video_captioner(temporal=True)
-    weighted = tiny_video_captioner(temporal=True, weighted_words=(7, 9), word_weight=4.0)
-    assert plain.word_weight is None and weighted.word_weight.tolist() == [4.0 if i in (7, 9) else 1.0 for i in range(30)]
-    assert "word_weight" not in weighted.state_dict()  # rebuilt from the config: old checkpoints load
-    weighted.load_state_dict(plain.state_dict())
-    clips, ids = torch.randn(2, 3, 3, 32, 32), torch.tensor([[2, 7, 5, 9, 3], [2, 5, 5, 6, 3]])
-    with torch.no_grad():
-        prefix = plain.prompt(clips).x
-        expected = plain.lm.loss(ids, prefix, word_weight=weighted.word_weight)
-        torch.testing.assert_close(weighted(clips, ids)["loss"], expected)
-        torch.testing.assert_close(plain(clips, ids)["loss"], plain.lm.loss(ids, prefix))
-    with pytest.raises(ValueError, match="--motion-word-weight weighs the motion words"):
-        train.check_flags(train.TrainConfig(method="lm", video=True, motion_word_weight=5.0))
-    with pytest.raises(ValueError, match="must be positive"):
-        train.check_flags(train.TrainConfig(method="evlgen", video=True, lm="lm.pt", motion_word_weight=0.0))
-
-
 def test_the_contextualizer_has_its_own_learning_rate_scale():
     import train
-    model = tiny_video_captioner(temporal=True)
+    model = tiny_video_captioner(temporal=True, frame_embed=True)
     groups = train.param_groups(model, 0.1, temporal_lr_scale=10.0)
     names = {id(p): n for n, p in model.named_parameters()}
     seen = [names[id(p)] for g in groups for p in g["params"]]
@@ -398,9 +328,10 @@ def test_the_set_reader_ignores_where_tokens_are_and_the_layout_reader_does_not(
 def test_the_direction_probe_keeps_the_vit_frozen_and_trains_the_contextualizer():
     from experiments import video
     from model import CLIP
-    from train import TrainConfig, model_config
+    from prepare import model_config
+    from train import TrainConfig
     torch.manual_seed(0)
-    cfg = TrainConfig(width=32, heads=2, depth=2, text_width=32, text_depth=1, embed_dim=16)
+    cfg = TrainConfig(model_kwargs="width=32,heads=2,depth=2,text_width=32,text_depth=1,embed_dim=16")
     model = CLIP(model_config(cfg, vocab_size=20))
     before = {k: v.clone() for k, v in model.visual.state_dict().items()}
     cases = [("frames", "layout"), ("average", "set"), ("contextualizer", "attention")]
