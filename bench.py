@@ -19,6 +19,7 @@ For each method and model it reports, relative to `none` measured in the same ru
 
     python bench.py                 # all three tables
     python bench.py --tome vit_s16 --no-captioner --models ''   # ToMe's row alone
+    python bench.py --loader --data caps.csv --image-root DIR --workers 2   # the data loader's images/s
 
 Accuracy against cost, the Patch Ranking table, the probes and the harness that reruns every
 results table live in `experiments/` (`python -m experiments --help`).
@@ -27,14 +28,16 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from captioner import Captioner, CaptionerConfig
 from checkpoint import ReducerConfig, elip_schedule, make_reducer, tome_schedule
-from data import DataError
+from data import CaptionDataset, DataError, Pairs, normalize, pixel_stats, random_resized_crop, to_tensor
 from merge import merge_schedule
 from model import CLIP, CLIPConfig
-from text import LMConfig, TextConfig
+from text import LMConfig, TextConfig, Tokenizer
 from vit import Observed, vit_config
 
 VARIANTS = {  # name -> ReducerConfig (train.py's flags of the same names)
@@ -303,6 +306,51 @@ def captioner_markdown(batch_size, rows) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# The data loader: images/s as training reads a caption file, against the naive path
+
+def naive_batches(dataset, keys: list, size: int):
+    """The naive path, for comparison: each image decoded at full size, cropped, made float32
+    and normalised in this process."""
+    for batch in keys:
+        images = []
+        for i, pos in batch:
+            with Image.open(dataset.items[i]["path"]) as im:
+                img = im.convert("RGB")
+            images.append(to_tensor(random_resized_crop(img, size, np.random.default_rng([0, pos, 1]))))
+        yield torch.stack(images)
+
+
+def bench_loader(path: str, image_root: str, size: int, workers: int, batch_size: int, batches: int, device) -> dict:
+    """images/s of the naive path and of train.py's loader (workers, uint8 batches, JPEG draft
+    decoding, normalisation on `device`), the first batch of each left out (start-up)."""
+    dataset = CaptionDataset(path, image_root, size)
+    tokenizer = Tokenizer.build(c for i in range(len(dataset)) for c in dataset.captions(i))
+    keys = [[(p % len(dataset), p) for p in range(b * batch_size, (b + 1) * batch_size)] for b in range(batches + 1)]
+    pairs = Pairs(dataset, tokenizer, seed=0)
+    loader = torch.utils.data.DataLoader(pairs, batch_sampler=keys, collate_fn=pairs.collate, num_workers=workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    stats = pixel_stats(device)
+
+    def rate(batches_on_device) -> float:
+        t0 = None
+        for _ in batches_on_device:
+            t0 = t0 or time.perf_counter()  # from the first batch's arrival on
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch_size * batches / (time.perf_counter() - t0)
+
+    carried = set()
+
+    def loaded():
+        for images, _, _ in loader:
+            carried.add(str(images.dtype).replace("torch.", ""))
+            yield normalize(images.to(device, non_blocking=True), stats)
+
+    naive = rate(x.to(device) for x in naive_batches(dataset, keys, size))
+    return dict(naive=naive, loader=rate(loaded()), carried=", ".join(sorted(carried)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="ToMe's inference speed-up; the captioner's training step per bridge; "
                                             "the CLIP training step under none / evit / elip / elip without "
@@ -320,7 +368,26 @@ def main(argv=None):
     p.add_argument("--mem-budget-gb", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="also write the Markdown tables to this file")
+    p.add_argument("--loader", action="store_true",
+                   help="instead: images/s of train.py's data loader on --data against the naive path")
+    p.add_argument("--data", default="", help="--loader: a caption file (as train.py --data)")
+    p.add_argument("--image-root", default="", help="--loader: the folder its image paths are relative to")
+    p.add_argument("--workers", type=int, default=2, help="--loader: DataLoader worker processes")
+    p.add_argument("--image-size", type=int, default=224, help="--loader: the training crop's side")
+    p.add_argument("--batches", type=int, default=20, help="--loader: batches timed (of --batch-size, default 64)")
     args = p.parse_args(argv)
+    if args.loader:
+        if not args.data:
+            raise DataError("--loader reads a caption file: give --data FILE (and --image-root DIR)")
+        B = args.batch_size or 64
+        r = bench_loader(args.data, args.image_root, args.image_size, args.workers, B, args.batches,
+                         torch.device(args.device))
+        print(f"naive path (full-size decode, float32, normalised in this process): {r['naive']:.0f} img/s")
+        print(f"train.py's loader ({args.workers} workers, {r['carried']} batches, draft decoding, normalised on "
+              f"{args.device}): {r['loader'] / r['naive']:.2f}x the naive path, {args.batches} batches of {B} "
+              f"at {args.image_size} px")
+        print(f"loader: {r['loader']:.0f} img/s")
+        return
     tables = []
     device = torch.device(args.device)
     for preset in filter(None, args.tome.split(",")):

@@ -26,11 +26,27 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Transforms (Pillow in, normalised tensor out)
 
+def to_uint8(image) -> torch.Tensor:
+    """uint8 (H, W, 3) array or PIL image -> uint8 (3, H, W): what training batches carry (a
+    quarter of float32's bytes through worker processes and onto the GPU)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def pixel_stats(device="cpu") -> tuple:
+    """CLIP's per-channel mean and std, (3, 1, 1) each, on `device` (made once: a copy from the
+    host would wait for the GPU)."""
+    return torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1), torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+
+
+def normalize(x: torch.Tensor, stats: tuple = None) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float, CLIP-normalised, on x's device (stats: `pixel_stats` there)."""
+    mean, std = stats or pixel_stats(x.device)
+    return (x.float() / 255 - mean) / std
+
+
 def to_tensor(image) -> torch.Tensor:
     """uint8 (H, W, 3) array or PIL image -> float (3, H, W), CLIP-normalised."""
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize(to_uint8(image))
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +65,12 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def random_resized_crop(img: Image.Image, size: int, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+CROP_SCALE, CROP_RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
+# the random crop's smallest side, as a share of the image's: decoding at least size / this keeps it sharp
+SMALLEST_CROP = math.sqrt(CROP_SCALE[0] * CROP_RATIO[0])
+
+
+def random_resized_crop(img: Image.Image, size: int, rng, scale=CROP_SCALE, ratio=CROP_RATIO) -> Image.Image:
     """A random area share in `scale` and aspect ratio in `ratio`, resized to size x size
     (the training transform of Inception/CLIP); falls back to the centre crop after 10 tries."""
     w, h = img.size
@@ -66,10 +87,14 @@ def random_resized_crop(img: Image.Image, size: int, rng, scale=(0.5, 1.0), rati
 # ----------------------------------------------------------------------------------------------
 # Real data from disk
 
-def load_image(path: str, where: str) -> Image.Image:
-    """Open an image as RGB, or stop with one sentence naming it and where it was listed."""
+def load_image(path: str, where: str, at_least: int = 0) -> Image.Image:
+    """Open an image as RGB, or stop with one sentence naming it and where it was listed. With
+    `at_least`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size where both sides still reach
+    that many pixels (Pillow's draft mode: most of a large JPEG's decoding time saved)."""
     try:
         with Image.open(path) as im:
+            if at_least:
+                im.draft("RGB", (at_least, at_least))
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image {path} ({where}) does not exist") from None
@@ -169,23 +194,26 @@ class CaptionDataset(torch.utils.data.Dataset):
         return self.items[i]["captions"]
 
     def get(self, i, rng=None):
-        """Item i; with an rng, a random resized crop (training), else the centre crop (eval).
-        A corrupt image is found only when decoded: with skip_bad the next readable one stands
-        in (so batches keep their size under DDP) and `skipped` counts it."""
+        """Item i as training reads it, its image uint8 (normalised on the device); with an rng,
+        a random resized crop, else the centre crop. A corrupt image is found only when decoded:
+        with skip_bad the next readable one stands in (so batches keep their size under DDP) and
+        `skipped` counts it."""
         for k in range(len(self.items)):
             g = self.items[(i + k) % len(self.items)]
             try:
-                img = load_image(g["path"], g["where"])
+                img = load_image(g["path"], g["where"], math.ceil(self.image_size / (SMALLEST_CROP if rng is not None else 1)))
             except DataError:
                 if not self.skip_bad:
                     raise
                 continue
             img = random_resized_crop(img, self.image_size, rng) if rng is not None else resize_center_crop(img, self.image_size)
-            return dict(image=to_tensor(img), captions=g["captions"], skipped=k)
+            return dict(image=to_uint8(img), captions=g["captions"], skipped=k)
         raise DataError("no image of the caption file could be read")
 
     def __getitem__(self, i):
-        return self.get(i)
+        """Item i as evaluation reads it: the centre crop, normalised."""
+        item = self.get(i)
+        return dict(item, image=normalize(item["image"]))
 
 
 class VideoCaptionDataset(CaptionDataset):
@@ -218,12 +246,12 @@ class VideoCaptionDataset(CaptionDataset):
 
     def get(self, i, rng=None):
         g = self.items[i]
-        frames = [load_image(f, f"clip {g['path']}, {g['where']}") for f in self.frame_files(g)]
+        frames = [load_image(f, f"clip {g['path']}, {g['where']}", self.image_size) for f in self.frame_files(g)]
         sizes = sorted({f.size for f in frames})
         if len(sizes) > 1:
             raise DataError(f"clip {g['path']} ({g['where']}) has frames of different sizes: "
                             f"{', '.join(f'{w}x{h}' for w, h in sizes)}")
-        image = torch.stack([to_tensor(resize_center_crop(f, self.image_size)) for f in frames])  # (T, 3, S, S)
+        image = torch.stack([to_uint8(resize_center_crop(f, self.image_size)) for f in frames])  # (T, 3, S, S)
         return dict(image=image, captions=g["captions"], skipped=0)
 
 

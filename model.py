@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ranking import Predictor, RankPrune, keep_count, pruning_layer
-from text import FusionEncoder, TextConfig, TextEncoder, mask_tokens
+from text import PAD, FusionEncoder, TextConfig, TextEncoder, mask_tokens
 from vit import ViT, ViTConfig
 
 
@@ -71,10 +71,23 @@ class GatherWithGrad(torch.autograd.Function):
 
 
 def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """(B_local, E) -> (B_global, E), ranks in order; the identity without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return GatherWithGrad.apply(x)
+    """(B_local, ...) -> (B_global, ...), ranks in order; the identity without torch.distributed."""
+    return GatherWithGrad.apply(x) if distributed() else x
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def pad_to(x: torch.Tensor, length: int, value=0) -> torch.Tensor:
+    """(B, L, ...) -> (B, length, ...), padded at the end of dim 1."""
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, length - x.shape[1]), value=value)
+
+
+def local_rows(n: int) -> slice:
+    """This rank's rows of a gathered global batch whose ranks hold n rows each."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return slice(rank * n, (rank + 1) * n)
 
 
 def contrastive_loss(image_features, text_features, logit_scale) -> torch.Tensor:
@@ -95,7 +108,8 @@ def sample_negatives(sim: torch.Tensor, generator=None) -> torch.Tensor:
     ALBEF's hard negatives (similar but wrong). sim (B, B) -> (B,) column indices."""
     eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
     w = (sim.float().softmax(1) + 1e-9).masked_fill(eye, 0)  # +1e-9: never an all-zero row
-    return torch.multinomial(w.cpu(), 1, generator=generator).squeeze(1).to(sim.device)
+    return torch.multinomial(w.to(generator.device if generator else w.device), 1,
+                             generator=generator).squeeze(1).to(sim.device)
 
 
 class CLIP(nn.Module):
@@ -110,8 +124,10 @@ class CLIP(nn.Module):
         if {"itm", "mlm"} & set(cfg.objectives):
             t = cfg.text
             self.fusion = FusionEncoder(t.width, cfg.vision.width, t.heads, cfg.fusion_depth, t.ln_eps)
-            self.itm_head = nn.Linear(t.width, 2)
-            self.mlm_head = nn.Linear(t.width, t.vocab_size)
+            if "itm" in cfg.objectives:  # only heads that get a loss: DDP wants every parameter used
+                self.itm_head = nn.Linear(t.width, 2)
+            if "mlm" in cfg.objectives:
+                self.mlm_head = nn.Linear(t.width, t.vocab_size)
 
 
     def scale(self) -> torch.Tensor:
@@ -150,35 +166,52 @@ class CLIP(nn.Module):
         if "itm" in self.cfg.objectives and len(ids) > 1:
             losses["itm"] = self.itm_loss(image_tokens, text_tokens, ids, image_feat, text_feat, generator)
         if "mlm" in self.cfg.objectives:
-            masked, labels = mask_tokens(ids, self.cfg.text.vocab_size, generator)
-            fused = self.fusion(self.text.forward_tokens(masked), masked, image_tokens)
-            logits = self.mlm_head(fused)  # (B, L, V)
-            if (labels != -100).any():  # a tiny batch of short captions may draw no position at all
-                losses["mlm"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-            else:
-                losses["mlm"] = 0.0 * logits.sum()
+            losses["mlm"] = self.mlm_loss(image_tokens, ids, generator)
         losses["loss"] = sum(losses.values())
         return losses
 
     def itm_loss(self, image_tokens, text_tokens, ids, image_feat, text_feat, generator=None):
+        """ITM with hard negatives mined over the GLOBAL batch, as BLIP does under DDP: every rank
+        draws the negatives of all rows from the same generator and keeps its own rows', so N
+        processes draw what one process with the whole batch draws."""
         with torch.no_grad():
-            sim = self.scale() * image_feat @ text_feat.T  # (B, B)
-        return matching_loss(self.itm_logits, image_tokens, text_tokens, ids, sim, generator)
+            sim = self.scale() * gather_features(image_feat.detach()) @ gather_features(text_feat.detach()).T  # (Bg, Bg)
+        if distributed():  # ranks pad their captions to different lengths: gather them at the context length
+            text_tokens, ids = pad_to(text_tokens, self.cfg.text.context_length), pad_to(ids, self.cfg.text.context_length, PAD)
+        return matching_loss(self.itm_logits, image_tokens, text_tokens, ids, sim, generator,
+                             everyone=(gather_features(image_tokens), gather_features(text_tokens), gather_features(ids)))
+
+    def mlm_loss(self, image_tokens, ids, generator=None):
+        """Masked words predicted from the text and the image; the masks drawn over the global
+        batch (this rank keeps its rows'), the vocabulary scored at the masked positions only."""
+        everyone = gather_features(pad_to(ids, self.cfg.text.context_length, PAD))  # drawn at a fixed length
+        all_masked, all_labels = mask_tokens(everyone, self.cfg.text.vocab_size, generator)
+        masked, labels = (t[local_rows(len(ids)), :ids.shape[1]] for t in (all_masked, all_labels))
+        fused = self.fusion(self.text.forward_tokens(masked), masked, image_tokens)  # (B, L, Dt)
+        chosen = labels != -100
+        nll = F.cross_entropy(self.mlm_head(fused[chosen]).float(), labels[chosen], reduction="sum")
+        # the global batch's mean over its masked words once DDP averages the ranks' losses
+        # (a rank's own mean would weigh its words by how few it drew); 0 if none was drawn
+        ranks = len(everyone) // len(ids)
+        return nll * ranks / (all_labels != -100).sum().clamp(min=1)
 
 
 
 
-def matching_loss(itm_logits, image_tokens, text_tokens, ids, sim, generator=None):
+def matching_loss(itm_logits, image_tokens, text_tokens, ids, sim, generator=None, everyone=None):
     """Binary matching on B positive pairs, B (image, hard negative text) pairs and B (hard
-    negative image, text) pairs, negatives drawn from `sim` (B, B) within this process's batch.
+    negative image, text) pairs, negatives drawn from `sim` (Bg, Bg) over the batch `everyone`
+    = (image tokens, text tokens, ids) of all ranks (gathered; default: this process's batch).
     itm_logits(image_tokens, text_tokens, ids) -> (3B, 2)."""
-    neg_text = sample_negatives(sim, generator)
-    neg_image = sample_negatives(sim.T, generator)
+    all_images, all_texts, all_ids = everyone or (image_tokens, text_tokens, ids)
+    mine = local_rows(len(ids)) if everyone else slice(None)
+    neg_text = sample_negatives(sim, generator)[mine]  # global indices of this rank's rows' negatives
+    neg_image = sample_negatives(sim.T, generator)[mine]
     # index_select, not x[idx]: on the CPU the backward of x[idx] adds repeated rows' gradients in
     # a thread-dependent order, so runs would differ in the last bits; index_select's does not
-    images = torch.cat([image_tokens, image_tokens, image_tokens.index_select(0, neg_image)])  # (3B, N', Dv)
-    texts = torch.cat([text_tokens, text_tokens.index_select(0, neg_text), text_tokens])
-    all_ids = torch.cat([ids, ids[neg_text], ids])
+    images = torch.cat([image_tokens, image_tokens, all_images.index_select(0, neg_image)])  # (3B, N', Dv)
+    texts = torch.cat([text_tokens, all_texts.index_select(0, neg_text), text_tokens])
+    all_ids = torch.cat([ids, all_ids[neg_text], ids])
     labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
     return F.cross_entropy(itm_logits(images, texts, all_ids).float(), labels)
 

@@ -5,12 +5,13 @@ run starts from) and the evaluation sets. Then, for `--method ranking`, Patch Ra
 before the loop: the golden-ranking search and the predictor's fit (ranking.py).
 
 train.py calls `prepare`, builds the model, `start_model` (which runs `start_ranking` for Patch
-Ranking), then trains.
+Ranking), trains, then `check_frozen`.
 Read first: `prepare`. Functions take train.py's TrainConfig as `cfg`.
 """
 import dataclasses
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ import data
 import eval as evaluation
 import ranking
 import shapes
-from captioner import Captioner, CaptionerConfig, check_vocabularies, start_captioner
+from captioner import Captioner, CaptionerConfig, check_vocabularies, lm_unchanged, start_captioner
 from checkpoint import elip_schedule, load_state, read_checkpoint, save_checkpoint, tome_schedule
 from data import DataError, lm_texts
 from merge import MERGE_MODES, merge_schedule
@@ -289,7 +290,7 @@ def prepare(cfg, rank: int):
         if diffs:
             raise ValueError(f"{source} is from another model config ({'; '.join(diffs)})")
     sets = None
-    if cfg.eval and rank == 0:
+    if cfg.eval and (rank == 0 or cfg.eval_every):  # every rank computes a learning curve's points
         sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.scene_seed(), cfg.test_size,
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad,
                                     cfg.frames if cfg.video else 0)
@@ -311,20 +312,22 @@ def describe(cfg, model, dataset, world: int, device):
 # ----------------------------------------------------------------------------------------------
 # Patch Ranking's phases before the loop
 
-def start_ranking(cfg, model: RankingCLIP, init: dict, dataset, rank: int, world: int, cosine_lr, say):
+def start_ranking(cfg, model: RankingCLIP, init: dict, dataset, rank: int, cosine_lr, say):
     """Load the frozen CLIP, search the golden rankings, fit the predictor; both results are
     cached in --out with what they were made from, so a rerun reuses them. Rank 0 does the work,
     the others read its files (--out must be on a filesystem every node sees)."""
     load_state(model, {**model.state_dict(), **init["model"]}, cfg.init)  # the CLIP; predictor and tokens fresh
     layer = model.rcfg.layer
-    images_of = lambda i: dataset.get(i)["image"]
+    images_of = lambda i: dataset[i]["image"]  # the centre crop, normalised
     identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, block=SEARCH["k"], chunk=SEARCH["chunk"],
                     score=SEARCH["mode"], data=cfg.data or "shapes", train_size=cfg.train_size, scenes=cfg.scene_seed(),
                     **(dict(fuse=True) if model.rcfg.fuse else {}))  # caches of dropping searches predate the key
     n = min(cfg.rank_images, len(dataset))
     cache, pred_path = os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")
     pred_identity = dict(identity, images=n, steps=cfg.predictor_steps, loss="listwise", seed=cfg.seed)
-    if rank == 0:
+    if rank != 0:  # rank 0's files, waited for without a collective (whose timeout the search would outlast)
+        wait_for(pred_path, pred_identity)
+    else:
         os.makedirs(cfg.out, exist_ok=True)
         golden = ranking.search_cached(model, images_of, n, cache, identity, layer, say=say, fuse=model.rcfg.fuse,
                                        **SEARCH)
@@ -343,17 +346,15 @@ def start_ranking(cfg, model: RankingCLIP, init: dict, dataset, rank: int, world
             save_checkpoint(pred_path, saved)
         say(f"predictor: top-n match with the golden ranking on {saved['held_out']} held-out images "
             f"{100 * saved['top_n_match']:.1f}% (n = the pruned patches)")
-    if world > 1:
-        dist.barrier()
     model.predictor.load_state_dict(torch.load(pred_path, map_location="cpu", weights_only=True)["state"])
 
 
-def start_model(cfg, model, ckpt, sources, dataset, rank: int, world: int, cosine_lr):
+def start_model(cfg, model, ckpt, sources, dataset, rank: int, cosine_lr):
     """The weights a run starts from: its checkpoint to resume, --init's, the captioner's frozen
     parts, or Patch Ranking's frozen CLIP with the predictor fitted to its golden rankings."""
     if isinstance(model, RankingCLIP):
         if not cfg.resume:
-            start_ranking(cfg, model, ckpt, dataset, rank, world, cosine_lr, say=print if rank == 0 else lambda m: None)
+            start_ranking(cfg, model, ckpt, dataset, rank, cosine_lr, say=print if rank == 0 else lambda m: None)
         model.freeze_all_but_tokens()
     if ckpt is not None and not (isinstance(model, RankingCLIP) and not cfg.resume):
         model.load_state_dict(ckpt["model"])
@@ -361,7 +362,35 @@ def start_model(cfg, model, ckpt, sources, dataset, rank: int, world: int, cosin
         start_captioner(model, sources)
 
 
+def wait_for(path: str, identity: dict, poll: float = 5.0):
+    """Until `path` holds a file (written atomically) of this identity. If rank 0 fails instead,
+    torchrun ends this process."""
+    while not (os.path.exists(path) and
+               torch.load(path, map_location="cpu", weights_only=True).get("identity") == identity):
+        time.sleep(poll)
+
+
+def same_data_everywhere(dataset, world: int):
+    """Every rank trains on rank 0's list of samples (after --skip-bad dropped the missing ones):
+    ranks that filtered on their own could train on different images without a word."""
+    if world > 1 and hasattr(dataset, "items"):
+        shared = [(dataset.items, dataset.missing)]
+        dist.broadcast_object_list(shared, src=0)  # on the group's device (NCCL: this rank's GPU)
+        dataset.items, dataset.missing = shared[0]
+
+
 def clip_unchanged(model: RankingCLIP, init: dict) -> bool:
     """The frozen CLIP inside a Patch Ranking model is bit-identical to its --init checkpoint."""
     state = model.state_dict()
     return all(torch.equal(state[k].cpu(), v.cpu()) for k, v in init["model"].items())
+
+
+def check_frozen(cfg, model, ckpt, sources):
+    """What was meant to stay frozen did (the LM of a captioner, the CLIP of Patch Ranking)."""
+    if isinstance(model, Captioner):
+        print(f"frozen language model unchanged by training: {'yes' if lm_unchanged(model, sources) else 'NO'}")
+        if model.temporal is not None:
+            print("temporal gates (alpha per ViT block, 0 at the start): "
+                  + " ".join(f"{a:+.3f}" for a in model.temporal.gates()))
+    if isinstance(model, RankingCLIP) and cfg.init:
+        print(f"frozen CLIP unchanged by training: {'yes' if clip_unchanged(model, ckpt) else 'NO'}", flush=True)

@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 import torch
-from data import to_tensor
+from data import to_tensor, to_uint8
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 225),
@@ -214,9 +214,10 @@ class ShapesDataset(torch.utils.data.Dataset):
                     object_patches=torch.from_numpy(objects), patch_mask=torch.from_numpy(objects.any(0)))
 
     def get(self, i, rng=None):
-        """Item i as training draws it. Shapes take no augmentation: a crop or flip would move
-        objects out of the cells their captions name."""
-        return self[i]
+        """Item i as training draws it, its image uint8 (normalised on the device). Shapes take no
+        augmentation: a crop or flip would move objects out of the cells their captions name."""
+        image, captions = self.rendered(i)[:2]
+        return dict(image=to_uint8(image), captions=captions)
 
     def render(self, i):
         scene, rng = self.scene(i)
@@ -303,6 +304,10 @@ class ShapesVideoDataset(ShapesDataset):
     def __getitem__(self, i):
         frames, captions, scene = self.rendered(i)
         return dict(image=torch.stack([to_tensor(f) for f in frames]), captions=captions, attributes=scene)
+
+    def get(self, i, rng=None):
+        frames, captions = self.rendered(i)[:2]
+        return dict(image=torch.stack([to_uint8(f) for f in frames]), captions=captions)
 
     def render(self, i):
         scene, rng = self.scene(i)

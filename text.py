@@ -347,11 +347,12 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, generator=None, p: float = 0
     """BERT's masking: p of the word positions are chosen; of those 80% become [MASK], 10% a
     random word, 10% stay. Returns (masked ids, labels with -100 where nothing is predicted)."""
     words = ids >= len(SPECIALS)
-    rand = lambda: torch.rand(ids.shape, generator=generator, device="cpu").to(ids.device)
+    device = generator.device if generator is not None else ids.device  # drawn where the generator lives
+    rand = lambda: torch.rand(ids.shape, generator=generator, device=device).to(ids.device)
     chosen = words & (rand() < p)
     labels = ids.masked_fill(~chosen, -100)
     roll = rand()
     masked = ids.masked_fill(chosen & (roll < 0.8), MASK)
-    random_words = torch.randint(len(SPECIALS), vocab_size, ids.shape, generator=generator, device="cpu").to(ids.device)
+    random_words = torch.randint(len(SPECIALS), vocab_size, ids.shape, generator=generator, device=device).to(ids.device)
     masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_words, masked)
     return masked, labels

@@ -6,14 +6,12 @@ Read first: `TrainConfig` (every field is a flag), `micro_batch_keys` (the seede
 data order that makes resumes and DDP runs reproducible), `train_step`, then the loop in `train`.
 What a run is built from (data, tokenizer, model config, starting weights) is prepare.py's.
 
-A step: `accum` micro-batches of `batch_size` pairs per process; under DDP the contrastive loss of
-each micro-batch is computed over the global micro-batch (model.py), gradients are averaged over
-processes (DDP) and summed over micro-batches (divided by `accum`); then gradient clipping, AdamW,
-and the warm-up + cosine learning rate of the next step. With accum > 1 a micro-batch's
-contrastive negatives are its own global micro-batch only.
-
-Everything random derives from (seed, stream position) or (seed, step): the data order, the
-caption picked for an image, the crop, the MLM masks. So a resumed run continues exactly.
+A step: `accum` micro-batches of `batch_size` pairs per process; the losses are those of the
+global micro-batch (model.py gathers features across processes), gradients are averaged over
+processes (DDP) and summed over micro-batches (divided by `accum`); then gradient clipping, AdamW
+and the warm-up + cosine learning rate. Everything random derives from (seed, stream position)
+or (seed, step): the data order, the caption picked, the crop, the masks. So a resumed run, or
+one on another number of processes with the same global batch, trains the same.
 """
 import argparse
 import inspect
@@ -32,12 +30,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval as evaluation
-from captioner import Captioner, lm_unchanged
 from checkpoint import BEFORE_FIELD, ReducerConfig, build_model, kind_of, make_reducer, save_checkpoint
-from data import DataError, Pairs
+from data import DataError, Pairs, normalize, pixel_stats
 from elip import EVIT_KEEP_WARMUP
-from model import RankingCLIP
-from prepare import clip_unchanged, describe, prepare, start_model
+from prepare import check_frozen, describe, prepare, same_data_everywhere, start_model
 
 # Patch Ranking trains only its learnable tokens: prompt tuning wants a rate far above a whole
 # model's. At 1e-3 the tokens barely leave their random start in 300 steps and cost accuracy;
@@ -87,7 +83,7 @@ class TrainConfig(ReducerConfig):
     skip_bad: bool = False  # skip missing / unreadable images (and count them) instead of stopping
     train_size: int = 20000  # shapes scenes in the training set
     test_size: int = 1000  # images in the retrieval gallery
-    workers: int = 0  # DataLoader worker processes
+    workers: int = -1  # DataLoader worker processes; -1: on CUDA a share of the CPUs per GPU (up to 8), on the CPU none
     # model
     vit: str = "tiny64"  # the ViT's preset: tiny64, vit_ti16, vit_s16, vit_b16
     model_kwargs: str = ""  # sizes as name=value, comma-separated (prepare.SIZES): width, depth, heads, image_size, patch_size, text_width, text_depth, text_heads, context_length, embed_dim, lm_width, lm_depth, lm_heads, lm_context
@@ -177,6 +173,15 @@ def setup_distributed(device_flag: str):
     return rank, world, device
 
 
+def loader_workers(device) -> int:
+    """--workers -1: on CUDA the CPUs of this node shared among its processes (one left for each
+    process itself), at most 8; on the CPU none, as the training shares the same cores."""
+    if device.type != "cuda":
+        return 0
+    per_process = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, per_process - 1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Data order
 
@@ -202,16 +207,15 @@ def micro_batch_keys(stream: EpochPermutations, micro: int, batch_size: int, ran
 
 
 class MicroBatches(torch.utils.data.Sampler):
+    """This rank's keys of the global micro-steps first..last - 1, one list per micro-batch."""
     def __init__(self, stream, first_micro, last_micro, batch_size, rank, world):
-        self.args = stream, batch_size, rank, world
-        self.first, self.last = first_micro, last_micro
+        self.stream, self.args, self.micros = stream, (batch_size, rank, world), range(first_micro, last_micro)
 
     def __iter__(self):
-        stream, B, rank, world = self.args
-        return (micro_batch_keys(stream, m, B, rank, world) for m in range(self.first, self.last))
+        return (micro_batch_keys(self.stream, m, *self.args) for m in self.micros)
 
     def __len__(self):
-        return self.last - self.first
+        return len(self.micros)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,12 +278,12 @@ def open_log(path: str, step: int):
 
 
 def global_mean(values: dict, world: int) -> dict:
-    """The mean over processes of each logged value (rank 0 alone has its own rows' losses only)."""
-    if world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world).tolist()))
+    """The mean over processes of each value, tensors on the model's device (a NCCL group's) -> floats."""
+    t = torch.stack([v.float() for v in values.values()])
+    if world > 1:
+        dist.all_reduce(t)
+        t = t / world
+    return dict(zip(values, t.tolist()))
 
 
 def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
@@ -291,7 +295,7 @@ def reducer_fn(cfg: TrainConfig, vision, step: int, training: bool = True):
     return make_reducer(cfg, vision, keep_scale, guided=training)
 
 
-def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device, rank, world, make_reducer):
+def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device, stats, world, make_reducer):
     """One optimizer step over `accum` micro-batches; returns (mean losses, images skipped)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)  # checkpoints before the scale: 1
@@ -300,15 +304,18 @@ def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches
         images, ids, bad = next(batches)
         skipped += bad
         images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-        # MLM masks and ITM negatives: seeded by (seed, micro-step, rank), so resumes replay them
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.accum + micro) * world + rank)
+        if images.dtype == torch.uint8:  # normalised here, on the device: a quarter of the bytes travel
+            images = normalize(images, stats)
+        # MLM masks and ITM negatives: drawn on the device for the global micro-batch (each rank
+        # keeps its rows'), seeded by (seed, micro-step), so resumes and any number of ranks replay them
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * cfg.accum + micro)
         sync = micro == cfg.accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
         with (nullcontext() if sync else ddp_model.no_sync()), autocast():
             out = ddp_model(images, ids, make_reducer, generator)
         loss = out["loss"] / cfg.accum
         (scaler.scale(loss) if scaler else loss).backward()
-        for k, v in out.items():
-            losses[k] = losses.get(k, 0.0) + v.item() / cfg.accum
+        for k, v in out.items():  # kept on the device: read back on logging steps only
+            losses[k] = losses.get(k, 0.0) + v.detach() / cfg.accum
     if scaler:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if cfg.grad_clip > 0:
@@ -322,25 +329,15 @@ def train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches
     return losses, skipped
 
 
-def check_frozen(cfg: TrainConfig, model, ckpt, sources):
-    """What was meant to stay frozen did (the LM of a captioner, the CLIP of Patch Ranking)."""
-    if isinstance(model, Captioner):
-        print(f"frozen language model unchanged by training: {'yes' if lm_unchanged(model, sources) else 'NO'}")
-        if model.temporal is not None:
-            print("temporal gates (alpha per ViT block, 0 at the start): "
-                  + " ".join(f"{a:+.3f}" for a in model.temporal.gates()))
-    if isinstance(model, RankingCLIP) and cfg.init:
-        print(f"frozen CLIP unchanged by training: {'yes' if clip_unchanged(model, ckpt) else 'NO'}", flush=True)
-
-
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     try:
         dataset, tokenizer, mcfg, ckpt, eval_sets, sources = prepare(cfg, rank)
+        same_data_everywhere(dataset, world)
         torch.manual_seed(cfg.seed)
         model = build_model(mcfg).to(device)
-        start_model(cfg, model, ckpt, sources, dataset, rank, world, cosine_lr)
+        start_model(cfg, model, ckpt, sources, dataset, rank, cosine_lr)
     except (DataError, ValueError) as e:  # bad flags, data or checkpoints; a stale ranking cache
         sys.exit(f"error: {e}" if master else 2)  # every rank stops; one says why
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.temporal_lr_scale), lr=cfg.lr,
@@ -361,8 +358,9 @@ def train(cfg: TrainConfig) -> dict:
     pairs = Pairs(dataset, tokenizer, cfg.seed, images=cfg.method != "lm", context=True)
     sampler = MicroBatches(EpochPermutations(len(dataset), cfg.seed), step * cfg.accum, total * cfg.accum,
                            cfg.batch_size, rank, world)
-    loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=pairs.collate,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    workers = cfg.workers if cfg.workers >= 0 else loader_workers(device)
+    loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=pairs.collate, num_workers=workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         describe(cfg, model, dataset, world, device)
@@ -380,6 +378,7 @@ def train(cfg: TrainConfig) -> dict:
     # train_seconds: wall-clock of training alone (evaluations excluded), carried across resumes
     train_seconds = ckpt.get("train_seconds", 0.0) if cfg.resume else 0.0
     batches, skipped, t_log, n_log = iter(loader), 0, time.time(), 0
+    stats = pixel_stats(device)
     model.train()
     last = min(total, step + cfg.stop_after) if cfg.stop_after else total
     while step < last:
@@ -387,7 +386,7 @@ def train(cfg: TrainConfig) -> dict:
             model.stage = 1 if step < cfg.stage1_steps else 2
         t0 = time.time()
         losses, bad = train_step(cfg, step, ddp_model, model, optimizer, scaler, autocast, batches, device,
-                                 rank, world, reducer_fn(cfg, getattr(mcfg, "vision", None), step))
+                                 stats, world, reducer_fn(cfg, getattr(mcfg, "vision", None), step))
         train_seconds += time.time() - t0
         skipped += bad
         step += 1
@@ -402,17 +401,22 @@ def train(cfg: TrainConfig) -> dict:
                 log.write(json.dumps(dict(step=step, lr=lr_at(step - 1, cfg), img_per_s=speed,
                                           time=train_seconds, **losses)) + "\n")
                 log.flush()
-        # the captioner's learning curve: CIDEr-D now and then, on rank 0, outside the timed training
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total) and master:
+        # the captioner's learning curve, outside the timed training: every rank computes the point
+        # (the same one), so none waits in a collective while rank 0 evaluates
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
             curve = evaluation.evaluate_model(model, tokenizer, device, eval_sets, cfg.eval_size, curve=True)
-            log.write(json.dumps(dict(step=step, time=train_seconds, curve=curve)) + "\n")
-            log.flush()
+            if master:
+                log.write(json.dumps(dict(step=step, time=train_seconds, curve=curve)) + "\n")
+                log.flush()
         if step % cfg.log_every == 0 or step == last or (cfg.eval_every and step % cfg.eval_every == 0):
             t_log, n_log = time.time(), 0
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < last:
             checkpoint()
     bar.close()
     checkpoint()
+    if world > 1:  # the last collective: from here rank 0 evaluates alone and no rank waits on it
+        skipped = int(global_mean(dict(n=torch.tensor(float(skipped), device=device)), world)["n"] * world)
+        dist.destroy_process_group()
     metrics = {}
     if master:
         check_frozen(cfg, model, ckpt, sources)
@@ -425,15 +429,11 @@ def train(cfg: TrainConfig) -> dict:
             note += f" | stopped before step {total}: continue with --resume"
         print(f"results: method {cfg.method} | step {step} | {train_seconds / 60:.1f} min training | "
               f"{evaluation.headline(metrics)}{note}", flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return metrics
 
 
 def leave_without_teardown():
-    """End a torchrun process once everything is written, skipping the C++ teardown where gloo runs
-    now and then abort (SIGABRT after destroy_process_group), which torchrun reports as a failure."""
+    """End a torchrun process, skipping the C++ teardown where gloo now and then aborts (SIGABRT)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -4,6 +4,7 @@ import sys
 import time
 
 import pytest
+import numpy as np
 import torch
 
 import bench
@@ -215,3 +216,24 @@ def test_pool_ranking_pools_every_row_but_tome_and_refuses_shared_galleries(tmp_
     (tmp_path / "bad.json").write_text('[{"name": "unpruned"}]')
     with pytest.raises(points.DataError, match=r"bad\.json is not the --points file"):
         points.pool_ranking([a, str(tmp_path / "bad.json")])
+
+
+def test_loader_benchmark_reads_a_caption_file_and_ends_with_its_rate(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from PIL import Image
+    from test_train import ROOT
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "caps.csv").write_text("".join(f"{i}.jpg,picture {i}\n" for i in range(10)))
+    r = subprocess.run([sys.executable, "bench.py", "--loader", "--data", str(tmp_path / "caps.csv"), "--image-root",
+                        str(tmp_path), "--workers", "2", "--batch-size", "4", "--batches", "3", "--image-size", "32",
+                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert re.fullmatch(r"loader: \d+ img/s", lines[-1]) and "uint8 batches" in r.stdout and "x the naive path" in r.stdout
+    r = subprocess.run([sys.executable, "bench.py", "--loader"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "give --data FILE" in r.stderr and "Traceback" not in r.stderr
+

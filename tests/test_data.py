@@ -130,3 +130,34 @@ def test_image_folder(tmp_path):
     assert ds.classes == ["red car", "tree"] and len(ds) == 4
     image, label = ds[3]
     assert image.shape == (3, 16, 16) and label == 1
+
+
+def test_training_batches_carry_uint8_and_normalise_to_what_evaluation_reads(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "caps.csv").write_text("".join(f"{i}.png,picture {i}\n" for i in range(3)))
+    caps = data.CaptionDataset(str(tmp_path / "caps.csv"), str(tmp_path), 16)
+    scenes = shapes.ShapesDataset("train", 4, 32, 8)
+    clips = shapes.ShapesVideoDataset("train", 2, 32, 8, frames=3)
+    for ds in (caps, scenes, clips):
+        pairs = data.Pairs(ds, lambda texts: torch.zeros(len(texts), 4, dtype=torch.long), seed=0)
+        images, _, _ = pairs.collate([pairs[(0, 0)], pairs[(1, 1)]])
+        assert images.dtype == torch.uint8  # a quarter of float32's bytes through workers and to the GPU
+        assert torch.equal(data.normalize(ds.get(0)["image"]), ds[0]["image"])  # the eval path, to the bit
+    by_hand = (torch.from_numpy(np.asarray(scenes.rendered(0)[0], np.float32) / 255).permute(2, 0, 1)
+               - torch.tensor(data.CLIP_MEAN).view(3, 1, 1)) / torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    assert torch.equal(data.normalize(scenes.get(0)["image"]), by_hand)
+
+
+def test_jpegs_decode_at_a_reduced_size_only_where_it_still_covers_the_target(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (640, 480), (10, 120, 200)).save(tmp_path / "a.jpg", quality=90)
+    Image.new("RGB", (640, 480), (10, 120, 200)).save(tmp_path / "a.png")
+    path = str(tmp_path / "a.jpg")
+    assert data.load_image(path, "x").size == (640, 480)
+    assert data.load_image(path, "x", 224).size == (320, 240)  # 1/2 still covers 224 on both sides
+    assert data.load_image(path, "x", 100).size == (160, 120)  # 1/4
+    assert data.load_image(path, "x", 300).size == (640, 480)  # 1/2 would not: full size
+    assert data.load_image(str(tmp_path / "a.png"), "x", 100).size == (640, 480)  # not a JPEG: as it is

@@ -262,15 +262,21 @@ def test_itm_gradients_do_not_depend_on_thread_timing():
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    common = [*TINY, "--steps", "3", "--no-eval", "--lr", "3e-3", "--amp", "off"]
+@pytest.mark.parametrize("method", ["none", "elip"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, method):
+    """2 processes x batch 4 train as 1 x 8: ITC over the gathered batch, and (elip) ITM's hard
+    negatives and MLM's masks drawn over the global batch. Every collective's tensor is checked to
+    be on the model's device (tests/collectives_on_the_model_device.py)."""
+    common = [*tiny(depth=6), "--method", method, "--objectives", "itc" if method == "none" else "itc,itm,mlm",
+              "--steps", "3", "--no-eval", "--lr", "3e-3", "--amp", "off"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     r = run([*common, "--batch-size", "8", "--out", one])
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *common, "--batch-size", "4", "--out", two],
+                        "tests/collectives_on_the_model_device.py", "cpu", *common, "--batch-size", "4", "--out", two],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "collectives checked:" in r.stdout and "all_gather" in r.stdout and "all_reduce" in r.stdout
     p1 = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model"]
     p2 = torch.load(os.path.join(two, "ckpt.pt"), weights_only=True)["model"]
     start = CLIP(CLIPConfig.from_dict(torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model_config"]))
@@ -335,3 +341,32 @@ def test_every_flag_has_a_group_and_a_one_line_help():
     assert set(docs) == {f.name for f in train.fields(TrainConfig)}
     assert all(help_text for _, help_text in docs.values()), [k for k, (_, h) in docs.items() if not h]
     assert len({group for group, _ in docs.values()}) >= 8
+
+
+def rank_with_its_own_files(rank, world, init_file, folder, out_file):
+    """One rank of the test below: rank 1 cannot see one of the images rank 0 sees."""
+    import torch.distributed as dist
+    import data
+    from prepare import same_data_everywhere
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if rank == 1:  # as a node whose view of the shared filesystem lacks the file
+        data.CaptionDataset.exists = lambda self, path: os.path.isfile(path) and not path.endswith("b.png")
+    dataset = data.CaptionDataset(os.path.join(folder, "caps.csv"), folder, 16, skip_bad=True)
+    own = [g["path"] for g in dataset.items]
+    same_data_everywhere(dataset, world)
+    torch.save(dict(own=own, shared=[g["path"] for g in dataset.items], missing=dataset.missing), f"{out_file}{rank}")
+    dist.destroy_process_group()
+
+
+def test_every_rank_trains_on_rank_0s_list_of_samples(tmp_path):
+    """Catches ranks that filter missing images (--skip-bad) each on their own: on nodes that see
+    different files they would train on different datasets without a word."""
+    import torch.multiprocessing as mp
+    from PIL import Image
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (20, 20), (40, 90, 200)).save(tmp_path / f"{name}.png")
+    (tmp_path / "caps.csv").write_text("a.png,one\nb.png,two\nc.png,three\n")
+    mp.spawn(rank_with_its_own_files, args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path / "out")), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"out{r}", weights_only=False) for r in (0, 1))
+    assert len(zero["own"]) == 3 and len(one["own"]) == 2  # each rank saw its own files...
+    assert zero["shared"] == one["shared"] == zero["own"] and one["missing"] == 0  # ...and trains on rank 0's
