@@ -6,9 +6,12 @@ trees for zero-shot. The default data, generated with no files, is shapes.py's.
 Read first: `read_caption_file`, then `CaptionDataset` and `ImageFolder`.
 """
 import csv
+import io
 import json
 import math
 import os
+import re
+import tarfile
 
 import numpy as np
 import torch
@@ -99,13 +102,16 @@ def load_image(path: str, where: str, at_least: int = 0) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image {path} ({where}) does not exist") from None
     except Exception as e:
-        raise DataError(f"image {path} ({where}) cannot be read: {e}") from None
+        named = f"image {path} ({where})" if isinstance(path, str) else where  # a file, or a shard's bytes
+        raise DataError(f"{named} cannot be read: {e}") from None
 
 
-def read_caption_file(path: str) -> list:
+def read_caption_file(path: str, keys: tuple = ()) -> list:
     """Read captions as (image path, caption, where) rows. Formats, by content and extension:
     ALBEF/BLIP JSON `[{"image": path, "caption": str or [str]}]`, COCO `captions_*.json`
-    (`images` + `annotations`), and CSV/TSV rows `image,caption` (an optional header row)."""
+    (`images` + `annotations`), and CSV/TSV rows `image,caption` (an optional header row), or
+    with `keys` = (image column, caption column) the columns of those names in the header row,
+    as open_clip reads them (a TSV is split at tabs alone: quotes are text)."""
     if not os.path.isfile(path):
         raise DataError(f"caption file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -122,7 +128,7 @@ def read_caption_file(path: str) -> list:
         raise DataError(f"caption file {path} is JSON but neither a list of {{image, caption}} "
                         f"entries nor COCO captions (images + annotations)")
     if ext in (".csv", ".tsv"):
-        return read_table(path, "\t" if ext == ".tsv" else ",")
+        return read_table(path, "\t" if ext == ".tsv" else ",", keys)
     raise DataError(f"caption file {path} has an unknown format (use .json, .csv or .tsv)")
 
 
@@ -148,15 +154,24 @@ def read_coco(path, obj):
     return rows
 
 
-def read_table(path, delimiter):
-    rows = []
+def read_table(path, delimiter, keys=()):
+    rows, columns = [], (0, 1)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with open(path, newline="") as f:
-        for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+        for line_no, row in enumerate(csv.reader(f, delimiter=delimiter, quoting=quoting), start=1):
+            if line_no == 1 and keys:
+                missing = [k for k in keys if k not in row]
+                if missing:
+                    raise DataError(f"{path} line 1 (the header) has no column {missing[0]!r} (--csv-img-key / "
+                                    f"--csv-caption-key); its columns: {', '.join(row)}")
+                columns = tuple(row.index(k) for k in keys)
+                continue
             if not row or (line_no == 1 and not row[0].lower().endswith(IMAGE_EXTS)):
                 continue  # blank line, or a header row such as "image,caption"
-            if len(row) < 2:
-                raise DataError(f"{path} line {line_no} has {len(row)} column(s); expected image{delimiter}caption")
-            rows.append((row[0], row[1], f"{path} line {line_no}"))
+            if len(row) <= max(columns):
+                expected = "as many as the header" if keys else f"image{delimiter}caption"
+                raise DataError(f"{path} line {line_no} has {len(row)} column(s); expected {expected}")
+            rows.append((row[columns[0]], row[columns[1]], f"{path} line {line_no}"))
     return rows
 
 
@@ -165,10 +180,10 @@ class CaptionDataset(torch.utils.data.Dataset):
     (several rows naming the same image are grouped, as COCO lists five captions per image)."""
     what = "image"
 
-    def __init__(self, path, image_root="", image_size=224, skip_bad=False):
+    def __init__(self, path, image_root="", image_size=224, skip_bad=False, keys=()):
         self.image_size, self.skip_bad = image_size, skip_bad
         groups = {}
-        for image, caption, where in read_caption_file(path):
+        for image, caption, where in read_caption_file(path, keys):
             if not isinstance(caption, str) or not caption.strip():
                 raise DataError(f"{where} has an empty caption")
             full = os.path.join(image_root, image)
@@ -187,6 +202,9 @@ class CaptionDataset(torch.utils.data.Dataset):
     def exists(self, path: str) -> bool:
         return os.path.isfile(path)
 
+    def open_image(self, g: dict, at_least: int) -> Image.Image:
+        return load_image(g["path"], g["where"], at_least)
+
     def __len__(self):
         return len(self.items)
 
@@ -201,7 +219,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         for k in range(len(self.items)):
             g = self.items[(i + k) % len(self.items)]
             try:
-                img = load_image(g["path"], g["where"], math.ceil(self.image_size / (SMALLEST_CROP if rng is not None else 1)))
+                img = self.open_image(g, math.ceil(self.image_size / (SMALLEST_CROP if rng is not None else 1)))
             except DataError:
                 if not self.skip_bad:
                     raise
@@ -253,6 +271,87 @@ class VideoCaptionDataset(CaptionDataset):
                             f"{', '.join(f'{w}x{h}' for w, h in sizes)}")
         image = torch.stack([to_uint8(resize_center_crop(f, self.image_size)) for f in frames])  # (T, 3, S, S)
         return dict(image=image, captions=g["captions"], skipped=0)
+
+
+def shard_paths(pattern: str) -> list:
+    """WebDataset's shard notation: 'shards/{00000..00099}.tar' -> the 100 paths, zero-padded
+    as written; several {a..b} ranges expand in order."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    a, b = m.groups()
+    return [p for k in range(int(a), int(b) + 1)
+            for p in shard_paths(pattern[:m.start()] + str(k).zfill(len(a)) + pattern[m.end():])]
+
+
+def is_shards(data: str) -> bool:
+    return data.endswith(".tar") or ".tar" in data and "{" in data
+
+
+class TarShards(CaptionDataset):
+    """Image-text pairs in WebDataset tar shards, as img2dataset writes them: per sample KEY a
+    KEY.jpg (or .png, .webp) and a KEY.txt caption, read with the standard library's tarfile.
+    The shards are indexed once (headers and captions; the images stay where they are), so the
+    samples are a list like a caption file's: the same seeded order, resume and split over
+    ranks and workers as every other dataset. A sample without its caption or image, or a
+    truncated shard, stops with the shard and the key named; --skip-bad skips and counts them."""
+    what = "sample"
+
+    def __init__(self, pattern, image_size=224, skip_bad=False):
+        self.image_size, self.skip_bad = image_size, skip_bad
+        self.items, self.missing = [], 0
+        for shard in shard_paths(pattern):
+            self.index(shard)
+        if not self.items:
+            raise DataError(f"shards {pattern} hold no usable sample")
+
+    def index(self, shard: str):
+        if not os.path.isfile(shard):
+            raise DataError(f"shard {shard} does not exist")
+        samples, name, end = {}, None, os.path.getsize(shard)
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    key, _, ext = os.path.basename(member.name).partition(".")
+                    name = os.path.join(os.path.dirname(member.name), key)
+                    if member.offset_data + member.size > end:  # tarfile reads a cut-off end as the end
+                        raise tarfile.ReadError(f"sample {name} runs past the end of the file")
+                    entry = samples.setdefault(name, {})
+                    if ext == "txt":
+                        entry["caption"] = tar.extractfile(member).read().decode("utf-8").strip()
+                    elif ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                        entry["image"] = (member.offset_data, member.size)
+        except (tarfile.TarError, UnicodeDecodeError, OSError) as e:
+            samples.pop(name, None)  # the sample being read when the shard broke off
+            self.bad(f"shard {shard} is truncated or not a tar file" + (f" at sample {name}" if name else "") + f": {e}")
+        for name, entry in samples.items():
+            if "caption" in entry and "image" in entry and entry["caption"]:
+                self.items.append(dict(path=shard, image=entry["image"], captions=[entry["caption"]],
+                                       where=f"shard {shard}, sample {name}"))
+            else:
+                self.bad(f"shard {shard}: sample {name} has no " + ("caption (.txt)" if "image" in entry else "image"))
+
+    def bad(self, message: str):
+        if not self.skip_bad:
+            raise DataError(message + " (pass --skip-bad to skip such samples)")
+        self.missing += 1
+
+    def open_image(self, g: dict, at_least: int) -> Image.Image:
+        offset, size = g["image"]
+        with open(g["path"], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) < size:
+            raise DataError(f"{g['where']}: the image is cut short (the shard is truncated)")
+        return load_image(io.BytesIO(data), g["where"], at_least)
+
+
+def image_text_pairs(data: str, image_root="", image_size=224, skip_bad=False, keys=()):
+    """--data's dataset: WebDataset shards, or a caption file whose image paths are relative to
+    image_root (keys: the CSV/TSV columns to read, as open_clip's --csv-img-key/--csv-caption-key)."""
+    if is_shards(data):
+        return TarShards(data, image_size, skip_bad)
+    return CaptionDataset(data, image_root, image_size, skip_bad, keys)
 
 
 FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]

@@ -225,7 +225,7 @@ def zeroshot(model, tokenizer, dataset, device, reducer=None) -> dict:
 
 
 def eval_sets(image_size, patch_size, seed=0, n_test=1000, val_data="", image_root="", zeroshot_dir="",
-              skip_bad=False, frames=0):
+              skip_bad=False, frames=0, keys=()):
     """(retrieval gallery or None, zero-shot set or None): the shapes test split by default, else
     the caption file / class folders given. Built before training, so a bad path stops early.
     frames > 0: video clips of that many frames (the shapes videos, or clip folders), no zero-shot."""
@@ -234,7 +234,7 @@ def eval_sets(image_size, patch_size, seed=0, n_test=1000, val_data="", image_ro
                    shapes.ShapesVideoDataset("test", n_test, image_size, patch_size, seed, frames))
         return gallery, None
     if val_data or zeroshot_dir:
-        gallery = data.CaptionDataset(val_data, image_root, image_size, skip_bad=skip_bad) if val_data else None
+        gallery = data.image_text_pairs(val_data, image_root, image_size, skip_bad, keys) if val_data else None
         folder = data.ImageFolder(zeroshot_dir, image_size) if zeroshot_dir else None
         return gallery, folder
     return (shapes.ShapesDataset("test", n_test, image_size, patch_size, seed),
@@ -320,8 +320,9 @@ def evaluate_checkpoint(path, args) -> dict:
         sets = eval_sets(64, 8, trained["scene_seed"], args.n_test, args.val_data, args.image_root, frames=frames)
         return evaluate_lm(model.lm, tokenizer, args.device, sets, args.n_test)
     v = model.cfg.vision
+    keys = (args.csv_img_key, args.csv_caption_key) if args.csv_img_key else ()
     sets = eval_sets(v.image_size, v.patch_size, trained["scene_seed"], args.n_test, args.val_data, args.image_root,
-                     args.zeroshot_dir, frames=frames)
+                     args.zeroshot_dir, frames=frames, keys=keys)
     if kind == "captioner":
         return evaluate_captioner(model, tokenizer, args.device, sets, args.n_test, args.beams)
     reducer = model.reducer() if kind == "ranking" else None  # Patch Ranking: its predictor and learned tokens
@@ -370,8 +371,10 @@ def main(argv=None):
     p.add_argument("--curves", nargs="+", default=[], metavar="LOG",
                    help="instead: a Markdown table of the CIDEr-D curves in these log.jsonl files (--eval-every runs)")
     p.add_argument("--json", action="store_true", help="print JSON (open_clip key names, fractions)")
-    p.add_argument("--val-data", default="", help="caption file for retrieval (default: the shapes test split)")
+    p.add_argument("--val-data", default="", help="caption file or shards for retrieval (default: the shapes test split)")
     p.add_argument("--image-root", default="", help="folder the caption file's image paths are relative to")
+    p.add_argument("--csv-img-key", default="", help="a CSV/TSV with a header: the image column (with --csv-caption-key)")
+    p.add_argument("--csv-caption-key", default="", help="a CSV/TSV with a header: the caption column")
     p.add_argument("--zeroshot-dir", default="", help="class-per-folder image tree for zero-shot classification")
     p.add_argument("--n-test", type=int, default=1000, help="gallery size (images)")
     p.add_argument("--relevance", action="store_true",

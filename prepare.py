@@ -79,6 +79,8 @@ def check_flags(cfg):
         raise ValueError("--frames, --no-temporal, --frame-embed and --temporal-lr-scale apply with --video only")
     if cfg.video and cfg.zeroshot_dir:
         raise ValueError("--zeroshot-dir classifies images; a --video run is evaluated by captioning its clips")
+    if cfg.video and data.is_shards(cfg.data):
+        raise ValueError("--video reads clip folders listed in a caption file; shards hold images")
     if cfg.video and cfg.frames < 2:
         raise ValueError(f"--frames {cfg.frames}: a clip needs at least 2 frames")
     if cfg.bridge not in ("merge", "query"):
@@ -192,6 +194,13 @@ def check_same_run(cfg, ckpt: dict, path: str):
                              f"resume with the flags it started with")
 
 
+def csv_keys(cfg) -> tuple:
+    """(image column, caption column) of a CSV/TSV with a header, or () for its first two columns."""
+    if bool(cfg.csv_img_key) != bool(cfg.csv_caption_key):
+        raise ValueError("give both --csv-img-key and --csv-caption-key (the header's names), or neither")
+    return (cfg.csv_img_key, cfg.csv_caption_key) if cfg.csv_img_key else ()
+
+
 def build_data(cfg, image_size: int, patch_size: int):
     if cfg.video:
         if cfg.data:
@@ -199,7 +208,7 @@ def build_data(cfg, image_size: int, patch_size: int):
         return shapes.ShapesVideoDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cfg.frames,
                                          cache=True)
     if cfg.data:
-        return data.CaptionDataset(cfg.data, cfg.image_root, image_size, skip_bad=cfg.skip_bad)
+        return data.image_text_pairs(cfg.data, cfg.image_root, image_size, cfg.skip_bad, csv_keys(cfg))
     return shapes.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True)
 
 
@@ -293,7 +302,7 @@ def prepare(cfg, rank: int):
     if cfg.eval and (rank == 0 or cfg.eval_every):  # every rank computes a learning curve's points
         sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.scene_seed(), cfg.test_size,
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad,
-                                    cfg.frames if cfg.video else 0)
+                                    cfg.frames if cfg.video else 0, csv_keys(cfg))
     return dataset, tokenizer, mcfg, ckpt, sets, sources
 
 

@@ -76,8 +76,10 @@ class TrainConfig(ReducerConfig):
     resume: bool = False  # continue from --out/ckpt.pt
     init: str = ""  # start from the weights (and vocabulary) of this train.py checkpoint; fresh optimizer and step 0
     # data: the embedded shapes by default, else a caption file (json / csv / tsv)
-    data: str = ""  # caption file (ALBEF/BLIP json, COCO captions json, csv, tsv); empty: the shapes
+    data: str = ""  # caption file (ALBEF/BLIP json, COCO captions json, csv, tsv) or WebDataset shards ('dir/{00000..00099}.tar'); empty: the shapes
     image_root: str = ""  # folder the caption file's image paths are relative to
+    csv_img_key: str = ""  # a CSV/TSV with a header: the image column's name (open_clip's flag); empty: the first column
+    csv_caption_key: str = ""  # ...and the caption column's; empty: the second
     val_data: str = ""  # caption file for retrieval at the end (real data); shapes use their test split
     zeroshot_dir: str = ""  # class-per-folder tree for zero-shot at the end
     skip_bad: bool = False  # skip missing / unreadable images (and count them) instead of stopping

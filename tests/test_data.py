@@ -161,3 +161,62 @@ def test_jpegs_decode_at_a_reduced_size_only_where_it_still_covers_the_target(tm
     assert data.load_image(path, "x", 100).size == (160, 120)  # 1/4
     assert data.load_image(path, "x", 300).size == (640, 480)  # 1/2 would not: full size
     assert data.load_image(str(tmp_path / "a.png"), "x", 100).size == (640, 480)  # not a JPEG: as it is
+
+
+def write_shard(path, samples):
+    """A WebDataset shard as img2dataset writes one: KEY.jpg and KEY.txt per sample (None: left out)."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption in samples:
+            for ext, payload in (("jpg", image), ("txt", None if caption is None else caption.encode())):
+                if payload is not None:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def jpeg_bytes(seed, size=(48, 40)):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_webdataset_shards_read_like_a_caption_file(tmp_path):
+    import io
+    from PIL import Image
+    for s in range(2):
+        write_shard(tmp_path / f"{s:05d}.tar", [(f"{s}{k:04d}", jpeg_bytes(10 * s + k), f"picture {s} {k}") for k in range(5)])
+    assert data.shard_paths("a/{008..011}.tar") == ["a/008.tar", "a/009.tar", "a/010.tar", "a/011.tar"]
+    assert data.is_shards("a/{0..3}.tar") and data.is_shards("one.tar") and not data.is_shards("caps.csv")
+    ds = data.image_text_pairs(str(tmp_path / "{00000..00001}.tar"), image_size=32)
+    assert len(ds) == 10 and ds.captions(7) == ["picture 1 2"]
+    by_hand = data.to_tensor(data.resize_center_crop(Image.open(io.BytesIO(jpeg_bytes(12))).convert("RGB"), 32))
+    assert torch.equal(ds[7]["image"], by_hand) and ds.get(7, np.random.default_rng(0))["image"].dtype == torch.uint8
+    # a sample without its caption, then a shard cut off inside its last image
+    write_shard(tmp_path / "gap.tar", [("a", jpeg_bytes(1), "one"), ("b", jpeg_bytes(2), None), ("c", jpeg_bytes(3), "three")])
+    with pytest.raises(DataError, match=r"gap.tar: sample b has no caption \(.txt\) \(pass --skip-bad"):
+        data.TarShards(str(tmp_path / "gap.tar"), 32)
+    skipped = data.TarShards(str(tmp_path / "gap.tar"), 32, skip_bad=True)
+    assert [ds_item["captions"] for ds_item in skipped.items] == [["one"], ["three"]] and skipped.missing == 1
+    whole = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[:len(whole) - 3000])
+    with pytest.raises(DataError, match=r"cut.tar is truncated or not a tar file at sample 00004"):
+        data.TarShards(str(tmp_path / "cut.tar"), 32)
+    cut = data.TarShards(str(tmp_path / "cut.tar"), 32, skip_bad=True)
+    assert len(cut) == 4 and cut.missing == 1  # the complete samples before the cut
+    with pytest.raises(DataError, match=r"shard .*00002.tar does not exist"):  # the first one missing
+        data.TarShards(str(tmp_path / "{00000..00009}.tar"), 32)
+
+
+def test_csv_columns_by_name_and_tsv_without_quote_handling(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "caps.tsv").write_text('title\tfilepath\tother\nthe "big" one\ta.png\tx\n')
+    rows = data.read_caption_file(str(tmp_path / "caps.tsv"), ("filepath", "title"))
+    assert rows == [("a.png", 'the "big" one', f"{tmp_path / 'caps.tsv'} line 2")]  # quotes are text in a TSV
+    (tmp_path / "caps.csv").write_text('filepath,title\na.png,"a, quoted caption"\n')
+    assert data.read_caption_file(str(tmp_path / "caps.csv"), ("filepath", "title"))[0][1] == "a, quoted caption"
+    with pytest.raises(DataError, match=r"line 1 \(the header\) has no column 'caption' .*its columns: title, filepath"):
+        data.read_caption_file(str(tmp_path / "caps.tsv"), ("filepath", "caption"))

@@ -370,3 +370,21 @@ def test_every_rank_trains_on_rank_0s_list_of_samples(tmp_path):
     zero, one = (torch.load(tmp_path / f"out{r}", weights_only=False) for r in (0, 1))
     assert len(zero["own"]) == 3 and len(one["own"]) == 2  # each rank saw its own files...
     assert zero["shared"] == one["shared"] == zero["own"] and one["missing"] == 0  # ...and trains on rank 0's
+
+
+def test_training_on_webdataset_shards_alone_and_under_torchrun(tmp_path):
+    from test_data import jpeg_bytes, write_shard
+    for s in range(2):
+        write_shard(tmp_path / f"{s:05d}.tar", [(f"{s}{k:03d}", jpeg_bytes(10 * s + k), f"a picture of {k % 3} things")
+                                               for k in range(8)])
+    shards = str(tmp_path / "{00000..00001}.tar")
+    common = [*tiny(image_size=32), "--data", shards, "--steps", "2", "--batch-size", "4", "--warmup", "1"]
+    r = run([*common, "--val-data", shards, "--test-size", "8", "--out", str(tmp_path / "one")])
+    assert r.returncode == 0, r.stderr
+    assert "16 training images" in r.stdout and "image_to_text_R@1" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *common, "--batch-size", "2", "--no-eval", "--out", str(tmp_path / "two")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run([*common, "--data", str(tmp_path / "{00000..00002}.tar"), "--no-eval", "--out", str(tmp_path / "x")])
+    assert r.returncode != 0 and "00002.tar does not exist" in r.stderr and "Traceback" not in r.stderr
