@@ -25,6 +25,7 @@ Accuracy against cost, the Patch Ranking table, the probes and the harness that 
 results table live in `experiments/` (`python -m experiments --help`).
 """
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import shapes
 from captioner import Captioner, CaptionerConfig
 from checkpoint import ReducerConfig, elip_schedule, make_reducer, tome_schedule
 from data import CaptionDataset, DataError, Pairs, normalize, pixel_stats, random_resized_crop, to_tensor
@@ -150,7 +152,7 @@ def bench_model(preset, batch_size, objectives, repeats, budget_gb, device):
         make = make_reducer(cfg, v)
 
         def step():
-            out = model(images, ids, make, torch.Generator().manual_seed(0))
+            out = model(images, ids, make, torch.Generator(device=device).manual_seed(0))
             return out["loss"]
 
         times = []
@@ -351,6 +353,73 @@ def bench_loader(path: str, image_root: str, size: int, workers: int, batch_size
     return dict(naive=naive, loader=rate(loaded()), carried=", ".join(sorted(carried)))
 
 
+# ----------------------------------------------------------------------------------------------
+# A check for whoever has a GPU: every method trains, how fast, in how much memory
+
+# dense bf16 peak of common GPUs, TFLOP/s (their data sheets), for the model FLOPs utilisation
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "L4": 121, "4090": 165,
+                    "3090": 71, "V100": 125}
+
+
+def gpu_check(preset: str, batch_size: int, steps: int, device, peak_tflops: float = 0.0) -> list:
+    """Each method trains `steps` steps on one batch of shapes images at the preset's size (bf16
+    autocast on CUDA): images/s over the steps after the third, peak memory, model FLOPs
+    utilisation (the analytic training FLOPs over the peak), and whether the loss fell."""
+    v = vit_config(preset)
+    scenes = shapes.ShapesDataset("train", batch_size, v.image_size, v.patch_size)
+    tokenizer = Tokenizer.build(c for i in range(batch_size) for c in scenes.captions(i))
+    images = torch.stack([scenes[i]["image"] for i in range(batch_size)]).to(device)
+    ids = tokenizer([scenes.captions(i)[0] for i in range(batch_size)]).to(device)
+    if not peak_tflops and device.type == "cuda":
+        peak_tflops = next((p for name, p in PEAK_BF16_TFLOPS.items() if name in torch.cuda.get_device_name(device)), 0)
+    rows = []
+    for method in ("none", "elip", "evit", "tome"):
+        rc = ReducerConfig(method=method)
+        torch.manual_seed(0)
+        cfg = clip_config(preset, "itc" if method == "none" else "itc,itm,mlm")
+        model = CLIP(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer)))).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        make = make_reducer(rc, model.cfg.vision)
+        losses, t0 = [], 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for step in range(steps):
+            if step == 3:
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(images, ids, make, torch.Generator(device=device).manual_seed(step))["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - t0) / (steps - 3)
+        counter, n_out = count_tokens(model, rc, images[:2], ids[:2])
+        f = forward_flops(model, rc, counter, n_out, ids.shape[1])
+        flops = batch_size * (3 * (f["vit"] + f["text"] + f["fusion"]) + f["lookahead"]) / 2  # counted for 2 images
+        first, last = losses[0].item(), losses[-1].item()
+        rows.append(dict(method=method, img_s=batch_size / seconds, first=first, last=last,
+                         peak_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+                         mfu=flops / seconds / (peak_tflops * 1e12) if peak_tflops else None))
+    return rows
+
+
+def gpu_check_markdown(preset: str, batch_size: int, steps: int, rows: list) -> str:
+    none = rows[0]["img_s"]
+    lines = [f"{preset}, batch {batch_size}, {steps} steps on one batch", "",
+             "| method | img/s | speed vs none | peak memory | MFU | loss: first → last |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['img_s']:.0f} | {r['img_s'] / none:.2f}x | "
+                     + (f"{r['peak_gb']:.1f} GB" if r["peak_gb"] is not None else "—") + " | "
+                     + (f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "—") + f" | {r['first']:.3f} → {r['last']:.3f} |")
+    fell = [r["method"] for r in rows if r["last"] < r["first"]]
+    lines += ["", "gpu check: " + ("the loss fell for every method" if len(fell) == len(rows) else
+                                   "the loss did NOT fall for " + ", ".join(r["method"] for r in rows if r["method"] not in fell))]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="ToMe's inference speed-up; the captioner's training step per bridge; "
                                             "the CLIP training step under none / evit / elip / elip without "
@@ -368,6 +437,11 @@ def main(argv=None):
     p.add_argument("--mem-budget-gb", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="also write the Markdown tables to this file")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="instead: each method 20 steps on one batch of ViT-B/16 at 224 px (bf16 on CUDA): img/s, "
+                        "peak memory, model FLOPs utilisation, and whether the loss falls")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="--gpu-check: the GPU's dense bf16 peak for the MFU (0: looked up by the GPU's name)")
     p.add_argument("--loader", action="store_true",
                    help="instead: images/s of train.py's data loader on --data against the naive path")
     p.add_argument("--data", default="", help="--loader: a caption file (as train.py --data)")
@@ -376,6 +450,13 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=224, help="--loader: the training crop's side")
     p.add_argument("--batches", type=int, default=20, help="--loader: batches timed (of --batch-size, default 64)")
     args = p.parse_args(argv)
+    if args.gpu_check:
+        preset = (args.models.split(",") or ["vit_b16"])[-1] or "vit_b16"
+        B = args.batch_size or (64 if preset == "tiny64" else 32)
+        steps = max(5, args.batches)
+        print(gpu_check_markdown(preset, B, steps, gpu_check(preset, B, steps, torch.device(args.device),
+                                                             args.peak_tflops)))
+        return
     if args.loader:
         if not args.data:
             raise DataError("--loader reads a caption file: give --data FILE (and --image-root DIR)")

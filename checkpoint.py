@@ -34,25 +34,20 @@ class ReducerConfig:
     lookahead: bool = True  # ELIP scores with a look-ahead through each stage (off: previous block's attention)
     fused_prop_attn: bool = False  # ours (ELIP/EViT): the fused token attends with log(its size); the papers: off
     rollout: bool = False  # ours (ELIP): the look-ahead's [CLS] row rolled back to the stage's input tokens; the paper: off
-    begin_layers: str = ""  # ELIP schedule, comma-separated (e.g. 2,4,10); empty: the authors' scaled to depth
-    num_layers: str = ""  # blocks per stage (e.g. 2,6,2)
-    keep_ratios: str = ""  # share of the ORIGINAL patches kept per stage (e.g. 0.9,0.65,0.4)
+    elip_schedule: str = ""  # ELIP's stages as begin:blocks:keep, e.g. 2:2:0.9,4:6:0.65,10:2:0.4 (keep: share of the ORIGINAL patches); empty: the authors' scaled to depth
     tome_r: str = "auto"  # ToMe (size-weighted merging, proportional attention): tokens merged per block, one number or one per block; auto: ViT-B/16's r=13 share
 
 
 def elip_schedule(rc: ReducerConfig, depth: int) -> Schedule:
-    """The schedule the flags give, or the authors' scaled to `depth`."""
-    lists = (rc.begin_layers, rc.num_layers, rc.keep_ratios)
-    if not any(lists):
+    """The schedule --elip-schedule gives, or the authors' scaled to `depth`."""
+    if not rc.elip_schedule:
         return scaled_schedule(depth)
-    if not all(lists):
-        raise ValueError("give all three of --begin-layers, --num-layers and --keep-ratios, or none")
     try:
-        b, n = (tuple(int(v) for v in s.split(",")) for s in lists[:2])
-        r = tuple(float(v) for v in rc.keep_ratios.split(","))
+        stages = [stage.split(":") for stage in rc.elip_schedule.split(",")]
+        b, n, r = zip(*((int(begin), int(blocks), float(keep)) for begin, blocks, keep in stages))
     except ValueError:
-        raise ValueError("--begin-layers and --num-layers take whole numbers, --keep-ratios fractions, "
-                         "comma-separated (e.g. 2,4,10 / 2,6,2 / 0.9,0.65,0.4)") from None
+        raise ValueError(f"--elip-schedule {rc.elip_schedule!r}: give begin:blocks:keep per stage, comma-separated "
+                         f"(e.g. 2:2:0.9,4:6:0.65,10:2:0.4)") from None
     return Schedule(b, n, r)
 
 
@@ -151,8 +146,16 @@ BEFORE_FIELD = {"fused_prop_attn": False, "rank_fuse": False, "rollout": False,
 def reducer_config(ckpt: dict, **overrides) -> ReducerConfig:
     """The reducer a checkpoint was trained with (flags added since: what the code did before them)."""
     names = {f.name for f in fields(ReducerConfig)}
-    saved = {k: v for k, v in {**BEFORE_FIELD, **ckpt["config"]}.items() if k in names}
+    saved = {k: v for k, v in {**BEFORE_FIELD, **saved_flags(ckpt["config"])}.items() if k in names}
     return ReducerConfig(**{**saved, **overrides})
+
+
+def saved_flags(config: dict) -> dict:
+    """A checkpoint's flags in today's names: ELIP's schedule was three lists (begin, blocks, keep)."""
+    lists = [config.get(k) for k in ("begin_layers", "num_layers", "keep_ratios")]
+    if all(lists):
+        config = dict(config, elip_schedule=",".join(":".join(stage) for stage in zip(*(v.split(",") for v in lists))))
+    return config
 
 
 def trained_on(ckpt: dict) -> dict:
@@ -162,5 +165,6 @@ def trained_on(ckpt: dict) -> dict:
     if c.get("motion_marker"):  # its test clips would need the painted marker the code no longer draws
         raise DataError("this run trained on shapes videos with --motion-marker, a study since removed from the "
                         "code: evaluate it with the commit that made it (git log -Smotion_marker)")
-    seed = c.get("data_seed", -1)
-    return dict(scene_seed=c.get("seed", 0) if seed < 0 else seed, frames=c.get("frames", 4) if c.get("video") else 0)
+    seed = ckpt.get("scenes")  # recorded since runs of Patch Ranking take their CLIP's; before: a flag
+    seed = seed if seed is not None else c.get("data_seed", -1) if c.get("data_seed", -1) >= 0 else c.get("seed", 0)
+    return dict(scene_seed=seed, frames=c.get("frames", 4) if c.get("video") else 0)

@@ -435,3 +435,12 @@ class Pairs(torch.utils.data.Dataset):
     def collate(self, batch):
         images, captions, skipped = zip(*batch)
         return torch.stack(images), self.tokenizer(list(captions)), sum(skipped)
+
+
+def loader_workers(device) -> int:
+    """--workers -1: on CUDA the CPUs of this node shared among its processes (one left for each
+    process itself), at most 8; on the CPU none, as the training shares the same cores."""
+    if device.type != "cuda":
+        return 0
+    per_process = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, per_process - 1))

@@ -20,8 +20,9 @@ import data
 import eval as evaluation
 import ranking
 import shapes
+from bpe import CLIPTokenizer
 from captioner import Captioner, CaptionerConfig, check_vocabularies, lm_unchanged, start_captioner
-from checkpoint import elip_schedule, load_state, read_checkpoint, save_checkpoint, tome_schedule
+from checkpoint import elip_schedule, load_state, read_checkpoint, save_checkpoint, tome_schedule, trained_on
 from data import DataError, lm_texts
 from merge import MERGE_MODES, merge_schedule
 from model import CLIPConfig, RankingCLIP, RankingConfig
@@ -35,6 +36,20 @@ SIZES = dict(image_size=0, patch_size=0, width=0, depth=0, heads=0,  # the ViT; 
              text_width=128, text_depth=2, text_heads=2, context_length=40,  # the text encoder; caption tokens
              embed_dim=128,  # the joint image-text embedding
              lm_width=128, lm_depth=2, lm_heads=2, lm_context=128)  # --method lm: the language model; its positions
+
+# --recipe: what a real-scale run needs; a flag given on the command line wins over its recipe.
+# clip_b16: open_clip's ViT-B-16 (a 512-wide, 12-block text tower, embeddings of 512) with its
+# optimiser settings for that size, ITC alone (the BPE tokenizer has no [MASK] for ITM and MLM).
+RECIPES = {"clip_b16": dict(vit="vit_b16", objectives="itc", lr=5e-4, weight_decay=0.2, warmup=10000,
+                            model_kwargs="text_width=512,text_depth=12,text_heads=8,context_length=77,embed_dim=512")}
+
+
+def apply_recipe(flags: dict, given: set) -> dict:
+    """The parsed flags with --recipe's settings for every flag not given on the command line."""
+    if flags["recipe"] and flags["recipe"] not in RECIPES:
+        raise ValueError(f"--recipe {flags['recipe']} is unknown (choose {', '.join(RECIPES)})")
+    return {**flags, **{k: v for k, v in RECIPES.get(flags["recipe"], {}).items() if k not in given}}
+
 
 PREDICTOR_LR = 1e-3  # the ranking predictor's peak rate (a cosine to zero over --predictor-steps)
 SEARCH = dict(k=1, chunk=1, mode="similarity")  # the golden-ranking search as published: one patch at a time
@@ -55,14 +70,20 @@ def check_flags(cfg):
     """Flag combinations that make no sense stop here, before anything is built."""
     if cfg.method not in METHODS:
         raise ValueError(f"--method {cfg.method} is unknown (choose from {', '.join(METHODS)})")
-    if cfg.lr < 0 or cfg.min_lr < 0:
-        raise ValueError("--lr and --min-lr must not be negative")
+    if cfg.lr < 0:
+        raise ValueError("--lr must not be negative")
     for name in ("steps", "batch_size", "accum", "train_size", "test_size", "log_every", "rank_images"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"--amp {cfg.amp} is unknown (choose auto, bf16, fp16 or off)")
     captioning = cfg.method in ("lm", "evlgen")
+    if cfg.recipe and not cfg.bpe:
+        raise ValueError(f"--recipe {cfg.recipe} tokenizes with CLIP's BPE: give its vocabulary file with --bpe "
+                         f"(bpe_simple_vocab_16e6.txt.gz, from OpenAI's CLIP repository)")
+    if cfg.bpe and (cfg.method not in ("none", "elip", "evit", "tome") or set(objectives(cfg)) - {"itc"}):
+        raise ValueError("--bpe is a CLIP's tokenizer for ITC alone (--objectives itc; --method none, elip, evit or "
+                         "tome): ITM and MLM need the word tokenizer's [PAD] and [MASK]")
     if captioning and cfg.objectives != "auto":
         raise ValueError(f"--objectives is for CLIP; --method {cfg.method} has one loss, the LM's")
     if cfg.method == "evlgen" and not cfg.lm:
@@ -89,14 +110,14 @@ def check_flags(cfg):
         raise ValueError("--bridge-pos is a position embedding for the merging bridge: --bridge merge")
     if cfg.stage1_steps and cfg.bridge != "query":
         raise ValueError("--stage1-steps is BLIP-2's first stage for the learned queries: it needs --bridge query")
-    if cfg.stage1_steps < 0 or cfg.bridge_r < 0 or cfg.eval_every < 0 or cfg.num_tokens < 0:
-        raise ValueError("--stage1-steps, --bridge-r, --eval-every and --num-tokens must not be negative")
+    if cfg.stage1_steps < 0 or cfg.bridge_r < 0 or cfg.eval_every < 0:
+        raise ValueError("--stage1-steps, --bridge-r and --eval-every must not be negative")
     if cfg.bridge_merge not in MERGE_MODES:
         raise ValueError(f"--bridge-merge {cfg.bridge_merge} is unknown (choose {' or '.join(MERGE_MODES)})")
     if cfg.method != "elip" and (cfg.elip_lambda != 0.8 or not cfg.lookahead or cfg.rollout):
         raise ValueError("--elip-lambda, --no-lookahead and --rollout apply to --method elip only")
-    if cfg.method != "elip" and (cfg.begin_layers or cfg.num_layers or cfg.keep_ratios):
-        raise ValueError("--begin-layers, --num-layers and --keep-ratios apply to --method elip only")
+    if cfg.method != "elip" and cfg.elip_schedule:
+        raise ValueError("--elip-schedule applies to --method elip only")
     if cfg.fused_prop_attn and cfg.method not in ("elip", "evit"):
         raise ValueError("--fused-prop-attn is for the fused token of --method elip or evit")
     if cfg.method == "ranking" and not (cfg.init or cfg.resume):
@@ -121,7 +142,7 @@ def model_config(cfg, vocab_size: int) -> CLIPConfig:
     s = model_sizes(cfg)
     vision = vit_config(cfg.vit, **{k: s[k] for k in ("image_size", "patch_size", "width", "depth", "heads") if s[k]})
     text = TextConfig(vocab_size=vocab_size, context_length=s["context_length"], width=s["text_width"],
-                      depth=s["text_depth"], heads=s["text_heads"])
+                      depth=s["text_depth"], heads=s["text_heads"], causal=bool(cfg.bpe), pool="eot" if cfg.bpe else "cls")
     return CLIPConfig(vision=vision, text=text, embed_dim=s["embed_dim"], objectives=objectives(cfg))
 
 
@@ -159,7 +180,7 @@ def ranking_config(cfg, ckpt: dict, path: str) -> RankingConfig:
         ranking.keep_count(cfg.rank_keep, clip.vision.num_patches)
     except ValueError as e:
         raise ValueError(f"--rank-layer / --rank-keep: {e}") from None
-    return RankingConfig(clip=clip, layer=layer, keep=cfg.rank_keep, num_tokens=cfg.num_tokens, fuse=cfg.rank_fuse)
+    return RankingConfig(clip=clip, layer=layer, keep=cfg.rank_keep, fuse=cfg.rank_fuse)
 
 
 def expect_kind(ckpt: dict, kind: str, path: str, flag: str, how: str):
@@ -179,15 +200,14 @@ def config_differences(saved: dict, current: dict, prefix="") -> list:
     return out
 
 
-# the flags that decide what a run trains on: a resumed run must keep them
-DATA_FLAGS = ("data", "image_root", "train_size", "video", "frames")
+# the flags that decide what a run trains on, and in what order: a resumed run must keep them
+DATA_FLAGS = ("data", "image_root", "train_size", "video", "frames", "seed")
 
 
 def check_same_run(cfg, ckpt: dict, path: str):
     """A resumed run continues on the data it started with, never silently on other data."""
     saved = type(cfg).from_checkpoint(ckpt)
     pairs = [(f"--{name.replace('_', '-')}", getattr(saved, name), getattr(cfg, name)) for name in DATA_FLAGS]
-    pairs.append(("--seed / --data-seed (the shapes scenes)", saved.scene_seed(), cfg.scene_seed()))
     for flag, then, now in pairs:
         if then != now:
             raise ValueError(f"--resume: {path} was trained with {flag} {then!r}, this run has {now!r}; "
@@ -201,15 +221,30 @@ def csv_keys(cfg) -> tuple:
     return (cfg.csv_img_key, cfg.csv_caption_key) if cfg.csv_img_key else ()
 
 
-def build_data(cfg, image_size: int, patch_size: int):
+def scene_seed(cfg, ckpt) -> int:
+    """The shapes scenes' seed: --seed's, but Patch Ranking's runs train and test on the scenes of
+    the CLIP they prune (so its seeds share that CLIP's data), and a resumed run on its own."""
+    if ckpt is not None and (cfg.resume or cfg.method == "ranking"):
+        return trained_on(ckpt)["scene_seed"]
+    return cfg.seed
+
+
+def build_data(cfg, image_size: int, patch_size: int, scenes: int):
     if cfg.video:
         if cfg.data:
             return data.VideoCaptionDataset(cfg.data, cfg.image_root, image_size, cfg.frames, cfg.skip_bad)
-        return shapes.ShapesVideoDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cfg.frames,
+        return shapes.ShapesVideoDataset("train", cfg.train_size, image_size, patch_size, scenes, cfg.frames,
                                          cache=True)
     if cfg.data:
         return data.image_text_pairs(cfg.data, cfg.image_root, image_size, cfg.skip_bad, csv_keys(cfg))
-    return shapes.ShapesDataset("train", cfg.train_size, image_size, patch_size, cfg.scene_seed(), cache=True)
+    return shapes.ShapesDataset("train", cfg.train_size, image_size, patch_size, scenes, cache=True)
+
+
+def read_bpe(path: str, context_length: int) -> CLIPTokenizer:
+    try:
+        return CLIPTokenizer.from_file(path, context_length=context_length)
+    except (OSError, EOFError, ValueError, KeyError) as e:
+        raise DataError(f"--bpe {path} cannot be read as CLIP's BPE vocabulary: {e}") from None
 
 
 def check_output(cfg):
@@ -269,11 +304,13 @@ def prepare(cfg, rank: int):
         check_same_run(cfg, ckpt, source)
     if cfg.method == "ranking":  # the images are the size the CLIP of --init was trained at
         probe = ranking_config(cfg, ckpt, source).clip
-    dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size)
+    dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size, scene_seed(cfg, ckpt))
     if ckpt is not None:
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
     elif sources:  # the frozen LM decides the vocabulary
         tokenizer = Tokenizer.from_state_dict(sources["lm"]["tokenizer"])
+    elif cfg.bpe:
+        tokenizer = read_bpe(cfg.bpe, model_sizes(cfg)["context_length"])
     elif cfg.method == "lm":  # all the text it trains on, at the LM's context
         texts = (t for i in range(len(dataset)) for t in lm_texts(dataset, i))
         tokenizer = Tokenizer.build(texts, model_sizes(cfg)["lm_context"])
@@ -300,7 +337,7 @@ def prepare(cfg, rank: int):
             raise ValueError(f"{source} is from another model config ({'; '.join(diffs)})")
     sets = None
     if cfg.eval and (rank == 0 or cfg.eval_every):  # every rank computes a learning curve's points
-        sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, cfg.scene_seed(), cfg.test_size,
+        sets = evaluation.eval_sets(probe.vision.image_size, probe.vision.patch_size, scene_seed(cfg, ckpt), cfg.test_size,
                                     cfg.val_data, cfg.image_root, cfg.zeroshot_dir, cfg.skip_bad,
                                     cfg.frames if cfg.video else 0, csv_keys(cfg))
     return dataset, tokenizer, mcfg, ckpt, sets, sources
@@ -329,7 +366,7 @@ def start_ranking(cfg, model: RankingCLIP, init: dict, dataset, rank: int, cosin
     layer = model.rcfg.layer
     images_of = lambda i: dataset[i]["image"]  # the centre crop, normalised
     identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, block=SEARCH["k"], chunk=SEARCH["chunk"],
-                    score=SEARCH["mode"], data=cfg.data or "shapes", train_size=cfg.train_size, scenes=cfg.scene_seed(),
+                    score=SEARCH["mode"], data=cfg.data or "shapes", train_size=cfg.train_size, scenes=scene_seed(cfg, init),
                     **(dict(fuse=True) if model.rcfg.fuse else {}))  # caches of dropping searches predate the key
     n = min(cfg.rank_images, len(dataset))
     cache, pred_path = os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")

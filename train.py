@@ -30,16 +30,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval as evaluation
-from checkpoint import BEFORE_FIELD, ReducerConfig, build_model, kind_of, make_reducer, save_checkpoint
-from data import DataError, Pairs, normalize, pixel_stats
+from checkpoint import BEFORE_FIELD, ReducerConfig, build_model, kind_of, make_reducer, save_checkpoint, saved_flags
+from data import DataError, Pairs, loader_workers, normalize, pixel_stats
 from elip import EVIT_KEEP_WARMUP
-from prepare import check_frozen, describe, prepare, same_data_everywhere, start_model
+from vit import set_grad_checkpointing
+from prepare import apply_recipe, check_frozen, describe, prepare, same_data_everywhere, start_model
 
-# Patch Ranking trains only its learnable tokens: prompt tuning wants a rate far above a whole
-# model's. At 1e-3 the tokens barely leave their random start in 300 steps and cost accuracy;
-# 1e-1 overshoots.
-RANKING_LR = 3e-2
+RANKING_LR = 3e-2  # Patch Ranking's tokens alone train: at 1e-3 they barely move in 300 steps; 1e-1 overshoots
 BETAS = (0.9, 0.98)  # AdamW's; CLIP's second-moment decay
+MIN_LR = 1e-5  # where the cosine ends
+CURVE_IMAGES = 500  # test images of each --eval-every point (at most --test-size)
 
 
 @dataclass
@@ -52,7 +52,6 @@ class TrainConfig(ReducerConfig):
     rank_keep: float = 0.6  # share of the patch tokens kept
     rank_images: int = 500  # training images searched (cached in --out); the last 10% measure the predictor's top-n match
     predictor_steps: int = 400  # training steps of the ranking predictor
-    num_tokens: int = 4  # learnable tokens appended after pruning, trained for --steps (0: none)
     rank_fuse: bool = False  # ours: fuse the pruned patches into one token (proportional attention); the paper drops them
     # captioning (EVLGen): --method lm makes the frozen language model, --method evlgen trains on it
     lm: str = ""  # checkpoint of --method lm: the frozen language model (and the vocabulary)
@@ -62,8 +61,7 @@ class TrainConfig(ReducerConfig):
     bridge_merge: str = "mean"  # mean: the plain mean, as published; wavg (ours): ToMe's size-weighted mean with proportional attention
     bridge_pos: bool = False  # ours: a learned position embedding on the merging bridge's visual tokens
     stage1_steps: int = 0  # --bridge query: BLIP-2's first stage (ITC + ITM) for this many steps before --steps of LM loss
-    eval_every: int = 0  # CIDEr-D on --eval-size test images every N steps (the learning curve)
-    eval_size: int = 200  # test images of each --eval-every evaluation
+    eval_every: int = 0  # CIDEr-D on the first CURVE_IMAGES test images every N steps (the learning curve)
     # video (--method lm / evlgen): clips of --frames frames, shapes videos or clip folders with --data
     video: bool = False  # caption video clips instead of images
     frames: int = 4  # frames per clip
@@ -75,7 +73,7 @@ class TrainConfig(ReducerConfig):
     overwrite: bool = False  # replace an existing checkpoint in --out
     resume: bool = False  # continue from --out/ckpt.pt
     init: str = ""  # start from the weights (and vocabulary) of this train.py checkpoint; fresh optimizer and step 0
-    # data: the embedded shapes by default, else a caption file (json / csv / tsv)
+    # data: the embedded shapes by default, else a caption file (json / csv / tsv) or WebDataset shards
     data: str = ""  # caption file (ALBEF/BLIP json, COCO captions json, csv, tsv) or WebDataset shards ('dir/{00000..00099}.tar'); empty: the shapes
     image_root: str = ""  # folder the caption file's image paths are relative to
     csv_img_key: str = ""  # a CSV/TSV with a header: the image column's name (open_clip's flag); empty: the first column
@@ -87,6 +85,8 @@ class TrainConfig(ReducerConfig):
     test_size: int = 1000  # images in the retrieval gallery
     workers: int = -1  # DataLoader worker processes; -1: on CUDA a share of the CPUs per GPU (up to 8), on the CPU none
     # model
+    recipe: str = ""  # clip_b16: the sizes, objective and optimiser settings of a ViT-B/16 CLIP (prepare.RECIPES); flags given win
+    bpe: str = ""  # CLIP's BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz): its tokenizer and text tower (causal, pooled at end-of-text); empty: words of the captions
     vit: str = "tiny64"  # the ViT's preset: tiny64, vit_ti16, vit_s16, vit_b16
     model_kwargs: str = ""  # sizes as name=value, comma-separated (prepare.SIZES): width, depth, heads, image_size, patch_size, text_width, text_depth, text_heads, context_length, embed_dim, lm_width, lm_depth, lm_heads, lm_context
     # optimisation
@@ -94,13 +94,13 @@ class TrainConfig(ReducerConfig):
     batch_size: int = 128  # per process and micro-batch (as open_clip and nanoGPT count it)
     accum: int = 1  # micro-batches per optimizer step
     lr: float = 0.0  # peak learning rate; 0: 1e-3, or RANKING_LR for --method ranking
-    min_lr: float = 1e-5  # the cosine schedule's end
     warmup: int = 50  # steps of linear warm-up
     weight_decay: float = 0.1  # AdamW's, on the linear layers' weight matrices only
     grad_clip: float = 1.0  # 0: off
+    grad_checkpointing: bool = False  # recompute each block's MLP half in the backward pass (less memory, ~1/4 more compute)
+    compile: bool = False  # torch.compile the model (fastest where shapes repeat: fixed caption length, a reducer's fixed counts)
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler), off
-    seed: int = 0  # the initialisation, the data order and the shapes scenes
-    data_seed: int = -1  # the shapes scenes' seed; -1: --seed (several Patch Ranking seeds on one CLIP's data)
+    seed: int = 0  # the initialisation, the data order and the shapes scenes (Patch Ranking: its CLIP's scenes)
     # bookkeeping
     device: str = "auto"  # auto (cuda if there is one), cuda, cpu
     ckpt_every: int = 0  # 0: only at the end
@@ -112,15 +112,11 @@ class TrainConfig(ReducerConfig):
         if self.lr == 0:
             self.lr = RANKING_LR if self.method == "ranking" else 1e-3
 
-    def scene_seed(self) -> int:
-        """The seed of the shapes scenes (train and test split): --data-seed, else --seed."""
-        return self.seed if self.data_seed < 0 else self.data_seed
-
     @classmethod
     def from_checkpoint(cls, ckpt: dict, **overrides) -> "TrainConfig":
         """The config a checkpoint was trained with (flags added since keep their defaults, or what
         the code did before them: BEFORE_FIELD; flags since removed are dropped)."""
-        saved = {k: v for k, v in ckpt["config"].items() if k in cls.__dataclass_fields__}
+        saved = {k: v for k, v in saved_flags(ckpt["config"]).items() if k in cls.__dataclass_fields__}
         return cls(**{**BEFORE_FIELD, **saved, **overrides})
 
 
@@ -154,7 +150,12 @@ def parse_args(argv=None) -> TrainConfig:
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             group.add_argument(flag, type=kind, default=f.default, help=help_text)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+    try:
+        return TrainConfig(**apply_recipe(vars(p.parse_args(argv)), given))
+    except ValueError as e:
+        p.error(str(e))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,15 +174,6 @@ def setup_distributed(device_flag: str):
         if device.type == "cpu":  # share the cores instead of every process taking all of them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return rank, world, device
-
-
-def loader_workers(device) -> int:
-    """--workers -1: on CUDA the CPUs of this node shared among its processes (one left for each
-    process itself), at most 8; on the CPU none, as the training shares the same cores."""
-    if device.type != "cuda":
-        return 0
-    per_process = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(8, per_process - 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +230,7 @@ def lr_at(step: int, cfg: "TrainConfig") -> float:
     if cfg.stage1_steps:
         steps = cfg.stage1_steps if step < cfg.stage1_steps else cfg.steps
         step = step if step < cfg.stage1_steps else step - cfg.stage1_steps
-    return cosine_lr(step, steps, cfg.lr, cfg.min_lr, cfg.warmup)
+    return cosine_lr(step, steps, cfg.lr, MIN_LR, cfg.warmup)
 
 
 def param_groups(model, weight_decay: float, temporal_lr_scale: float = 1.0) -> list:
@@ -354,6 +346,8 @@ def train(cfg: TrainConfig) -> dict:
     two_stage = getattr(mcfg, "stage1", False)  # each stage leaves the other's heads without gradients
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=two_stage) if world > 1 else model
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
+    ddp_model = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     # the data: global micro-step m is the m-th contiguous run of the seeded stream, split over ranks
     total = cfg.stage1_steps + cfg.steps
@@ -373,7 +367,8 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), dict(
                 kind=kind_of(mcfg), config=asdict(cfg), model_config=asdict(mcfg), model=model.state_dict(),
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                step=step, tokenizer=tokenizer.state_dict(), train_seconds=train_seconds))
+                step=step, tokenizer=tokenizer.state_dict(), train_seconds=train_seconds,
+                scenes=getattr(dataset, "seed", None)))  # the shapes scenes' seed
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
@@ -406,7 +401,7 @@ def train(cfg: TrainConfig) -> dict:
         # the captioner's learning curve, outside the timed training: every rank computes the point
         # (the same one), so none waits in a collective while rank 0 evaluates
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-            curve = evaluation.evaluate_model(model, tokenizer, device, eval_sets, cfg.eval_size, curve=True)
+            curve = evaluation.evaluate_model(model, tokenizer, device, eval_sets, min(cfg.test_size, CURVE_IMAGES), curve=True)
             if master:
                 log.write(json.dumps(dict(step=step, time=train_seconds, curve=curve)) + "\n")
                 log.flush()

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -150,12 +151,15 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, dropout)
+        self.grad_checkpointing = False  # set_grad_checkpointing
 
     def attend(self, x, attn_bias=None, is_causal=False, want=()):
         a, stats = self.attn(self.norm1(x), attn_bias, is_causal, want)
         return x + a, stats
 
     def feed_forward(self, x):
+        if self.grad_checkpointing and torch.is_grad_enabled():  # keep x only; recompute the MLP in backward
+            return x + checkpoint(lambda y: self.mlp(self.norm2(y)), x, use_reentrant=False)
         return x + self.mlp(self.norm2(x))
 
     def cls_attention(self, x, attn_bias=None) -> torch.Tensor:
@@ -168,6 +172,15 @@ class Block(nn.Module):
         x, stats = self.attend(x, attn_bias, is_causal, ("cls_attn",) if return_cls_attn else ())
         x = self.feed_forward(x)
         return (x, stats["cls_attn"]) if return_cls_attn else x
+
+
+def set_grad_checkpointing(model: nn.Module, on: bool = True):
+    """Activation checkpointing, as open_clip offers it, for the MLP half of every Block: its
+    activations (4x the width) are the largest and are recomputed in the backward pass. The
+    attention half stays as it is: a reducer's hooks run there, and must run once."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.grad_checkpointing = on
 
 
 @dataclass

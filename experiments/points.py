@@ -11,7 +11,7 @@ import torch
 import data
 import relevance
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, trained_on
 from bench import TokenCounter, forward_flops, timed, vit_forward_flops
 from data import DataError
 from prepare import SEARCH
@@ -36,7 +36,7 @@ def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int
             cfg, v = train.TrainConfig.from_checkpoint(ckpt), model.cfg.vision
             made = make(model, cfg)
             reducer, extra, timeable = (made + (True,))[:3] if isinstance(made, tuple) else (made, 0.0, True)
-            gallery, zeroshot_set = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test)
+            gallery, zeroshot_set = evaluation.eval_sets(v.image_size, v.patch_size, trained_on(ckpt)["scene_seed"], n_test)
             model.eval()
             features = evaluation.gallery_features(model, tokenizer, gallery, device, n_test, reducer)  # encoded once: an oracle searches per image
             m = evaluation.retrieval_metrics(*features)
@@ -128,7 +128,7 @@ def fused_attention_probe(ckpt_path: str, n_test: int = 1000, device="cpu", batc
     from elip import ELIP, RandomPrune, scaled_schedule
     model, tokenizer, ckpt = load_checkpoint(ckpt_path, device)
     v = model.cfg.vision
-    dataset = shapes.ShapesDataset("test", n_test, v.image_size, v.patch_size, train.TrainConfig.from_checkpoint(ckpt).scene_seed())
+    dataset = shapes.ShapesDataset("test", n_test, v.image_size, v.patch_size, trained_on(ckpt)["scene_seed"])
     images, captions, owner = data.load_gallery(dataset, n_test)
     masks = torch.stack([dataset[i]["patch_mask"] for i in range(len(images))])
     texts = evaluation.encode_texts(model, tokenizer, captions, device)
@@ -209,7 +209,7 @@ def ranking_points(paths: list, n_test: int = 1000, device="cpu", repeats: int =
                lambda m, cfg: (m.reducer(), predictor_flops(m.predictor)))]
     points = cost_points(specs, batch_size, repeats, n_test, device, zeroshot=True,
                          against=[spec[0] for spec in specs].index("ToMe"))
-    scene_seed = train.TrainConfig.from_checkpoint(ckpt).scene_seed()
+    scene_seed = trained_on(ckpt)["scene_seed"]
     return [dict(p, scene_seed=scene_seed, n_test=n_test) for p in points]  # which test images (--pool-ranking reads the seed)
 
 

@@ -57,7 +57,7 @@ def all_runs(root: str, quick: bool) -> dict:
             runs[f"{name}_{seed}"] = (["--method", method, "--objectives", "itc,itm,mlm", "--seed", str(seed)] + q
                                       + steps(300) + extra)
     cap = ["--method", "evlgen", "--lm", f"{root}/lm/ckpt.pt", "--clip", f"{root}/clip/ckpt.pt", "--eval-every",
-           "1" if quick else "25", "--eval-size", "10" if quick else "500"] + q + steps(300)
+           "1" if quick else "25"] + q + steps(300)  # each curve point on 500 test images
     for seed in (0, 1):
         for name, extra in CAPTIONERS_RUN.items():
             runs[f"{name}_{seed}"] = cap + ["--seed", str(seed)] + [e.format(stage1=3 if quick else 300) for e in extra]
@@ -69,8 +69,7 @@ def all_runs(root: str, quick: bool) -> dict:
                                       + ([] if quick else ["--batch-size", str(VIDEO_BATCH)]))
     for name, extra in RANKING_RUNS.items():  # Patch Ranking on the default CLIP: one search, three predictors and token sets
         for seed in (0, 1, 2):
-            runs[f"{name}_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--data-seed", "0",
-                                       "--seed", str(seed)] + steps(RANKING_STEPS) + extra
+            runs[f"{name}_{seed}"] = (["--method", "ranking", "--init", f"{root}/clip/ckpt.pt", "--seed", str(seed)] + steps(RANKING_STEPS) + extra
                                       + (QUICK[-8:] + ["--rank-images", "10", "--predictor-steps", "3"] if quick else []))
     return {name: args + ["--out", f"{root}/{name}", "--overwrite"] for name, args in runs.items()}
 

@@ -12,7 +12,7 @@ import captioning
 import eval as evaluation
 import train
 from captioning import cider_d_scores, motion_hits, one_mover_direction
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, trained_on
 from data import DataError
 from experiments.points import signed_interval
 PROBE_STEPS = 600  # the direction probe's, per reader (32 clips a step)
@@ -141,7 +141,7 @@ def direction_probe_checkpoints(paths: list, steps: int, n_test: int, device="cp
         if not captioner and ckpt.get("kind", "clip") != "clip":
             raise DataError(f"--direction-probe {path}: neither a CLIP nor a video captioner with the temporal "
                             f"contextualizer (a {ckpt['kind']} checkpoint)")
-        rows += direction_probe(model, train.TrainConfig.from_checkpoint(ckpt).scene_seed(), steps, n_train=4 * n_test, n_test=n_test,
+        rows += direction_probe(model, trained_on(ckpt)["scene_seed"], steps, n_train=4 * n_test, n_test=n_test,
                                 frames=model.cfg.frames if captioner else 4, device=device,
                                 cases=[("captioner", "layout")] if captioner else PROBE_CASES)
     return rows
@@ -166,7 +166,7 @@ def caption_test_clips(path: str, n_test: int, device, flag: str) -> dict:
     if ckpt.get("kind") != "captioner" or not cfg.video or cfg.val_data:
         raise DataError(f"{flag}: {path} is not a video captioner of the shapes clips (--method evlgen --video)")
     v = model.cfg.vision
-    clips = evaluation.eval_sets(v.image_size, v.patch_size, cfg.scene_seed(), n_test, frames=cfg.frames)[0]
+    clips = evaluation.eval_sets(v.image_size, v.patch_size, trained_on(ckpt)["scene_seed"], n_test, frames=cfg.frames)[0]
     images, refs = captioning.caption_gallery(clips, n_test)
     cands = captioning.caption_images(model, tokenizer, images, device)
     gates = model.temporal.gates() if model.temporal is not None else []
@@ -188,7 +188,7 @@ def video_paired(paths: list, n_test: int = 1000, device="cpu") -> str:
         a, b = runs = [caption_test_clips(path, n_test, device, "--video-paired") for path in (pa, pb)]
         if a["scenes"] != b["scenes"]:
             raise DataError(f"--video-paired: {pa} and {pb} were trained on other shapes scenes (--seed / "
-                            f"--data-seed), so their test clips differ: pair runs of one seed")
+                            f"the CLIP of Patch Ranking), so their test clips differ: pair runs of one seed")
         paired = paired_motion(a["cands"], b["cands"], a["refs"], a["scenes"])
         own = [dict(captioning.motion_accuracy(r["cands"], r["scenes"]), cider_d=captioning.cider_d(r["cands"], r["refs"]))
                for r in runs]

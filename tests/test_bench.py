@@ -237,3 +237,15 @@ def test_loader_benchmark_reads_a_caption_file_and_ends_with_its_rate(tmp_path):
     r = subprocess.run([sys.executable, "bench.py", "--loader"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "give --data FILE" in r.stderr and "Traceback" not in r.stderr
 
+
+
+def test_gpu_check_trains_every_method_and_says_whether_the_loss_fell():
+    import subprocess
+    import sys
+    from test_train import ROOT
+    r = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--models", "tiny64", "--batch-size", "4",
+                        "--batches", "5", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "→" in line and "method" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["none", "elip", "evit", "tome"]
+    assert r.stdout.strip().splitlines()[-1].startswith("gpu check: the loss")

@@ -149,7 +149,7 @@ def test_lm_then_evlgen_end_to_end_and_the_frozen_lm_is_unchanged(tmp_path):
     r = run([*small, "--method", "lm", "--out", lm])
     assert r.returncode == 0 and "perplexity_in_context" in r.stdout, r.stderr
     r = run([*small, "--method", "evlgen", "--lm", f"{lm}/ckpt.pt", "--clip", f"{clip}/ckpt.pt", "--bridge-r", "40",
-             "--eval-every", "2", "--eval-size", "5", "--out", cap])
+             "--eval-every", "2", "--out", cap])
     assert r.returncode == 0, r.stderr
     assert "layer 0: 40 -> 32" in r.stdout and "65 visual tokens" in r.stdout  # one bridge layer: the CLIP text depth
     assert "frozen language model unchanged by training: yes" in r.stdout and "cider_d" in r.stdout

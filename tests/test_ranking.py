@@ -258,7 +258,7 @@ def test_train_caches_the_golden_rankings_a_search_by_hand_finds(tmp_path):
     cached = torch.load(f"{out}/rankings.pt", weights_only=True)
     assert cached["identity"]["score"] == "similarity" and "fuse" not in cached["identity"]  # as published
     model, _, _ = load_checkpoint(f"{clip}/ckpt.pt")  # the CLIP of --init, on the first 6 training images
-    dataset = prepare.build_data(train.parse_args(args), model.cfg.vision.image_size, model.cfg.vision.patch_size)
+    dataset = prepare.build_data(train.parse_args(args), model.cfg.vision.image_size, model.cfg.vision.patch_size, 0)
     x = ranking.layer_input(model, torch.stack([dataset[i]["image"] for i in range(6)]), 1)
     assert torch.equal(cached["rankings"], ranking.golden_ranking(model, x, 1))  # block 1 of 4: 3 of 12, scaled
 

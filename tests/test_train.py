@@ -48,11 +48,12 @@ def test_rank_slices_concatenate_to_the_single_process_batch():
 
 
 def test_learning_rate_schedule():
-    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
-    assert train.lr_at(0, cfg) == pytest.approx(0.1)
-    assert train.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train.lr_at(55, cfg) == pytest.approx(0.55)  # half-way through the cosine
-    assert train.lr_at(100, cfg) == pytest.approx(0.1)
+    assert train.cosine_lr(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert train.cosine_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert train.cosine_lr(55, 100, 1.0, 0.1, 10) == pytest.approx(0.55)  # half-way through the cosine
+    assert train.cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0)
+    assert train.lr_at(55, cfg) == pytest.approx(train.cosine_lr(55, 100, 1.0, train.MIN_LR, 10))
 
 
 def test_learning_rate_default_depends_on_the_method_and_a_flag_overrides_it():
@@ -124,15 +125,21 @@ def test_elip_and_evit_train_and_evaluate_pruned(tmp_path):
         r = run([*TINY, "--method", "evit", flag, "--out", str(tmp_path / "x")])
         assert r.returncode != 0 and "apply to --method elip only" in r.stderr
     six = [*tiny(depth=6), "--method", "elip", "--out", str(tmp_path / "y")]
-    r = run([*six, "--begin-layers", "1,2", "--num-layers", "2,1", "--keep-ratios", "0.9,0.5"])
+    r = run([*six, "--elip-schedule", "1:2:0.9,2:1:0.5"])
     assert r.returncode != 0 and "schedule stage 1 (begin 2) overlaps stage 0 (blocks 1..2)" in r.stderr
-    r = run([*six, "--begin-layers", "1", "--num-layers", "9", "--keep-ratios", "0.5"])
+    r = run([*six, "--elip-schedule", "1:9:0.5"])
     assert r.returncode != 0 and "schedule stage 0: blocks 1..9 run past the depth 6" in r.stderr
-    r = run([*six, "--begin-layers", "1,3", "--num-layers", "1,1", "--keep-ratios", "0.1,0.5"])
+    r = run([*six, "--elip-schedule", "1:1:0.1,3:1:0.5"])
     assert r.returncode != 0 and "schedule stage 1: keeps 32 tokens but only 7 exist there" in r.stderr
-    r = run([*six, "--begin-layers", "1,3", "--num-layers", "1,1", "--keep-ratios", "0.9,0.5",
-             "--steps", "2", "--batch-size", "4", "--no-eval"])
+    r = run([*six, "--elip-schedule", "1:1:0.9,3-1-0.5"])
+    assert r.returncode != 0 and "give begin:blocks:keep per stage" in r.stderr
+    r = run([*six, "--elip-schedule", "1:1:0.9,3:1:0.5", "--steps", "2", "--batch-size", "4", "--no-eval"])
     assert r.returncode == 0, r.stderr
+    from checkpoint import elip_schedule, reducer_config  # a checkpoint of the three lists it replaced
+    old = reducer_config({"config": dict(method="elip", begin_layers="1,3", num_layers="1,1", keep_ratios="0.9,0.5")})
+    assert elip_schedule(old, 6) == elip_schedule(reducer_config(torch.load(
+        tmp_path / "y" / "ckpt.pt", weights_only=True)), 6) == elip_schedule(train.parse_args(
+        ["--elip-schedule", "1:1:0.9,3:1:0.5"]), 6)
 
 
 def test_the_defaults_are_the_papers_and_each_addition_of_ours_is_a_flag():
@@ -225,7 +232,7 @@ def test_resume_ends_with_the_same_weights_to_the_bit(tmp_path, method):
     wb = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     if method == "elip":
-        for other in (["--train-size", "32"], ["--data-seed", "5"]):  # other data: refused, not continued silently
+        for other in (["--train-size", "32"], ["--seed", "5"]):  # other data or order: refused, not continued silently
             with pytest.raises(SystemExit, match="--resume: .* was trained with"):
                 train.train(train.parse_args([*common, "--out", part, "--resume", "--steps", "8", *other]))
 
@@ -388,3 +395,56 @@ def test_training_on_webdataset_shards_alone_and_under_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run([*common, "--data", str(tmp_path / "{00000..00002}.tar"), "--no-eval", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "00002.tar does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def write_clip_bpe(path, merges=("r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>")):
+    import gzip
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def test_the_recipe_fills_the_flags_not_given_and_trains_with_clips_bpe(tmp_path):
+    cfg = train.parse_args(["--recipe", "clip_b16", "--bpe", "v.gz", "--lr", "1e-4"])
+    assert (cfg.vit, cfg.objectives, cfg.weight_decay, cfg.warmup, cfg.lr) == ("vit_b16", "itc", 0.2, 10000, 1e-4)
+    clip = prepare.model_config(cfg, 49408)
+    assert (clip.text.width, clip.text.depth, clip.text.heads, clip.text.context_length, clip.embed_dim) == (512, 12, 8, 77, 512)
+    assert clip.text.causal and clip.text.pool == "eot" and (clip.vision.width, clip.vision.depth) == (768, 12)
+    r = run(["--recipe", "clip_b99", "--out", str(tmp_path / "a")])
+    assert r.returncode != 0 and "--recipe clip_b99 is unknown (choose clip_b16)" in r.stderr
+    r = run(["--recipe", "clip_b16", "--out", str(tmp_path / "a")])
+    assert r.returncode != 0 and "give its vocabulary file with --bpe" in r.stderr and "Traceback" not in r.stderr
+    write_clip_bpe(tmp_path / "bpe.txt.gz")
+    bpe = ["--bpe", str(tmp_path / "bpe.txt.gz")]
+    r = run([*TINY, *bpe, "--method", "elip", "--out", str(tmp_path / "b")])
+    assert r.returncode != 0 and "--bpe is a CLIP's tokenizer for ITC alone" in r.stderr
+    r = run([*TINY, *bpe, "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "c")])
+    assert r.returncode == 0 and "image_to_text_R@1" in r.stdout, r.stderr
+    from checkpoint import load_checkpoint
+    model, tokenizer, ckpt = load_checkpoint(str(tmp_path / "c" / "ckpt.pt"))
+    assert ckpt["tokenizer"]["kind"] == "clip_bpe" and len(tokenizer) == 512 + 7 + 2 and model.text.cfg.causal
+    assert tokenizer.encode("red circle") == [512 + 1, 512 + 6]  # the merges above: "red</w>", "circle</w>"
+    e = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "c" / "ckpt.pt"), "--n-test", "20"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert e.returncode == 0 and "zeroshot_top1" in e.stdout, e.stderr
+
+
+def test_grad_checkpointing_gives_the_gradients_of_the_plain_backward():
+    """The MLP halves recomputed in the backward pass, under ELIP's pruning (whose hooks must run
+    once per forward): the same loss and gradients as without checkpointing."""
+    from model import CLIP
+    from vit import set_grad_checkpointing
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="elip", model_kwargs="width=32,depth=6,heads=2,text_width=32,text_depth=1,embed_dim=16")
+    model = CLIP(prepare.model_config(cfg, 30))
+    images, ids = torch.randn(4, 3, 64, 64), torch.randint(5, 30, (4, 9))
+    grads = []
+    for on in (False, True):
+        set_grad_checkpointing(model, on)
+        model.zero_grad()
+        out = model(images, ids, train.reducer_fn(cfg, model.cfg.vision, 10), torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        grads.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, a), (loss_b, b) = grads
+    assert torch.equal(loss_a, loss_b) and a.keys() == b.keys() and len(a) > 20
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-7, rtol=1e-6, msg=name)
