@@ -45,10 +45,15 @@ RECIPES = {"clip_b16": dict(vit="vit_b16", objectives="itc", lr=5e-4, weight_dec
 
 
 def apply_recipe(flags: dict, given: set) -> dict:
-    """The parsed flags with --recipe's settings for every flag not given on the command line."""
+    """The parsed flags with --recipe's settings for every flag not given on the command line;
+    sizes given with --model-kwargs change the recipe's one by one."""
     if flags["recipe"] and flags["recipe"] not in RECIPES:
         raise ValueError(f"--recipe {flags['recipe']} is unknown (choose {', '.join(RECIPES)})")
-    return {**flags, **{k: v for k, v in RECIPES.get(flags["recipe"], {}).items() if k not in given}}
+    recipe = RECIPES.get(flags["recipe"], {})
+    out = {**flags, **{k: v for k, v in recipe.items() if k not in given}}
+    if "model_kwargs" in given and "model_kwargs" in recipe:  # later sizes win (model_sizes)
+        out["model_kwargs"] = recipe["model_kwargs"] + "," + flags["model_kwargs"]
+    return out
 
 
 PREDICTOR_LR = 1e-3  # the ranking predictor's peak rate (a cosine to zero over --predictor-steps)

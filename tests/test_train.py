@@ -409,6 +409,8 @@ def test_the_recipe_fills_the_flags_not_given_and_trains_with_clips_bpe(tmp_path
     clip = prepare.model_config(cfg, 49408)
     assert (clip.text.width, clip.text.depth, clip.text.heads, clip.text.context_length, clip.embed_dim) == (512, 12, 8, 77, 512)
     assert clip.text.causal and clip.text.pool == "eot" and (clip.vision.width, clip.vision.depth) == (768, 12)
+    sized = prepare.model_config(train.parse_args(["--recipe", "clip_b16", "--model-kwargs", "image_size=256"]), 9)
+    assert (sized.vision.image_size, sized.text.width, sized.embed_dim) == (256, 512, 512)  # the recipe's, one changed
     r = run(["--recipe", "clip_b99", "--out", str(tmp_path / "a")])
     assert r.returncode != 0 and "--recipe clip_b99 is unknown (choose clip_b16)" in r.stderr
     r = run(["--recipe", "clip_b16", "--out", str(tmp_path / "a")])
