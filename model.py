@@ -185,15 +185,18 @@ class CLIP(nn.Module):
         """Masked words predicted from the text and the image; the masks drawn over the global
         batch (this rank keeps its rows'), the vocabulary scored at the masked positions only."""
         everyone = gather_features(pad_to(ids, self.cfg.text.context_length, PAD))  # drawn at a fixed length
-        all_masked, all_labels = mask_tokens(everyone, self.cfg.text.vocab_size, generator)
-        masked, labels = (t[local_rows(len(ids)), :ids.shape[1]] for t in (all_masked, all_labels))
+        all_masked, _, all_slots, all_slot_labels = mask_tokens(everyone, self.cfg.text.vocab_size, generator)
+        mine = local_rows(len(ids))
+        masked, slot_labels = all_masked[mine, :ids.shape[1]], all_slot_labels[mine]
+        slots = all_slots[mine].masked_fill(slot_labels == -100, 0)  # unused slots point anywhere inside
         fused = self.fusion(self.text.forward_tokens(masked), masked, image_tokens)  # (B, L, Dt)
-        chosen = labels != -100
-        nll = F.cross_entropy(self.mlm_head(fused[chosen]).float(), labels[chosen], reduction="sum")
+        at_slots = fused.gather(1, slots[..., None].expand(-1, -1, fused.shape[-1]))  # (B, K, Dt)
+        nll = F.cross_entropy(self.mlm_head(at_slots).flatten(0, 1).float(), slot_labels.flatten(), ignore_index=-100,
+                              reduction="sum")
         # the global batch's mean over its masked words once DDP averages the ranks' losses
-        # (a rank's own mean would weigh its words by how few it drew); 0 if none was drawn
+        # (a rank's own mean would weigh its words by how few it drew)
         ranks = len(everyone) // len(ids)
-        return nll * ranks / (all_labels != -100).sum().clamp(min=1)
+        return nll * ranks / (all_slot_labels != -100).sum().clamp(min=1)
 
 
 

@@ -344,15 +344,23 @@ class FusionEncoder(nn.Module):
 
 
 def mask_tokens(ids: torch.Tensor, vocab_size: int, generator=None, p: float = 0.15):
-    """BERT's masking: p of the word positions are chosen; of those 80% become [MASK], 10% a
-    random word, 10% stay. Returns (masked ids, labels with -100 where nothing is predicted)."""
+    """BERT's masking: in each text max(1, round(p x its words)) word positions are chosen at random,
+    as BERT counts them per text; of those 80% become [MASK], 10% a random word, 10% stay. The
+    choice fills K = max(1, round(p x L)) slots per row, so the loss can be gathered at the chosen
+    positions with static shapes (no asking the GPU how many there are). Returns (masked ids,
+    labels with -100 where nothing is predicted, the slots' positions (B, K), their labels)."""
     words = ids >= len(SPECIALS)
     device = generator.device if generator is not None else ids.device  # drawn where the generator lives
-    rand = lambda: torch.rand(ids.shape, generator=generator, device=device).to(ids.device)
-    chosen = words & (rand() < p)
-    labels = ids.masked_fill(~chosen, -100)
-    roll = rand()
-    masked = ids.masked_fill(chosen & (roll < 0.8), MASK)
-    random_words = torch.randint(len(SPECIALS), vocab_size, ids.shape, generator=generator, device=device).to(ids.device)
-    masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_words, masked)
-    return masked, labels
+    draw = lambda *shape: torch.rand(shape, generator=generator, device=device).to(ids.device)
+    K = max(1, round(p * ids.shape[1]))
+    slots = draw(*ids.shape).masked_fill(~words, -1.0).topk(K, dim=1).indices  # (B, K): words first, at random
+    count = (words.sum(1, keepdim=True) * p).round().clamp(min=1)  # this text's share of its words
+    chosen = (torch.arange(K, device=ids.device) < count) & words.gather(1, slots)  # (B, K)
+    old = ids.gather(1, slots)
+    roll = draw(*slots.shape)
+    random_words = torch.randint(len(SPECIALS), vocab_size, slots.shape, generator=generator, device=device).to(ids.device)
+    new = torch.where(roll < 0.8, MASK, torch.where(roll < 0.9, random_words, old))
+    masked = ids.scatter(1, slots, torch.where(chosen, new, old))
+    slot_labels = old.masked_fill(~chosen, -100)
+    labels = torch.full_like(ids, -100).scatter(1, slots, slot_labels)
+    return masked, labels, slots, slot_labels

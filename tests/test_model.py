@@ -84,20 +84,24 @@ def test_clip_forward_and_temperature_clamp():
 
 
 def test_mlm_masks_only_words_and_splits_80_10_10_by_count():
-    """Catches masking that touches [CLS]/[SEP]/[PAD], labels off the chosen positions, a split
-    other than 80% [MASK] / 10% random word / 10% unchanged (e.g. the choice and the split drawn
-    from the same random numbers), or random "words" that are special tokens."""
+    """Catches masking that touches [CLS]/[SEP]/[PAD], labels off the chosen positions, a count
+    other than BERT's per text, a split other than 80% [MASK] / 10% random word / 10% unchanged
+    (e.g. the choice and the split drawn from the same random numbers), random "words" that are
+    special tokens, or slots that do not say where the chosen words are."""
     from text import MASK, SPECIALS, mask_tokens
     V = 50
     ids = torch.randint(len(SPECIALS), V, (1000, 20))
     ids[:, 0], ids[:, 15], ids[:, 16:] = 2, 3, 0  # [CLS] 14 words [SEP] [PAD]...
-    masked, labels = mask_tokens(ids, V, torch.Generator().manual_seed(0))
+    ids[0, 3:15] = 0  # a text of 2 words: still one chosen
+    masked, labels, slots, slot_labels = mask_tokens(ids, V, torch.Generator().manual_seed(0))
     chosen = labels != -100
     assert not chosen[:, [0, 15, 16, 17, 18, 19]].any()
     assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
-    n_words, n = 1000 * 14, int(chosen.sum())
+    assert chosen[1:].sum(1).eq(2).all() and chosen[0].sum() == 1  # round(0.15 x 14) = 2 per text of 14 words
+    assert slots.shape == (1000, 3) and torch.equal(labels.gather(1, slots), slot_labels)  # K = round(0.15 x 20)
+    assert int((slot_labels != -100).sum()) == int(chosen.sum())
+    n = int(chosen.sum())
     within = lambda count, total, p: abs(count - total * p) < 4 * math.sqrt(total * p * (1 - p))
-    assert within(n, n_words, 0.15)
     new = masked[chosen]
     as_mask, changed = int((new == MASK).sum()), int(((new != MASK) & (new != ids[chosen])).sum())
     same_word = 1 / (V - len(SPECIALS))  # a random word may draw the word itself
@@ -181,7 +185,7 @@ def test_albef_objectives_each_term_by_hand_on_the_pruned_tokens():
                 [(neg_image[j], j, 0) for j in range(4)]
         itm = sum(F.cross_entropy(model.itm_logits(image_tokens[[i]], text_tokens[[j]], ids[[j]]), torch.tensor([y]))
                   for i, j, y in pairs) / len(pairs)
-        masked, labels = mask_tokens(ids, 20, g)
+        masked, labels, _, _ = mask_tokens(ids, 20, g)
         logits = model.mlm_head(model.fusion(model.text.forward_tokens(masked), masked, image_tokens))
         at = labels != -100
         mlm = F.cross_entropy(logits[at], labels[at])
