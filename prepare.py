@@ -29,7 +29,8 @@ from model import CLIPConfig, RankingCLIP, RankingConfig
 from text import LMConfig, TextConfig, Tokenizer
 from vit import vit_config
 
-METHODS = ("none", "elip", "evit", "tome", "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
+CLIP_METHODS = ("none", "elip", "evit", "tome")  # a CLIP with or without a token reducer
+METHODS = (*CLIP_METHODS, "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
 
 # --model-kwargs: the sizes a run's models are built with, and their defaults (the small CPU models)
 SIZES = dict(image_size=0, patch_size=0, width=0, depth=0, heads=0,  # the ViT; 0: the --vit preset's
@@ -83,7 +84,9 @@ def check_flags(cfg):
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"--amp {cfg.amp} is unknown (choose auto, bf16, fp16 or off)")
     captioning = cfg.method in ("lm", "evlgen")
-    if cfg.recipe and not cfg.bpe:
+    if cfg.init and cfg.bpe:
+        raise ValueError("--init brings its tokenizer (and model): drop --bpe")
+    if cfg.recipe and not (cfg.bpe or cfg.init):
         raise ValueError(f"--recipe {cfg.recipe} tokenizes with CLIP's BPE: give its vocabulary file with --bpe "
                          f"(bpe_simple_vocab_16e6.txt.gz, from OpenAI's CLIP repository)")
     if cfg.bpe and (cfg.method not in ("none", "elip", "evit", "tome") or set(objectives(cfg)) - {"itc"}):
@@ -172,6 +175,21 @@ def captioner_config(cfg, sources: dict, vocab_size: int) -> CaptionerConfig:
                            freeze_vit="clip" in sources, stage1=cfg.stage1_steps > 0, embed_dim=model_sizes(cfg)["embed_dim"],
                            frames=cfg.frames if cfg.video else 1, temporal=cfg.video and cfg.temporal,
                            frame_embed=cfg.frame_embed)
+
+
+def init_config(cfg, ckpt: dict, path: str, say) -> CLIPConfig:
+    """A CLIP that starts from --init (this project's, or one pretrained.py converted): the
+    checkpoint's model, text tower and tokenizer, trained on this run's objectives, ITC alone
+    where the tokenizer is CLIP's BPE (it has no [MASK] or [PAD] for ITM and MLM)."""
+    expect_kind(ckpt, "clip", path, "--init", "a CLIP from `python train.py` or `python pretrained.py --openai`")
+    bpe = ckpt["tokenizer"].get("kind") == "clip_bpe"
+    wanted = ("itc",) if bpe and cfg.objectives == "auto" else objectives(cfg)
+    if bpe and set(wanted) - {"itc"}:
+        raise ValueError(f"--init {path} tokenizes with CLIP's BPE: train ITC alone (--objectives itc); ITM and "
+                         f"MLM need the word tokenizer's [PAD] and [MASK]")
+    if cfg.vit != "tiny64" or cfg.model_kwargs:
+        say(f"--init {path} brings its model: --vit and --model-kwargs are not used")
+    return dataclasses.replace(CLIPConfig.from_dict(ckpt["model_config"]), objectives=wanted)
 
 
 def ranking_config(cfg, ckpt: dict, path: str) -> RankingConfig:
@@ -299,7 +317,8 @@ def prepare(cfg, rank: int):
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     probe = model_config(cfg, vocab_size=1)  # validates the sizes and objectives before data is read
     lm_config(cfg, vocab_size=1)
-    check_reducer(cfg, probe.vision, say)
+    if not (cfg.init and cfg.method in CLIP_METHODS):  # else checked against --init's ViT below
+        check_reducer(cfg, probe.vision, say)
     sources = read_sources(cfg) if cfg.method == "evlgen" else {}
     if sources:
         probe = captioner_config(cfg, sources, vocab_size=1)
@@ -309,6 +328,9 @@ def prepare(cfg, rank: int):
         check_same_run(cfg, ckpt, source)
     if cfg.method == "ranking":  # the images are the size the CLIP of --init was trained at
         probe = ranking_config(cfg, ckpt, source).clip
+    elif cfg.init and cfg.method in CLIP_METHODS:
+        probe = init_config(cfg, ckpt, source, say)
+        check_reducer(cfg, probe.vision, say)  # against --init's ViT
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size, scene_seed(cfg, ckpt))
     if ckpt is not None:
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
@@ -332,11 +354,13 @@ def prepare(cfg, rank: int):
                 + (f" ({note})" if note else ""))
     elif cfg.method == "ranking":
         mcfg = ranking_config(cfg, ckpt, source)
+    elif cfg.init and cfg.method in CLIP_METHODS:
+        mcfg = probe
     elif cfg.method == "lm":
         mcfg = lm_config(cfg, len(tokenizer))
     else:
         mcfg = model_config(cfg, len(tokenizer))
-    if ckpt is not None and not (cfg.method == "ranking" and cfg.init):  # the CLIP it prunes has its own config
+    if ckpt is not None and not (cfg.init and cfg.method in ("ranking", *CLIP_METHODS)):  # the model is --init's
         diffs = config_differences(ckpt["model_config"], dataclasses.asdict(mcfg))
         if diffs:
             raise ValueError(f"{source} is from another model config ({'; '.join(diffs)})")
@@ -407,8 +431,11 @@ def start_model(cfg, model, ckpt, sources, dataset, rank: int, cosine_lr):
         if not cfg.resume:
             start_ranking(cfg, model, ckpt, dataset, rank, cosine_lr, say=print if rank == 0 else lambda m: None)
         model.freeze_all_but_tokens()
-    if ckpt is not None and not (isinstance(model, RankingCLIP) and not cfg.resume):
+    if ckpt is not None and cfg.resume:
         model.load_state_dict(ckpt["model"])
+    elif ckpt is not None and not isinstance(model, RankingCLIP):  # --init: what this model has of it
+        mine = model.state_dict()  # objectives it lacks start fresh, those it had and this run drops go
+        load_state(model, {**mine, **{k: v for k, v in ckpt["model"].items() if k in mine}}, cfg.init)
     elif isinstance(model, Captioner):
         start_captioner(model, sources)
 

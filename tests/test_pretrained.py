@@ -336,3 +336,87 @@ def test_a_converted_gpt2_is_the_frozen_lm_of_the_captioner(tmp_path):
              "--out", str(tmp_path / "cap"))
     assert cap.returncode == 0, cap.stderr
     assert "frozen language model unchanged by training: yes" in cap.stdout and "cider_d" in cap.stdout
+
+
+def test_laion_layout_with_gelu_matches_its_reference_and_quickgelu_would_not():
+    """open_clip's LAION releases are OpenAI's layout with GELU: loaded with act="gelu" they match
+    the reference; read as QuickGELU (all the file can say) they would be off."""
+    ref = OpenAICLIP().eval()
+    for block in [*ref.visual.transformer.resblocks, *ref.transformer.resblocks]:
+        block.mlp.gelu = nn.GELU()
+    images, ids = torch.randn(3, 3, 32, 32), random_ids(3)
+    with torch.no_grad():
+        want = F.normalize(ref.visual(images), dim=-1), F.normalize(ref.encode_text(ids), dim=-1)
+        for act, close in (("gelu", True), ("quick_gelu", False)):
+            ours = clip_from_openai(ref.state_dict(), act=act)
+            gap = max((ours.encode_image(images) - want[0]).abs().max(), (ours.encode_text(ids) - want[1]).abs().max())
+            assert (gap < 1e-5) == close, (act, gap)
+    with pytest.raises(ValueError, match="activation 'relu' is not quick_gelu or gelu"):
+        clip_from_openai(ref.state_dict(), act="relu")
+
+
+def write_safetensors_by_hand(path, tensors: dict, cut: int = 0):
+    """The format from its definition: 8 bytes of little-endian header length, the JSON header
+    (dtype, shape, data_offsets per tensor), the tensors' bytes back to back."""
+    import json
+    import struct
+    names = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
+    header, blobs, at = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().numpy().tobytes()
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[at, at + len(raw)])
+        blobs.append(raw)
+        at += len(raw)
+    text = json.dumps(header).encode()
+    data = struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    path.write_bytes(data[:len(data) - cut])
+
+
+def test_safetensors_are_read_from_their_definition_and_bad_ones_stop_with_one_sentence(tmp_path):
+    from pretrained import read_safetensors, read_weights
+    tensors = {"a.weight": torch.randn(3, 4), "b": torch.arange(5), "half": torch.randn(2, 2).half()}
+    write_safetensors_by_hand(tmp_path / "w.safetensors", tensors)
+    got = read_safetensors(str(tmp_path / "w.safetensors"))
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    assert read_weights(str(tmp_path / "w.safetensors"))["half"].dtype == torch.float32  # as every loader reads
+    write_safetensors_by_hand(tmp_path / "cut.safetensors", tensors, cut=3)
+    with pytest.raises(ValueError, match="tensor half is truncated or its offsets do not fit its shape"):
+        read_safetensors(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 20)
+    with pytest.raises(ValueError, match="is not a safetensors file or is truncated"):
+        read_safetensors(str(tmp_path / "junk.safetensors"))
+
+
+def test_elip_fine_tunes_a_converted_clip_from_safetensors_and_eval_reads_the_result(tmp_path):
+    """The path of most users: a pretrained CLIP (here OpenAI's layout with random weights, as
+    .safetensors) converted, then `--method elip --init` on it, then eval.py on the result."""
+    import gzip
+    import json
+    import subprocess
+    import sys
+    from test_train import ROOT
+    merges = ["h e", "l l"]
+    with gzip.open(tmp_path / "bpe.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("#version\n" + "\n".join(merges) + "\n")
+    ref = OpenAICLIP(vision_depth=6, vocab=512 + len(merges) + 2, context=12)
+    write_safetensors_by_hand(tmp_path / "clip.safetensors", ref.state_dict())
+    sh = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    made = sh("pretrained.py", "--openai", str(tmp_path / "clip.safetensors"), "--bpe", str(tmp_path / "bpe.txt.gz"),
+              "--out", str(tmp_path / "clip"))
+    assert made.returncode == 0, made.stderr
+    converted = torch.load(tmp_path / "clip" / "ckpt.pt", weights_only=True)["model"]
+    assert torch.equal(converted["text.token_embedding.weight"], ref.token_embedding.weight)
+    tuned = sh("train.py", "--method", "elip", "--init", str(tmp_path / "clip/ckpt.pt"), "--train-size", "32",
+               "--test-size", "10", "--steps", "2", "--batch-size", "4", "--warmup", "1", "--device", "cpu",
+               "--out", str(tmp_path / "elip"))
+    assert tuned.returncode == 0, tuned.stderr
+    assert "results: method elip | step 2" in tuned.stdout and "image_to_text_R@1" in tuned.stdout
+    ckpt = torch.load(tmp_path / "elip" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["text"]["causal"] and list(ckpt["model_config"]["objectives"]) == ["itc"]
+    assert ckpt["tokenizer"]["kind"] == "clip_bpe"
+    got = sh("eval.py", "--ckpt", str(tmp_path / "elip/ckpt.pt"), "--n-test", "10", "--prune", "--json")
+    assert got.returncode == 0, got.stderr
+    assert 0 <= json.loads(got.stdout.strip().splitlines()[-1])["text_to_image_R@1"] <= 1
+    mlm = sh("train.py", "--method", "elip", "--objectives", "itc,mlm", "--init", str(tmp_path / "clip/ckpt.pt"),
+             "--out", str(tmp_path / "x"))
+    assert mlm.returncode != 0 and "tokenizes with CLIP's BPE: train ITC alone" in mlm.stderr
