@@ -10,6 +10,7 @@ Read first: `prepare`. Functions take train.py's TrainConfig as `cfg`.
 """
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -27,7 +28,8 @@ from data import DataError, lm_texts
 from merge import MERGE_MODES, merge_schedule
 from model import CLIPConfig, RankingCLIP, RankingConfig
 from text import LMConfig, TextConfig, Tokenizer
-from vit import vit_config
+from pretrained import read_weights
+from vit import resize_pos_embed, vit_config
 
 CLIP_METHODS = ("none", "elip", "evit", "tome")  # a CLIP with or without a token reducer
 METHODS = (*CLIP_METHODS, "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
@@ -317,24 +319,26 @@ def prepare(cfg, rank: int):
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     probe = model_config(cfg, vocab_size=1)  # validates the sizes and objectives before data is read
     lm_config(cfg, vocab_size=1)
-    if not (cfg.init and cfg.method in CLIP_METHODS):  # else checked against --init's ViT below
-        check_reducer(cfg, probe.vision, say)
     sources = read_sources(cfg) if cfg.method == "evlgen" else {}
     if sources:
         probe = captioner_config(cfg, sources, vocab_size=1)
     source = os.path.join(cfg.out, "ckpt.pt") if cfg.resume else cfg.init
-    ckpt = read_checkpoint(source) if source else None
+    ckpt, vit_state = read_init(cfg, source) if source else (None, None)
+    if vit_state is not None:  # a ViT's weights: the image tower starts from them, the rest fresh
+        sources["vit"] = vit_state
+    if not (cfg.init and ckpt is not None and cfg.method in CLIP_METHODS):  # else against --init's ViT below
+        check_reducer(cfg, probe.vision, say)
     if cfg.resume:
         check_same_run(cfg, ckpt, source)
     if cfg.method == "ranking":  # the images are the size the CLIP of --init was trained at
         probe = ranking_config(cfg, ckpt, source).clip
-    elif cfg.init and cfg.method in CLIP_METHODS:
+    elif cfg.init and cfg.method in CLIP_METHODS and ckpt is not None:
         probe = init_config(cfg, ckpt, source, say)
         check_reducer(cfg, probe.vision, say)  # against --init's ViT
     dataset = build_data(cfg, probe.vision.image_size, probe.vision.patch_size, scene_seed(cfg, ckpt))
     if ckpt is not None:
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
-    elif sources:  # the frozen LM decides the vocabulary
+    elif "lm" in sources:  # the frozen LM decides the vocabulary
         tokenizer = Tokenizer.from_state_dict(sources["lm"]["tokenizer"])
     elif cfg.bpe:
         tokenizer = read_bpe(cfg.bpe, model_sizes(cfg)["context_length"])
@@ -344,7 +348,7 @@ def prepare(cfg, rank: int):
     else:
         captions = (c for i in range(len(dataset)) for c in dataset.captions(i))
         tokenizer = Tokenizer.build(captions, model_sizes(cfg)["context_length"])
-    if sources:
+    if "lm" in sources:
         check_vocabularies(tokenizer, sources, source)
         mcfg = captioner_config(cfg, sources, len(tokenizer))
         if cfg.bridge == "merge":
@@ -354,7 +358,7 @@ def prepare(cfg, rank: int):
                 + (f" ({note})" if note else ""))
     elif cfg.method == "ranking":
         mcfg = ranking_config(cfg, ckpt, source)
-    elif cfg.init and cfg.method in CLIP_METHODS:
+    elif cfg.init and cfg.method in CLIP_METHODS and ckpt is not None:
         mcfg = probe
     elif cfg.method == "lm":
         mcfg = lm_config(cfg, len(tokenizer))
@@ -438,6 +442,37 @@ def start_model(cfg, model, ckpt, sources, dataset, rank: int, cosine_lr):
         load_state(model, {**mine, **{k: v for k, v in ckpt["model"].items() if k in mine}}, cfg.init)
     elif isinstance(model, Captioner):
         start_captioner(model, sources)
+    elif "vit" in sources:
+        start_image_tower(model.visual, sources["vit"], cfg.init)
+
+
+def read_init(cfg, path: str) -> tuple:
+    """(checkpoint, None) for a train.py checkpoint; (None, state dict) for a ViT's weights in
+    timm's layout (a state dict or .safetensors), which start the image tower of a CLIP."""
+    ckpt = None if path.endswith(".safetensors") else read_checkpoint(path)
+    if ckpt is not None and ("model_config" in ckpt or cfg.resume):
+        return ckpt, None
+    if cfg.method not in CLIP_METHODS:
+        raise ValueError(f"--init {path} is not a train.py checkpoint: a ViT's weights start the image tower of a "
+                         f"CLIP (--method none, elip, evit or tome)")
+    weights = read_weights(path)
+    if "patch_embed.proj.weight" not in weights:
+        raise ValueError(f"--init {path} is neither a train.py checkpoint nor a ViT's weights in timm's layout "
+                         f"(no patch_embed.proj.weight)")
+    return None, weights
+
+
+def start_image_tower(vit, state: dict, path: str):
+    """The image tower from a timm ViT's weights (as ALBEF and ELIP start from an ImageNet ViT): its
+    position embeddings resized to this run's patch grid, its classifier head left out; a width,
+    depth or patch size that does not fit stops with the keys that differ."""
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    if "pos_embed" in state:
+        side = math.isqrt(vit.cfg.num_patches)
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side))
+    if "patch_embed.proj.weight" in state and "patch_embed.proj.bias" not in state:  # CLIP towers: no bias
+        state["patch_embed.proj.bias"] = torch.zeros(vit.cfg.width)
+    load_state(vit, state, path)
 
 
 def wait_for(path: str, identity: dict, poll: float = 5.0):

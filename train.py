@@ -72,7 +72,7 @@ class TrainConfig(ReducerConfig):
     out: str = "out"  # folder for ckpt.pt and log.jsonl
     overwrite: bool = False  # replace an existing checkpoint in --out
     resume: bool = False  # continue from --out/ckpt.pt
-    init: str = ""  # start from the weights (and vocabulary) of this train.py checkpoint; fresh optimizer and step 0
+    init: str = ""  # start from this checkpoint's model, weights and vocabulary (fresh optimizer, step 0), or from a timm ViT's weights for the image tower
     # data: the embedded shapes by default, else a caption file (json / csv / tsv) or WebDataset shards
     data: str = ""  # caption file (ALBEF/BLIP json, COCO captions json, csv, tsv) or WebDataset shards ('dir/{00000..00099}.tar'); empty: the shapes
     image_root: str = ""  # folder the caption file's image paths are relative to

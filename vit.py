@@ -285,13 +285,7 @@ class ViT(nn.Module):
 
     def position_embedding(self, grid) -> torch.Tensor:
         """The learned position embeddings, bicubically resized when the patch grid differs."""
-        n = int(math.sqrt(self.cfg.num_patches))
-        if tuple(grid) == (n, n):
-            return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
-        patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
-        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], 1)
+        return resize_pos_embed(self.pos_embed, grid)
 
     def embed(self, images: torch.Tensor, track_source: bool = False) -> Tokens:
         x, grid = self.patch_embed(images)  # (B, P, D)
@@ -334,6 +328,17 @@ def init_weights(m: nn.Module):
 # ----------------------------------------------------------------------------------------------
 # timm checkpoints: the parameter names are already timm's, so loading is shape inference + checks
 
+def resize_pos_embed(pos_embed: torch.Tensor, grid) -> torch.Tensor:
+    """(1, 1 + n*n, D) position embeddings ([CLS] first) -> (1, 1 + h*w, D) for a (h, w) patch
+    grid: the patches' part resized bicubically as an image, [CLS]'s kept."""
+    n = math.isqrt(pos_embed.shape[1] - 1)
+    if tuple(grid) == (n, n):
+        return pos_embed
+    patch_pos = pos_embed[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
+    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[:, :1], patch_pos.flatten(2).transpose(1, 2)], 1)
+
+
 def timm_config(state: dict, ln_eps: float = 1e-6, act: str = "gelu", head_dim: int = 64) -> ViTConfig:
     """The ViTConfig of a timm `VisionTransformer` state dict, from its tensor shapes: width and
     patch size from the patch embedding, depth from the block numbers, image size from the position
@@ -355,12 +360,24 @@ TIMM_IGNORED = ("head.weight", "head.bias")  # the classifier: the image feature
 
 
 def load_timm(state: dict, **config) -> ViT:
-    """A ViT with the weights of a timm `VisionTransformer` state dict (class-token pooling).
-    Keys it does not know (layer scale, a global-pool norm, registers ...) or keys it lacks stop
-    with a message listing them: never a partial load."""
+    """A ViT with the weights of a timm `VisionTransformer` state dict (class-token pooling), the
+    plain ViTs and timm's CLIP image towers (vit_*_clip_*: no patch-embedding bias, which reads as
+    zero; `norm_pre`; the projection in `head`, see `timm_projection`). Give CLIP towers the
+    activation they use (act="quick_gelu" for OpenAI's weights) and ln_eps=1e-5. Keys it does not
+    know (layer scale, a global-pool norm, registers ...) or keys it lacks stop with a message
+    listing them: never a partial load."""
     vit = ViT(timm_config(state, **config))
-    load_exactly(vit, {k: v for k, v in state.items() if k not in TIMM_IGNORED}, "the timm state dict")
+    state = {k: v for k, v in state.items() if k not in TIMM_IGNORED}
+    if "patch_embed.proj.weight" in state and "patch_embed.proj.bias" not in state:  # CLIP towers: no bias
+        state["patch_embed.proj.bias"] = torch.zeros(vit.cfg.width)
+    load_exactly(vit, state, "the timm state dict")
     return vit.eval()
+
+
+def timm_projection(state: dict) -> Optional[torch.Tensor]:
+    """The (E, D) projection of a timm CLIP image tower (its `head`), or None; for a plain ViT the
+    head is a classifier and this is its weight."""
+    return state.get("head.weight")
 
 
 def load_exactly(module: nn.Module, state: dict, what: str, show: int = 20):

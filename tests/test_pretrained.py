@@ -129,12 +129,13 @@ def test_from_openai_refuses_a_partial_or_foreign_state_dict():
         clip_from_openai({k: v for k, v in state.items() if k != "visual.conv1.weight"})
 
 
-def test_from_openai_matches_open_clip():
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])  # OpenAI's releases; open_clip's LAION ones
+def test_from_openai_matches_open_clip(act):
     open_clip = pytest.importorskip("open_clip")
     ref = open_clip.model.CLIP(32, open_clip.model.CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32),
                                open_clip.model.CLIPTextCfg(context_length=12, vocab_size=50, width=64, heads=1,
-                                                           layers=2), quick_gelu=True).eval()
-    ours = clip_from_openai(ref.state_dict())
+                                                           layers=2), quick_gelu=act == "quick_gelu").eval()
+    ours = clip_from_openai(ref.state_dict(), act=act)
     images, ids = torch.randn(2, 3, 32, 32), random_ids(2)
     with torch.no_grad():
         assert (ours.encode_image(images) - ref.encode_image(images, normalize=True)).abs().max() < 1e-4
@@ -420,3 +421,62 @@ def test_elip_fine_tunes_a_converted_clip_from_safetensors_and_eval_reads_the_re
     mlm = sh("train.py", "--method", "elip", "--objectives", "itc,mlm", "--init", str(tmp_path / "clip/ckpt.pt"),
              "--out", str(tmp_path / "x"))
     assert mlm.returncode != 0 and "tokenizes with CLIP's BPE: train ITC alone" in mlm.stderr
+
+
+def openai_visual_as_timm(visual: nn.Module) -> dict:
+    """A CLIP image tower in timm's layout (vit_base_patch16_clip_224 and kin), written from it:
+    no patch-embedding bias, norm_pre, blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2},
+    norm, and the projection as head (E, D) with a zero bias."""
+    s = visual.state_dict()
+    out = {"cls_token": s["class_embedding"].reshape(1, 1, -1), "pos_embed": s["positional_embedding"][None],
+           "patch_embed.proj.weight": s["conv1.weight"], "norm_pre.weight": s["ln_pre.weight"],
+           "norm_pre.bias": s["ln_pre.bias"], "norm.weight": s["ln_post.weight"], "norm.bias": s["ln_post.bias"],
+           "head.weight": s["proj"].T.contiguous(), "head.bias": torch.zeros(s["proj"].shape[1])}
+    names = {"ln_1": "norm1", "ln_2": "norm2", "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias":
+             "attn.qkv.bias", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for key, value in s.items():
+        if key.startswith("transformer.resblocks."):
+            n, rest = key[len("transformer.resblocks."):].split(".", 1)
+            rest = next(rest.replace(a, b, 1) for a, b in names.items() if rest.startswith(a))
+            out[f"blocks.{n}.{rest}"] = value
+    return out
+
+
+def test_timm_clip_image_towers_load_with_their_projection():
+    from vit import load_timm, timm_projection
+    ref = OpenAICLIP().eval()
+    for p in ref.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    state = openai_visual_as_timm(ref.visual)
+    vit = load_timm(state, act="quick_gelu", ln_eps=1e-5)
+    assert vit.cfg.pre_norm and vit.patch_embed.proj.bias.abs().sum() == 0  # no bias: read as zero
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(images) @ timm_projection(state).T, ref.visual(images), atol=1e-5, rtol=1e-5)
+
+
+def test_the_image_tower_starts_from_a_timm_vit_with_its_positions_resized(tmp_path):
+    """--init a ViT's weights (as ALBEF and ELIP start from an ImageNet ViT): the image tower takes
+    them, its position embeddings resized from the 4x4 grid they were made for to this run's 8x8;
+    the text tower and the rest start fresh; a tower of another width stops with one sentence."""
+    import subprocess
+    import sys
+    from prepare import start_image_tower
+    from test_train import ROOT
+    from vit import ViT, ViTConfig, resize_pos_embed
+    state = openai_visual_as_timm(OpenAICLIP().visual)  # 32 px, patches of 8, width 128, 2 blocks
+    vit = ViT(ViTConfig(image_size=64, patch_size=8, width=128, depth=2, heads=2, pre_norm=True))
+    start_image_tower(vit, dict(state), "tower")
+    assert torch.equal(vit.pos_embed, resize_pos_embed(state["pos_embed"], (8, 8))) and vit.pos_embed.shape[1] == 65
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
+    write_safetensors_by_hand(tmp_path / "tower.safetensors", {k: v for k, v in state.items() if "norm_pre" not in k})
+    common = ["--init", str(tmp_path / "tower.safetensors"), "--train-size", "32", "--test-size", "10", "--steps", "1",
+              "--batch-size", "4", "--device", "cpu", "--method", "elip"]
+    sizes = "width=128,depth=6,heads=2,text_width=32,text_depth=1,embed_dim=16"
+    r = subprocess.run([sys.executable, "train.py", *common, "--model-kwargs", sizes, "--out", str(tmp_path / "a")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "does not fit: missing ['blocks.2." in r.stderr and "Traceback" not in r.stderr
+    sizes = "width=128,depth=2,heads=2,text_width=32,text_depth=1,embed_dim=16"
+    r = subprocess.run([sys.executable, "train.py", *common, "--method", "tome", "--model-kwargs", sizes,
+                        "--out", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "results: method tome" in r.stdout, r.stderr

@@ -173,3 +173,19 @@ def test_load_timm_matches_timm_itself():
     ours = load_timm(ref.state_dict())
     images = torch.randn(2, 3, 32, 32)
     assert (ours(images) - ref(images)).abs().max() < 1e-4
+
+
+def test_load_timm_matches_timms_clip_image_tower():
+    """timm's CLIP towers (vit_*_clip_*): pre_norm, no patch-embedding bias, a projection head."""
+    timm = pytest.importorskip("timm")
+    from functools import partial
+    from vit import load_timm, timm_projection
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=16, global_pool="token",
+        pre_norm=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-5)).eval()
+    state = ref.state_dict()
+    ours = load_timm(state, ln_eps=1e-5)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        head = state.get("head.bias", torch.zeros(16))
+        assert (ours(images) @ timm_projection(state).T + head - ref(images)).abs().max() < 1e-4
