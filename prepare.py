@@ -1,20 +1,15 @@
 """
 Everything a training run is built from, checked before its first step: the flags, the output
-folder, the data, the tokenizer, the model's config (from the flags, or from the checkpoints the
-run starts from) and the evaluation sets. Then, for `--method ranking`, Patch Ranking's two phases
-before the loop: the golden-ranking search and the predictor's fit (ranking.py).
+folder, the data (the same list on every rank), the tokenizer, the model's config (from the flags,
+or from the checkpoints the run starts from) and the evaluation sets. The weights it starts from
+are start.py's.
 
-train.py calls `prepare`, builds the model, `start_model` (which runs `start_ranking` for Patch
-Ranking), trains, then `check_frozen`.
 Read first: `prepare`. Functions take train.py's TrainConfig as `cfg`.
 """
 import dataclasses
 import json
-import math
 import os
-import time
 
-import torch
 import torch.distributed as dist
 
 import data
@@ -22,14 +17,14 @@ import eval as evaluation
 import ranking
 import shapes
 from bpe import CLIPTokenizer
-from captioner import Captioner, CaptionerConfig, check_vocabularies, lm_unchanged, start_captioner
-from checkpoint import elip_schedule, load_state, read_checkpoint, save_checkpoint, tome_schedule, trained_on
+from captioner import CaptionerConfig, check_vocabularies
+from checkpoint import elip_schedule, read_checkpoint, tome_schedule, trained_on
 from data import DataError, lm_texts
 from merge import MERGE_MODES, merge_schedule
-from model import CLIPConfig, RankingCLIP, RankingConfig
+from model import CLIPConfig, RankingConfig
 from text import LMConfig, TextConfig, Tokenizer
 from pretrained import read_weights
-from vit import resize_pos_embed, vit_config
+from vit import vit_config
 
 CLIP_METHODS = ("none", "elip", "evit", "tome")  # a CLIP with or without a token reducer
 METHODS = (*CLIP_METHODS, "lm", "evlgen", "ranking")  # CLIP with a reducer; the LM; the captioner; Patch Ranking
@@ -57,10 +52,6 @@ def apply_recipe(flags: dict, given: set) -> dict:
     if "model_kwargs" in given and "model_kwargs" in recipe:  # later sizes win (model_sizes)
         out["model_kwargs"] = recipe["model_kwargs"] + "," + flags["model_kwargs"]
     return out
-
-
-PREDICTOR_LR = 1e-3  # the ranking predictor's peak rate (a cosine to zero over --predictor-steps)
-SEARCH = dict(k=1, chunk=1, mode="similarity")  # the golden-ranking search as published: one patch at a time
 
 
 def model_sizes(cfg) -> dict:
@@ -388,64 +379,6 @@ def describe(cfg, model, dataset, world: int, device):
         print(f"--skip-bad: {dataset.missing} image(s) listed in {cfg.data} do not exist and were skipped", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Patch Ranking's phases before the loop
-
-def start_ranking(cfg, model: RankingCLIP, init: dict, dataset, rank: int, cosine_lr, say):
-    """Load the frozen CLIP, search the golden rankings, fit the predictor; both results are
-    cached in --out with what they were made from, so a rerun reuses them. Rank 0 does the work,
-    the others read its files (--out must be on a filesystem every node sees)."""
-    load_state(model, {**model.state_dict(), **init["model"]}, cfg.init)  # the CLIP; predictor and tokens fresh
-    layer = model.rcfg.layer
-    images_of = lambda i: dataset[i]["image"]  # the centre crop, normalised
-    identity = dict(checkpoint=ranking.file_identity(cfg.init), layer=layer, block=SEARCH["k"], chunk=SEARCH["chunk"],
-                    score=SEARCH["mode"], data=cfg.data or "shapes", train_size=cfg.train_size, scenes=scene_seed(cfg, init),
-                    **(dict(fuse=True) if model.rcfg.fuse else {}))  # caches of dropping searches predate the key
-    n = min(cfg.rank_images, len(dataset))
-    cache, pred_path = os.path.join(cfg.out, "rankings.pt"), os.path.join(cfg.out, "predictor.pt")
-    pred_identity = dict(identity, images=n, steps=cfg.predictor_steps, loss="listwise", seed=cfg.seed)
-    if rank != 0:  # rank 0's files, waited for without a collective (whose timeout the search would outlast)
-        wait_for(pred_path, pred_identity)
-    else:
-        os.makedirs(cfg.out, exist_ok=True)
-        golden = ranking.search_cached(model, images_of, n, cache, identity, layer, say=say, fuse=model.rcfg.fuse,
-                                       **SEARCH)
-        saved = torch.load(pred_path, map_location="cpu", weights_only=True) if os.path.exists(pred_path) else {}
-        if saved.get("identity") != pred_identity:
-            n_fit = max(1, n - n // 10)  # the last 10% are held out
-            torch.manual_seed(cfg.seed)
-            ranking.train_predictor(model, model.predictor, images_of, golden[:n_fit], layer, cfg.predictor_steps,
-                                    lambda step: cosine_lr(step, cfg.predictor_steps, PREDICTOR_LR), "listwise",
-                                    seed=cfg.seed, say=say)
-            held = torch.stack([images_of(i) for i in range(n_fit, n)]) if n > n_fit else None
-            pruned = model.cfg.vision.num_patches - ranking.keep_count(model.rcfg.keep, model.cfg.vision.num_patches)
-            match = ranking.predictor_match(model, model.predictor, held.to(model.learned_tokens.device), golden[n_fit:],
-                                            layer, pruned) if held is not None and pruned else float("nan")
-            saved = dict(identity=pred_identity, state=model.predictor.state_dict(), top_n_match=match, held_out=n - n_fit)
-            save_checkpoint(pred_path, saved)
-        say(f"predictor: top-n match with the golden ranking on {saved['held_out']} held-out images "
-            f"{100 * saved['top_n_match']:.1f}% (n = the pruned patches)")
-    model.predictor.load_state_dict(torch.load(pred_path, map_location="cpu", weights_only=True)["state"])
-
-
-def start_model(cfg, model, ckpt, sources, dataset, rank: int, cosine_lr):
-    """The weights a run starts from: its checkpoint to resume, --init's, the captioner's frozen
-    parts, or Patch Ranking's frozen CLIP with the predictor fitted to its golden rankings."""
-    if isinstance(model, RankingCLIP):
-        if not cfg.resume:
-            start_ranking(cfg, model, ckpt, dataset, rank, cosine_lr, say=print if rank == 0 else lambda m: None)
-        model.freeze_all_but_tokens()
-    if ckpt is not None and cfg.resume:
-        model.load_state_dict(ckpt["model"])
-    elif ckpt is not None and not isinstance(model, RankingCLIP):  # --init: what this model has of it
-        mine = model.state_dict()  # objectives it lacks start fresh, those it had and this run drops go
-        load_state(model, {**mine, **{k: v for k, v in ckpt["model"].items() if k in mine}}, cfg.init)
-    elif isinstance(model, Captioner):
-        start_captioner(model, sources)
-    elif "vit" in sources:
-        start_image_tower(model.visual, sources["vit"], cfg.init)
-
-
 def read_init(cfg, path: str) -> tuple:
     """(checkpoint, None) for a train.py checkpoint; (None, state dict) for a ViT's weights in
     timm's layout (a state dict or .safetensors), which start the image tower of a CLIP."""
@@ -462,27 +395,6 @@ def read_init(cfg, path: str) -> tuple:
     return None, weights
 
 
-def start_image_tower(vit, state: dict, path: str):
-    """The image tower from a timm ViT's weights (as ALBEF and ELIP start from an ImageNet ViT): its
-    position embeddings resized to this run's patch grid, its classifier head left out; a width,
-    depth or patch size that does not fit stops with the keys that differ."""
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    if "pos_embed" in state:
-        side = math.isqrt(vit.cfg.num_patches)
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side))
-    if "patch_embed.proj.weight" in state and "patch_embed.proj.bias" not in state:  # CLIP towers: no bias
-        state["patch_embed.proj.bias"] = torch.zeros(vit.cfg.width)
-    load_state(vit, state, path)
-
-
-def wait_for(path: str, identity: dict, poll: float = 5.0):
-    """Until `path` holds a file (written atomically) of this identity. If rank 0 fails instead,
-    torchrun ends this process."""
-    while not (os.path.exists(path) and
-               torch.load(path, map_location="cpu", weights_only=True).get("identity") == identity):
-        time.sleep(poll)
-
-
 def same_data_everywhere(dataset, world: int):
     """Every rank trains on rank 0's list of samples (after --skip-bad dropped the missing ones):
     ranks that filtered on their own could train on different images without a word."""
@@ -490,20 +402,3 @@ def same_data_everywhere(dataset, world: int):
         shared = [(dataset.items, dataset.missing)]
         dist.broadcast_object_list(shared, src=0)  # on the group's device (NCCL: this rank's GPU)
         dataset.items, dataset.missing = shared[0]
-
-
-def clip_unchanged(model: RankingCLIP, init: dict) -> bool:
-    """The frozen CLIP inside a Patch Ranking model is bit-identical to its --init checkpoint."""
-    state = model.state_dict()
-    return all(torch.equal(state[k].cpu(), v.cpu()) for k, v in init["model"].items())
-
-
-def check_frozen(cfg, model, ckpt, sources):
-    """What was meant to stay frozen did (the LM of a captioner, the CLIP of Patch Ranking)."""
-    if isinstance(model, Captioner):
-        print(f"frozen language model unchanged by training: {'yes' if lm_unchanged(model, sources) else 'NO'}")
-        if model.temporal is not None:
-            print("temporal gates (alpha per ViT block, 0 at the start): "
-                  + " ".join(f"{a:+.3f}" for a in model.temporal.gates()))
-    if isinstance(model, RankingCLIP) and cfg.init:
-        print(f"frozen CLIP unchanged by training: {'yes' if clip_unchanged(model, ckpt) else 'NO'}", flush=True)

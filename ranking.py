@@ -21,7 +21,7 @@ attention — in the search as in pruning, so the ranking is found for the pruni
 
 Read first: `embed_subsets` (how one image's candidates become one batch), `golden_ranking`, then
 `Predictor` and `RankPrune` (model.py's `RankingCLIP` holds them). `train.py --method ranking`
-runs the three phases (the first two in prepare.start_ranking); `search_cached` keeps the
+runs the three phases (the first two in start.start_ranking); `search_cached` keeps the
 rankings on disk with the identity of the checkpoint they came from.
 """
 import hashlib

@@ -4,7 +4,7 @@ train.py` for DDP (NCCL on CUDA, gloo on CPU) — the same code.
 
 Read first: `TrainConfig` (every field is a flag), `micro_batch_keys` (the seeded, rank-aware
 data order that makes resumes and DDP runs reproducible), `train_step`, then the loop in `train`.
-What a run is built from (data, tokenizer, model config, starting weights) is prepare.py's.
+What a run is built from (data, tokenizer, model config) is prepare.py's; its starting weights start.py's.
 
 A step: `accum` micro-batches of `batch_size` pairs per process; the losses are those of the
 global micro-batch (model.py gathers features across processes), gradients are averaged over
@@ -34,7 +34,8 @@ from checkpoint import BEFORE_FIELD, ReducerConfig, build_model, kind_of, make_r
 from data import DataError, Pairs, loader_workers, normalize, pixel_stats
 from elip import EVIT_KEEP_WARMUP
 from vit import set_grad_checkpointing
-from prepare import apply_recipe, check_frozen, describe, prepare, same_data_everywhere, start_model
+from prepare import apply_recipe, describe, prepare, same_data_everywhere
+from start import check_frozen, start_model
 
 RANKING_LR = 3e-2  # Patch Ranking's tokens alone train: at 1e-3 they barely move in 300 steps; 1e-1 overshoots
 BETAS = (0.9, 0.98)  # AdamW's; CLIP's second-moment decay

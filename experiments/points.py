@@ -14,7 +14,7 @@ import train
 from checkpoint import load_checkpoint, trained_on
 from bench import TokenCounter, forward_flops, timed, vit_forward_flops
 from data import DataError
-from prepare import SEARCH
+from start import SEARCH
 
 
 def cost_points(specs: list, batch_size: int = 64, repeats: int = 5, n_test: int = 1000, device="cpu",

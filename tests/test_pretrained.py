@@ -461,7 +461,7 @@ def test_the_image_tower_starts_from_a_timm_vit_with_its_positions_resized(tmp_p
     the text tower and the rest start fresh; a tower of another width stops with one sentence."""
     import subprocess
     import sys
-    from prepare import start_image_tower
+    from start import start_image_tower
     from test_train import ROOT
     from vit import ViT, ViTConfig, resize_pos_embed
     state = openai_visual_as_timm(OpenAICLIP().visual)  # 32 px, patches of 8, width 128, 2 blocks

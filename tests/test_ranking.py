@@ -57,7 +57,7 @@ def test_greedy_search_equals_brute_force(k, chunk):
 
 def test_the_default_search_is_the_exact_greedy_rule():
     """One removal per iteration, in the API and in train.py: the README's tables are searched so."""
-    from prepare import SEARCH
+    from start import SEARCH
     clip = tiny_clip(image_size=40)
     x = ranking.layer_input(clip, torch.randn(1, 3, 40, 40, dtype=torch.float64), 1)
     groups = [[p] for p in range(25)]
