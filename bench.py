@@ -338,8 +338,9 @@ def gpu_check(preset: str, batch_size: int, steps: int, device, peak_tflops: flo
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for step in range(steps):
-            if step == 3:
-                torch.cuda.synchronize(device) if device.type == "cuda" else None
+            if step == 3:  # the first steps warm up (allocator, kernels); time the rest
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(images, ids, make, torch.Generator(device=device).manual_seed(step))["loss"]
@@ -405,11 +406,10 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=20, help="--loader: batches timed (of --batch-size, default 64)")
     args = p.parse_args(argv)
     if args.gpu_check:
-        preset = (args.models.split(",") or ["vit_b16"])[-1] or "vit_b16"
+        preset, steps = args.models.split(",")[-1] or "vit_b16", max(5, args.batches)  # the last preset named
         B = args.batch_size or (64 if preset == "tiny64" else 32)
-        steps = max(5, args.batches)
-        print(gpu_check_markdown(preset, B, steps, gpu_check(preset, B, steps, torch.device(args.device),
-                                                             args.peak_tflops)))
+        rows = gpu_check(preset, B, steps, torch.device(args.device), args.peak_tflops)
+        print(gpu_check_markdown(preset, B, steps, rows))
         return
     if args.loader:
         if not args.data:

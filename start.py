@@ -18,7 +18,7 @@ from captioner import Captioner, lm_unchanged, start_captioner
 from checkpoint import load_state, save_checkpoint
 from model import RankingCLIP
 from prepare import scene_seed
-from vit import resize_pos_embed
+from vit import from_timm, resize_pos_embed
 
 PREDICTOR_LR = 1e-3  # the ranking predictor's peak rate (a cosine to zero over --predictor-steps)
 SEARCH = dict(k=1, chunk=1, mode="similarity")  # the golden-ranking search as published: one patch at a time
@@ -46,12 +46,10 @@ def start_image_tower(vit, state: dict, path: str):
     """The image tower from a timm ViT's weights (as ALBEF and ELIP start from an ImageNet ViT): its
     position embeddings resized to this run's patch grid, its classifier head left out; a width,
     depth or patch size that does not fit stops with the keys that differ."""
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = from_timm(state)
     if "pos_embed" in state:
         side = math.isqrt(vit.cfg.num_patches)
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side))
-    if "patch_embed.proj.weight" in state and "patch_embed.proj.bias" not in state:  # CLIP towers: no bias
-        state["patch_embed.proj.bias"] = torch.zeros(vit.cfg.width)
     load_state(vit, state, path)
 
 

@@ -367,11 +367,17 @@ def load_timm(state: dict, **config) -> ViT:
     know (layer scale, a global-pool norm, registers ...) or keys it lacks stop with a message
     listing them: never a partial load."""
     vit = ViT(timm_config(state, **config))
-    state = {k: v for k, v in state.items() if k not in TIMM_IGNORED}
-    if "patch_embed.proj.weight" in state and "patch_embed.proj.bias" not in state:  # CLIP towers: no bias
-        state["patch_embed.proj.bias"] = torch.zeros(vit.cfg.width)
-    load_exactly(vit, state, "the timm state dict")
+    load_exactly(vit, from_timm(state), "the timm state dict")
     return vit.eval()
+
+
+def from_timm(state: dict) -> dict:
+    """A timm ViT state dict as this ViT loads it: the head (a classifier, or a CLIP tower's
+    projection) left out, and a missing patch-embedding bias (timm's CLIP towers) read as zero."""
+    state = {k: v for k, v in state.items() if k not in TIMM_IGNORED}
+    if "patch_embed.proj.weight" in state and "patch_embed.proj.bias" not in state:
+        state["patch_embed.proj.bias"] = torch.zeros(state["patch_embed.proj.weight"].shape[0])
+    return state
 
 
 def timm_projection(state: dict) -> Optional[torch.Tensor]:
